@@ -1,0 +1,1 @@
+//! prealloc control plane (skeleton; see issue 3).

@@ -1,0 +1,1 @@
+//! prealloc routing filter (skeleton; see issue 2).
