@@ -1,1 +1,5 @@
-//! end-to-end harness (skeleton).
+//! End-to-end harness: recording hyper managers, a routes stub, and launchers for real Envoy and the control plane.
+
+pub mod client;
+pub mod manager;
+pub mod server;

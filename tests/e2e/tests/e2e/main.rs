@@ -1,0 +1,3 @@
+//! End-to-end suite: the real Envoy 1.40 with the real prealloc_filter.wasm, recording managers, and a routes stub.
+
+mod harness;
