@@ -1,5 +1,6 @@
 //! End-to-end harness: recording hyper managers, a routes stub, and launchers for real Envoy and the control plane.
 
 pub mod client;
+pub mod envoy;
 pub mod manager;
 pub mod server;
