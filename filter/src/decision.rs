@@ -1,0 +1,244 @@
+//! The routing decision: where a request goes, as a pure function of what the filter knows.
+//!
+//! | cookie | table entry | result |
+//! |---|---|---|
+//! | none / invalid | – | [`Decision::Anonymous`]: no route header, the route's default cluster |
+//! | registering | none | the first manager named in the cookie ([`Via::FirstManager`]) |
+//! | registering | present | round-robin over the entry's replicas, skipping `down` ([`Via::Table`]); upgrade the cookie if the entry says registered |
+//! | registered | not read | round-robin over the cookie's replicas, skipping `down` ([`Via::Cookie`]) |
+//! | any | every candidate down | `reject`: [`Decision::AllDown`] (503 + Retry-After); `first_manager`: the first manager ([`Via::AllDownFirstManager`]) |
+//!
+//! A replica set only ever grows and always contains the first manager, so
+//! every candidate here holds the consumer's data: routing never guesses.
+
+use prealloc_wire::{ConsumerId, ConsumerState};
+
+use crate::config::WhenAllDown;
+use crate::cookie::Claims;
+use crate::table::{AvailabilityView, Entry};
+
+/// How a routed request's cluster was chosen (one counter each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// Registering cookie, no table entry: the cookie's first manager.
+    FirstManager,
+    /// Round-robin over the table entry's replica set.
+    Table,
+    /// Registered cookie: round-robin over the cookie's replica set.
+    Cookie,
+    /// Every candidate was down and the policy is `first_manager`.
+    AllDownFirstManager,
+}
+
+/// The filter's decision for one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision<'a> {
+    /// No valid cookie: leave the route alone (default cluster), add no consumer header.
+    Anonymous,
+    /// Send the request to `cluster` and tell it who the consumer is.
+    Route {
+        cluster: &'a str,
+        consumer: &'a ConsumerId,
+        via: Via,
+        /// The table says registered while the cookie says registering: the
+        /// response should carry an upgraded (registered) cookie.
+        upgrade: bool,
+    },
+    /// Every manager holding the data is down and the policy is `reject`: answer 503.
+    AllDown { consumer: &'a ConsumerId },
+}
+
+/// Whether the decision for these claims needs the consumer's table entry
+/// (only registering consumers do; registered cookies carry their replica set).
+pub fn needs_table(claims: Option<&Claims>) -> bool {
+    matches!(claims, Some(c) if c.state == ConsumerState::Registering)
+}
+
+/// Decides where a request goes. `entry` is only looked at when
+/// [`needs_table`] said so; `rr` is the worker's round-robin counter.
+pub fn decide<'a>(
+    claims: Option<&'a Claims>,
+    entry: Option<Entry<'a>>,
+    availability: &AvailabilityView,
+    rr: u64,
+    when_all_down: WhenAllDown,
+) -> Decision<'a> {
+    let Some(claims) = claims else {
+        return Decision::Anonymous;
+    };
+    let consumer = &claims.consumer;
+    let Some(cookie_first) = claims.first_manager() else {
+        // A verified cookie always names its first manager; treat the impossible as anonymous.
+        return Decision::Anonymous;
+    };
+    let (picked, first, via, upgrade) = match (claims.state, entry) {
+        (ConsumerState::Registered, _) => (
+            pick(claims.replicas.iter().map(String::as_str), availability, rr),
+            cookie_first,
+            Via::Cookie,
+            false,
+        ),
+        (ConsumerState::Registering, None) => (
+            pick(std::iter::once(cookie_first), availability, rr),
+            cookie_first,
+            Via::FirstManager,
+            false,
+        ),
+        (ConsumerState::Registering, Some(e)) => (
+            pick(e.replicas(), availability, rr),
+            e.first_manager(),
+            Via::Table,
+            e.state == ConsumerState::Registered,
+        ),
+    };
+    match (picked, when_all_down) {
+        (Some(cluster), _) => Decision::Route { cluster, consumer, via, upgrade },
+        (None, WhenAllDown::FirstManager) => Decision::Route {
+            cluster: first,
+            consumer,
+            via: Via::AllDownFirstManager,
+            upgrade,
+        },
+        (None, WhenAllDown::Reject) => Decision::AllDown { consumer },
+    }
+}
+
+/// The `rr`-th replica (modulo their number) among those not down, or `None` when all are down.
+pub fn pick<'a, I>(replicas: I, availability: &AvailabilityView, rr: u64) -> Option<&'a str>
+where
+    I: Iterator<Item = &'a str> + Clone,
+{
+    let up = replicas.clone().filter(|c| !availability.is_down(c)).count() as u64;
+    if up == 0 {
+        return None;
+    }
+    let k = usize::try_from(rr % up).ok()?;
+    replicas.filter(|c| !availability.is_down(c)).nth(k)
+}
+
+/// The claims of the upgraded (registered) cookie: same consumer, the entry's
+/// replica set, a fresh expiry.
+pub fn upgraded_claims(claims: &Claims, entry: &Entry<'_>, expires_at: u64) -> Claims {
+    Claims {
+        consumer: claims.consumer.clone(),
+        state: ConsumerState::Registered,
+        expires_at,
+        replicas: entry.replicas().map(str::to_owned).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::table::decode_entry;
+
+    fn claims(state: ConsumerState, replicas: &[&str]) -> Claims {
+        Claims {
+            consumer: ConsumerId::from_bytes([1; 16]),
+            state,
+            expires_at: 10,
+            replicas: replicas.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    /// What a decision looks like in a table row: (cluster or outcome, via, upgrade).
+    fn summary(d: &Decision<'_>) -> String {
+        match d {
+            Decision::Anonymous => "anonymous".into(),
+            Decision::AllDown { .. } => "503".into(),
+            Decision::Route { cluster, via, upgrade, .. } => {
+                format!("{cluster} {via:?}{}", if *upgrade { " upgrade" } else { "" })
+            }
+        }
+    }
+
+    fn check(
+        cookie: Option<(ConsumerState, &[&str])>,
+        entry: &str,
+        down: &[&str],
+        policy: WhenAllDown,
+        rr: u64,
+        want: &str,
+    ) {
+        let c = cookie.map(|(s, r)| claims(s, r));
+        let e = decode_entry(entry.as_bytes()).unwrap();
+        let avail = AvailabilityView::with_down(down.iter().copied());
+        let d = decide(c.as_ref(), e, &avail, rr, policy);
+        assert_eq!(summary(&d), want, "cookie {cookie:?} entry {entry:?} down {down:?} rr {rr}");
+        if let Decision::Route { consumer, .. } | Decision::AllDown { consumer } = d {
+            assert_eq!(consumer, &ConsumerId::from_bytes([1; 16]));
+        }
+    }
+
+    use ConsumerState::{Registered as R, Registering as G};
+    use WhenAllDown::{FirstManager as FM, Reject as RJ};
+
+    #[test]
+    fn decision_table() {
+        // No cookie.
+        check(None, "", &[], RJ, 0, "anonymous");
+        check(None, "1|r|a,b", &[], RJ, 0, "anonymous");
+        // Registering, no entry: the cookie's first manager, whatever the counter.
+        check(Some((G, &["a"])), "", &[], RJ, 0, "a FirstManager");
+        check(Some((G, &["a"])), "", &[], RJ, 7, "a FirstManager");
+        check(Some((G, &["a"])), "", &["a"], RJ, 0, "503");
+        check(Some((G, &["a"])), "", &["a"], FM, 0, "a AllDownFirstManager");
+        // Registering, entry: round-robin over the entry, skipping down.
+        check(Some((G, &["a"])), "1|g|a", &[], RJ, 3, "a Table");
+        check(Some((G, &["a"])), "1|g|a,b", &[], RJ, 0, "a Table");
+        check(Some((G, &["a"])), "1|g|a,b", &[], RJ, 1, "b Table");
+        check(Some((G, &["a"])), "1|g|a,b,c", &["b"], RJ, 1, "c Table");
+        check(Some((G, &["a"])), "1|g|a,b,c", &["a", "c"], RJ, 5, "b Table");
+        check(Some((G, &["a"])), "1|g|a,b", &["a", "b"], RJ, 0, "503");
+        check(Some((G, &["a"])), "1|g|a,b", &["a", "b"], FM, 1, "a AllDownFirstManager");
+        // Entry says registered: same routing, and upgrade the cookie.
+        check(Some((G, &["a"])), "1|r|a,b", &[], RJ, 1, "b Table upgrade");
+        check(Some((G, &["a"])), "1|r|a,b", &["a", "b"], FM, 0, "a AllDownFirstManager upgrade");
+        check(Some((G, &["a"])), "1|r|a,b", &["a", "b"], RJ, 0, "503");
+        // Registered cookie: its own replica set; the entry is not consulted.
+        check(Some((R, &["a", "b", "c"])), "", &[], RJ, 2, "c Cookie");
+        check(Some((R, &["a", "b", "c"])), "1|g|z", &[], RJ, 0, "a Cookie");
+        check(Some((R, &["a", "b", "c"])), "", &["a"], RJ, 0, "b Cookie");
+        check(Some((R, &["a", "b"])), "", &["a", "b"], RJ, 0, "503");
+        check(Some((R, &["a", "b"])), "", &["a", "b"], FM, 0, "a AllDownFirstManager");
+    }
+
+    #[test]
+    fn needs_table_only_for_registering() {
+        assert!(!needs_table(None));
+        assert!(needs_table(Some(&claims(G, &["a"]))));
+        assert!(!needs_table(Some(&claims(R, &["a"]))));
+    }
+
+    #[test]
+    fn round_robin_is_even_over_up_replicas() {
+        let avail = AvailabilityView::with_down(["b"]);
+        let set = ["a", "b", "c", "d"];
+        let mut counts = [0usize; 4];
+        for rr in 0..300 {
+            let c = pick(set.iter().copied(), &avail, rr).unwrap();
+            counts[set.iter().position(|s| *s == c).unwrap()] += 1;
+        }
+        assert_eq!(counts, [100, 0, 100, 100]);
+        assert_eq!(pick(std::iter::empty(), &avail, 0), None);
+        assert_eq!(pick(["a"].into_iter(), &avail, u64::MAX), Some("a"));
+    }
+
+    #[test]
+    fn impossible_empty_cookie_replicas_are_anonymous() {
+        let c = claims(R, &[]);
+        let d = decide(Some(&c), None, &AvailabilityView::all_available(), 0, RJ);
+        assert_eq!(d, Decision::Anonymous);
+    }
+
+    #[test]
+    fn upgraded_claims_carry_the_entry_replicas() {
+        let c = claims(G, &["a"]);
+        let e = decode_entry(b"1|r|a,b,c").unwrap().unwrap();
+        let u = upgraded_claims(&c, &e, 99);
+        assert_eq!(u.state, R);
+        assert_eq!(u.replicas, vec!["a", "b", "c"]);
+        assert_eq!(u.expires_at, 99);
+        assert_eq!(u.consumer, c.consumer);
+    }
+}

@@ -1,0 +1,1 @@
+//! Sign-up through the filter (issue 4): pure request/response logic.
