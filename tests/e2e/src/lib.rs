@@ -3,4 +3,5 @@
 pub mod client;
 pub mod envoy;
 pub mod manager;
+pub mod routes_stub;
 pub mod server;

@@ -2,3 +2,4 @@
 
 mod envoy_harness;
 mod harness;
+mod routes_stub;
