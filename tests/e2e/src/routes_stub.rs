@@ -57,7 +57,8 @@ struct Table {
     oldest_delta_base: u64,
     changed_at: BTreeMap<u64, Instant>,
     polls: Vec<Poll>,
-    held: usize,
+    /// `(since, epoch, arrived)` of every poll being held right now.
+    held: Vec<(u64, Option<String>, Instant)>,
     fault: Option<Fault>,
 }
 
@@ -85,7 +86,7 @@ impl RoutesStub {
             oldest_delta_base: 1,
             changed_at: BTreeMap::new(),
             polls: Vec::new(),
-            held: 0,
+            held: Vec::new(),
             fault: None,
         }));
         let (notify, _) = watch::channel(1u64);
@@ -205,19 +206,46 @@ impl RoutesStub {
         self.lock().polls.clone()
     }
 
-    /// Polls being held right now.
-    pub fn held(&self) -> usize {
-        self.lock().held
+    /// When the first poll asking for changes after `version` (in the current
+    /// epoch) arrived: the moment a poller had applied `version`.
+    pub fn applied_at(&self, version: u64) -> Option<Instant> {
+        let t = self.lock();
+        let answered = t
+            .polls
+            .iter()
+            .filter(|p| {
+                p.since.is_some_and(|s| s >= version) && p.epoch.as_deref() == Some(&t.epoch)
+            })
+            .map(|p| p.arrived);
+        let held = t
+            .held
+            .iter()
+            .filter(|(s, e, _)| *s >= version && e.as_deref() == Some(&t.epoch))
+            .map(|(_, _, at)| *at);
+        answered.chain(held).min()
     }
 
-    /// Waits until a poller holds a long-poll at the current version (it has
-    /// applied everything), or panics after `timeout` with the polls seen.
-    pub fn wait_until_caught_up(&self, timeout: Duration) {
+    /// Polls being held right now.
+    pub fn held(&self) -> usize {
+        self.lock().held.len()
+    }
+
+    /// Waits until `pollers` distinct long-polls are held at the current version
+    /// and epoch: each poller asked for changes after it, so it has applied
+    /// everything. Panics after `timeout` with the polls seen.
+    pub fn wait_until_caught_up(&self, pollers: usize, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
             {
                 let t = self.lock();
-                if t.held > 0 {
+                let current = t
+                    .held
+                    .iter()
+                    .filter(|(since, epoch, _)| {
+                        *since == t.version && epoch.as_deref() == Some(&t.epoch)
+                    })
+                    .count();
+                if current >= pollers {
                     return;
                 }
                 if Instant::now() >= deadline {
@@ -402,7 +430,7 @@ async fn handle(
                 &serde_json::to_value(r).expect("routes response serializes"),
             );
         }
-        t.held += 1;
+        t.held.push((since, q.epoch.clone(), arrived));
     }
 
     // Held: wake on any change (or fault), else answer Unchanged when the wait ends.
@@ -412,13 +440,19 @@ async fn handle(
     let _ = tokio::time::timeout(wait, changes.changed()).await;
 
     let mut t = lock(&table);
-    t.held -= 1;
+    let since = q.since.unwrap_or(0);
+    if let Some(i) = t
+        .held
+        .iter()
+        .position(|(s, e, at)| *s == since && *e == q.epoch && *at == arrived)
+    {
+        t.held.swap_remove(i);
+    }
     let v = t.version;
     if let Some(f) = t.fault.clone() {
         record(&mut t, true, None, f.status, v);
         return reply(f.status, "application/json", f.body);
     }
-    let since = q.since.unwrap_or(0);
     let r = answer(&t, since, q.epoch.as_deref()).unwrap_or_else(|| RoutesResponse {
         epoch: t.epoch.clone(),
         version: t.version,

@@ -1,5 +1,14 @@
 //! End-to-end suite: the real Envoy 1.40 with the real prealloc_filter.wasm, recording managers, and a routes stub.
 
+mod support;
+
+mod all_down;
+mod anonymous;
 mod envoy_harness;
+mod forged_cookie;
 mod harness;
+mod pinned;
+mod propagation;
+mod round_robin;
 mod routes_stub;
+mod spoofing;
