@@ -91,3 +91,85 @@ static_resources:
     drop(envoy);
     assert!(!pid_dir.exists(), "Envoy's temp dir is removed on drop");
 }
+
+/// `envoy/docker/envoy.yaml` (mounted by `envoy/docker-compose.yaml`) is the
+/// template rendered for the container; this keeps it in step with the template.
+/// Regenerate with `PREALLOC_BLESS=1 cargo test -p prealloc-e2e docker_compose`.
+#[test]
+fn docker_compose_config_is_the_rendered_template() {
+    let host = "host.docker.internal";
+    let mut cfg = EnvoyConfig::new(
+        (1..=3)
+            .map(|i| (format!("m{i}"), Endpoint::new(host, 8080 + i)))
+            .collect(),
+        Endpoint::new(host, 8080),
+        Endpoint::new(host, 7070),
+    );
+    cfg.listen_address = "0.0.0.0".into();
+    cfg.listen_port = 10000;
+    cfg.admin_address = "0.0.0.0".into();
+    cfg.admin_port = 9901;
+    cfg.wasm_path = "/etc/envoy/prealloc_filter.wasm".into();
+    cfg.filter = serde_json::json!({
+        "cookie": { "keys": ["CHANGE-ME: a random secret of at least 32 bytes"] },
+        "when_all_down": "reject",
+        "retry_after_s": 5,
+        "availability_refresh_ms": 100,
+    });
+    cfg.poller = serde_json::json!({
+        "cluster": "prealloc_control_plane",
+        "authority": "prealloc-control-plane",
+        "token": "CHANGE-ME: the control plane's envoy token",
+        "wait_ms": 30000,
+        "min_backoff_ms": 100,
+        "max_backoff_ms": 5000,
+    });
+    let rendered = format!(
+        "# GENERATED from envoy/prealloc.yaml.tmpl by the e2e test\n\
+         # docker_compose_config_is_the_rendered_template; do not edit by hand.\n{}",
+        cfg.render()
+    );
+    let path = prealloc_e2e::envoy::workspace_root().join("envoy/docker/envoy.yaml");
+    if std::env::var_os("PREALLOC_BLESS").is_some() {
+        std::fs::write(&path, &rendered).unwrap();
+    }
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        committed == rendered,
+        "{} is out of date with envoy/prealloc.yaml.tmpl; run PREALLOC_BLESS=1 cargo test -p prealloc-e2e docker_compose",
+        path.display()
+    );
+}
+
+/// The container config is valid for Envoy 1.40 (`--mode validate`, with the
+/// container's .wasm path pointed at the local build).
+#[test]
+fn docker_compose_config_validates() {
+    let committed = prealloc_e2e::envoy::workspace_root().join("envoy/docker/envoy.yaml");
+    let yaml = std::fs::read_to_string(&committed).unwrap().replace(
+        "/etc/envoy/prealloc_filter.wasm",
+        &prealloc_e2e::envoy::wasm_path().display().to_string(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("envoy.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let out = std::process::Command::new(prealloc_e2e::envoy::envoy_binary())
+        .args([
+            "--mode",
+            "validate",
+            "--disable-hot-restart",
+            "-l",
+            "error",
+            "-c",
+        ])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "envoy --mode validate refused {}:\n{}{}",
+        path.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
