@@ -1,0 +1,547 @@
+//! The HTTP API: routing, bearer-token checks, JSON in and out, error bodies.
+
+use crate::plane::Plane;
+use crate::registry::{ConsumerRecord, RegisterError};
+use crate::writer::{self, Command, Refusal};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Body;
+use hyper::header::{
+    HeaderValue, ALLOW, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE,
+};
+use hyper::{Method, Request, Response, StatusCode};
+use prealloc_wire::{
+    AvailabilityUpdate, ConsumerId, ConsumerState, ErrorBody, RegistrationRequest, ReplicaReport,
+    RoutesQuery, ROUTES_PATH,
+};
+use serde::Serialize;
+use std::time::Duration;
+
+/// Largest request body accepted.
+const MAX_BODY: usize = 64 * 1024;
+/// Hold of a long-poll that does not say `wait_ms`.
+const DEFAULT_WAIT_MS: u64 = 30_000;
+
+/// The HTTP application; cheap to clone.
+#[derive(Clone)]
+pub struct App {
+    plane: Plane,
+}
+
+/// Which token an endpoint needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Envoy,
+    Admin,
+}
+
+type Resp = Response<Full<Bytes>>;
+
+fn json<T: Serialize>(status: StatusCode, v: &T) -> Resp {
+    let body = serde_json::to_vec(v).unwrap_or_else(|_| b"{}".to_vec());
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+/// An error answer with a stable code and a message for humans.
+pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Resp {
+    json(
+        status,
+        &ErrorBody {
+            error: code.to_owned(),
+            message: message.into(),
+        },
+    )
+}
+
+/// Constant-time comparison: the time taken does not depend on where the inputs differ.
+pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = (a.len() ^ b.len()) as u64;
+    for i in 0..a.len().max(b.len()) {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0xff);
+        diff |= u64::from(x ^ y);
+    }
+    diff == 0
+}
+
+impl App {
+    pub fn new(plane: Plane) -> App {
+        App { plane }
+    }
+
+    fn authorize<B>(&self, req: &Request<B>, role: Role) -> Result<(), Resp> {
+        let need = match role {
+            Role::Envoy => "the envoy token (tokens.envoy) or the admin token",
+            Role::Admin => "the admin token (tokens.admin)",
+        };
+        let unauthorized = |code: &str, msg: String| {
+            let mut r = error(StatusCode::UNAUTHORIZED, code, msg);
+            r.headers_mut().insert(
+                WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"prealloc\""),
+            );
+            r
+        };
+        let Some(h) = req.headers().get(AUTHORIZATION) else {
+            return Err(unauthorized(
+                "missing_token",
+                format!(
+                    "no Authorization header: send `Authorization: Bearer <token>` with {need}"
+                ),
+            ));
+        };
+        let token = h
+            .to_str()
+            .ok()
+            .and_then(|s| {
+                s.strip_prefix("Bearer ")
+                    .or_else(|| s.strip_prefix("bearer "))
+            })
+            .map(str::trim)
+            .filter(|t| !t.is_empty());
+        let Some(token) = token else {
+            return Err(unauthorized(
+                "malformed_token",
+                format!("the Authorization header is not `Bearer <token>`; send {need}"),
+            ));
+        };
+        let tokens = &self.plane.core.config.tokens;
+        let is_admin = ct_eq(token.as_bytes(), tokens.admin.as_bytes());
+        let is_envoy = ct_eq(token.as_bytes(), tokens.envoy.as_bytes());
+        match (role, is_admin, is_envoy) {
+            (_, true, _) | (Role::Envoy, _, true) => Ok(()),
+            (Role::Admin, false, true) => Err(error(
+                StatusCode::FORBIDDEN,
+                "wrong_token",
+                "the envoy token cannot use this endpoint; it needs the admin token (tokens.admin)",
+            )),
+            _ => Err(error(
+                StatusCode::FORBIDDEN,
+                "invalid_token",
+                format!("the bearer token is not valid here; this endpoint needs {need}"),
+            )),
+        }
+    }
+
+    /// Answers one request (any body type: hyper's `Incoming` or a test's `Full`).
+    pub async fn handle<B>(&self, req: Request<B>) -> Resp
+    where
+        B: Body,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let path = req.uri().path().to_owned();
+        let method = req.method().clone();
+        let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let resp = match (segs.as_slice(), &method) {
+            (["healthz"], &Method::GET) => json(
+                StatusCode::OK,
+                &serde_json::json!({"status": "ok", "epoch": self.plane.core.routes.epoch(), "version": self.plane.core.routes.version()}),
+            ),
+            (["metrics"], &Method::GET) => self.metrics(),
+            (["v1", "routes"], &Method::GET) => match self.authorize(&req, Role::Envoy) {
+                Ok(()) => self.routes(&req).await,
+                Err(r) => r,
+            },
+            (["v1", "registrations"], &Method::POST) => match self.authorize(&req, Role::Envoy) {
+                Ok(()) => self.register(req).await,
+                Err(r) => r,
+            },
+            (["v1", "registrations", id], &Method::DELETE) => {
+                match self.authorize(&req, Role::Envoy) {
+                    Ok(()) => self.release(id).await,
+                    Err(r) => r,
+                }
+            }
+            (["v1", "consumers", id, "replicas"], &Method::POST) => {
+                let id = id.to_string();
+                match self.authorize(&req, Role::Admin) {
+                    Ok(()) => self.replica(&id, req).await,
+                    Err(r) => r,
+                }
+            }
+            (["v1", "consumers", id], &Method::GET) => match self.authorize(&req, Role::Admin) {
+                Ok(()) => self.consumer(id),
+                Err(r) => r,
+            },
+            (["v1", "consumers"], &Method::GET) => match self.authorize(&req, Role::Admin) {
+                Ok(()) => self.consumers(&req),
+                Err(r) => r,
+            },
+            (["v1", "managers"], &Method::GET) => match self.authorize(&req, Role::Admin) {
+                Ok(()) => self.managers(None),
+                Err(r) => r,
+            },
+            (["v1", "managers", id], &Method::GET) => match self.authorize(&req, Role::Admin) {
+                Ok(()) => self.managers(Some(id)),
+                Err(r) => r,
+            },
+            (["v1", "managers", id, "availability"], &Method::PUT) => {
+                let id = id.to_string();
+                match self.authorize(&req, Role::Admin) {
+                    Ok(()) => self.availability(&id, req).await,
+                    Err(r) => r,
+                }
+            }
+            (["v1", "pools"], &Method::GET) => match self.authorize(&req, Role::Admin) {
+                Ok(()) => self.pools(),
+                Err(r) => r,
+            },
+            (segs, _) => match allowed(segs) {
+                Some(allow) => {
+                    let mut r = error(
+                        StatusCode::METHOD_NOT_ALLOWED,
+                        "method_not_allowed",
+                        format!("{method} is not allowed on {path}; use {allow}"),
+                    );
+                    r.headers_mut()
+                        .insert(ALLOW, HeaderValue::from_static(allow));
+                    r
+                }
+                None => error(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    format!("no endpoint {path}; see the API reference in control-plane/README.md"),
+                ),
+            },
+        };
+        tracing::debug!(%method, %path, status = resp.status().as_u16(), "request");
+        resp
+    }
+
+    fn metrics(&self) -> Resp {
+        let core = &self.plane.core;
+        let text = {
+            let reg = core.registry();
+            core.metrics.render(&reg, &core.routes)
+        };
+        let mut r = Response::new(Full::new(Bytes::from(text)));
+        r.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        r
+    }
+
+    async fn routes<B>(&self, req: &Request<B>) -> Resp {
+        let q = match parse_routes_query(req.uri().query().unwrap_or("")) {
+            Ok(q) => q,
+            Err(m) => return error(StatusCode::BAD_REQUEST, "bad_query", m),
+        };
+        let core = &self.plane.core;
+        let wait = q
+            .wait_ms
+            .unwrap_or(DEFAULT_WAIT_MS)
+            .min(core.config.push.max_wait_ms);
+        let resp = core
+            .routes
+            .poll(&q, Duration::from_millis(wait), core.stop.subscribe())
+            .await;
+        json(StatusCode::OK, &resp)
+    }
+
+    async fn register<B>(&self, req: Request<B>) -> Resp
+    where
+        B: Body,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let body: RegistrationRequest = match read_json(req).await {
+            Ok(b) => b,
+            Err(r) => return r,
+        };
+        let r = writer::call(&self.plane.writer, |reply| Command::Register {
+            resource_type: body.resource_type,
+            location: body.location,
+            reply,
+        })
+        .await;
+        match r {
+            Ok(reg) => json(StatusCode::CREATED, &reg),
+            Err(e) => refusal(e),
+        }
+    }
+
+    async fn release(&self, id: &str) -> Resp {
+        let consumer = match ConsumerId::parse(id) {
+            Ok(c) => c,
+            Err(e) => return error(StatusCode::BAD_REQUEST, "bad_consumer_id", e.to_string()),
+        };
+        match writer::call(&self.plane.writer, |reply| Command::Release {
+            consumer,
+            reply,
+        })
+        .await
+        {
+            Ok(()) => {
+                let mut r = Response::new(Full::new(Bytes::new()));
+                *r.status_mut() = StatusCode::NO_CONTENT;
+                r
+            }
+            Err(e) => refusal(e),
+        }
+    }
+
+    async fn replica<B>(&self, id: &str, req: Request<B>) -> Resp
+    where
+        B: Body,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let consumer = match ConsumerId::parse(id) {
+            Ok(c) => c,
+            Err(e) => return error(StatusCode::BAD_REQUEST, "bad_consumer_id", e.to_string()),
+        };
+        let body: ReplicaReport = match read_json(req).await {
+            Ok(b) => b,
+            Err(r) => return r,
+        };
+        let manager = body.manager;
+        match writer::call(&self.plane.writer, |reply| Command::Replica {
+            consumer,
+            manager,
+            reply,
+        })
+        .await
+        {
+            Ok(ack) => json(StatusCode::OK, &ack),
+            Err(e) => refusal(e),
+        }
+    }
+
+    fn record(&self, consumer: &ConsumerId) -> Option<ConsumerRecord> {
+        let mut rec = self.plane.core.registry().consumer_record(consumer)?;
+        rec.in_routing_table = self.plane.core.routes.contains(consumer);
+        Some(rec)
+    }
+
+    fn consumer(&self, id: &str) -> Resp {
+        let consumer = match ConsumerId::parse(id) {
+            Ok(c) => c,
+            Err(e) => return error(StatusCode::BAD_REQUEST, "bad_consumer_id", e.to_string()),
+        };
+        match self.record(&consumer) {
+            Some(rec) => json(StatusCode::OK, &rec),
+            None => error(
+                StatusCode::NOT_FOUND,
+                "unknown_consumer",
+                format!("no consumer {consumer}"),
+            ),
+        }
+    }
+
+    fn consumers<B>(&self, req: &Request<B>) -> Resp {
+        let mut state = None;
+        let mut limit = 1000usize;
+        for (k, v) in query_pairs(req.uri().query().unwrap_or("")) {
+            match k {
+                "state" => match v {
+                    "registering" => state = Some(ConsumerState::Registering),
+                    "registered" => state = Some(ConsumerState::Registered),
+                    other => {
+                        return error(
+                            StatusCode::BAD_REQUEST,
+                            "bad_query",
+                            format!("state={other:?}: expected registering or registered"),
+                        )
+                    }
+                },
+                "limit" => match v.parse() {
+                    Ok(n) => limit = n,
+                    Err(_) => {
+                        return error(
+                            StatusCode::BAD_REQUEST,
+                            "bad_query",
+                            format!("limit={v:?} is not a number"),
+                        )
+                    }
+                },
+                other => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "bad_query",
+                        format!("unknown query parameter {other:?}; use state and limit"),
+                    )
+                }
+            }
+        }
+        let ids = self.plane.core.registry().list_consumers(state, limit);
+        let records: Vec<ConsumerRecord> = ids.iter().filter_map(|c| self.record(c)).collect();
+        json(StatusCode::OK, &records)
+    }
+
+    fn managers(&self, id: Option<&str>) -> Resp {
+        let reg = self.plane.core.registry();
+        match id {
+            None => {
+                let v: Vec<_> = (0..reg.managers().len())
+                    .map(|i| reg.manager_view(i))
+                    .collect();
+                json(StatusCode::OK, &v)
+            }
+            Some(id) => match reg.manager_index(id) {
+                Some(i) => json(StatusCode::OK, &reg.manager_view(i)),
+                None => error(
+                    StatusCode::NOT_FOUND,
+                    "unknown_manager",
+                    format!("no manager {id:?} in the config"),
+                ),
+            },
+        }
+    }
+
+    fn pools(&self) -> Resp {
+        let reg = self.plane.core.registry();
+        let v: Vec<_> = (0..reg.pools().len()).map(|i| reg.pool_view(i)).collect();
+        json(StatusCode::OK, &v)
+    }
+
+    async fn availability<B>(&self, id: &str, req: Request<B>) -> Resp
+    where
+        B: Body,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let body: AvailabilityUpdate = match read_json(req).await {
+            Ok(b) => b,
+            Err(r) => return r,
+        };
+        let manager = id.to_owned();
+        let availability = body.availability;
+        match writer::call(&self.plane.writer, |reply| Command::Availability {
+            manager,
+            availability,
+            reply,
+        })
+        .await
+        {
+            Ok(view) => json(StatusCode::OK, &view),
+            Err(Refusal::UnknownManager(m)) => error(
+                StatusCode::NOT_FOUND,
+                "unknown_manager",
+                format!("no manager {m:?} in the config"),
+            ),
+            Err(e) => refusal(e),
+        }
+    }
+}
+
+fn allowed(segs: &[&str]) -> Option<&'static str> {
+    match segs {
+        ["healthz"]
+        | ["metrics"]
+        | ["v1", "routes"]
+        | ["v1", "consumers"]
+        | ["v1", "consumers", _]
+        | ["v1", "managers"]
+        | ["v1", "managers", _]
+        | ["v1", "pools"] => Some("GET"),
+        ["v1", "registrations"] | ["v1", "consumers", _, "replicas"] => Some("POST"),
+        ["v1", "registrations", _] => Some("DELETE"),
+        ["v1", "managers", _, "availability"] => Some("PUT"),
+        _ => None,
+    }
+}
+
+fn refusal(e: Refusal) -> Resp {
+    match e {
+        Refusal::Register(RegisterError::UnknownResourceType(t)) => error(
+            StatusCode::BAD_REQUEST,
+            "unknown_resource_type",
+            format!("no pool has resource type {t:?}; configure one under [[pools]]"),
+        ),
+        Refusal::Register(RegisterError::UnknownLocation { resource_type, location }) => error(
+            StatusCode::BAD_REQUEST,
+            "unknown_location",
+            format!("no pool of {resource_type:?} in location {location:?}; omit location or configure the pool"),
+        ),
+        Refusal::Register(RegisterError::PoolEmpty { resource_type, location }) => {
+            let mut r = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "pool_empty",
+                format!(
+                    "no ready {resource_type} in {location}: the pool is empty or its managers are not available; retry shortly"
+                ),
+            );
+            r.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            r
+        }
+        Refusal::UnknownConsumer => {
+            error(StatusCode::NOT_FOUND, "unknown_consumer", "no such consumer; it was never registered or was given back")
+        }
+        Refusal::UnknownManager(m) => error(
+            StatusCode::BAD_REQUEST,
+            "unknown_manager",
+            format!("no manager {m:?} in the config; use a manager id from GET /v1/managers"),
+        ),
+        Refusal::Storage(m) => {
+            let mut r = error(StatusCode::SERVICE_UNAVAILABLE, "storage_failed", m);
+            r.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            r
+        }
+        Refusal::ShuttingDown => {
+            let mut r = error(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "the control plane is stopping; retry against it after its restart");
+            r.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            r
+        }
+    }
+}
+
+async fn read_json<B, T>(req: Request<B>) -> Result<T, Resp>
+where
+    B: Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    T: serde::de::DeserializeOwned,
+{
+    let body = Limited::new(req.into_body(), MAX_BODY);
+    let bytes = match body.collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e) => {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "bad_body",
+                format!("cannot read the body (at most {MAX_BODY} bytes): {e}"),
+            ))
+        }
+    };
+    serde_json::from_slice(&bytes).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            "bad_json",
+            format!("the JSON body is not valid here: {e}"),
+        )
+    })
+}
+
+fn query_pairs(q: &str) -> impl Iterator<Item = (&str, &str)> {
+    q.split('&')
+        .filter(|s| !s.is_empty())
+        .map(|kv| kv.split_once('=').unwrap_or((kv, "")))
+}
+
+/// Parses `since`, `epoch`, `wait_ms` of `GET /v1/routes`.
+pub fn parse_routes_query(q: &str) -> Result<RoutesQuery, String> {
+    let mut out = RoutesQuery::default();
+    for (k, v) in query_pairs(q) {
+        match k {
+            "since" => {
+                out.since = v
+                    .parse()
+                    .map_err(|_| format!("since={v:?} is not a version number"))?
+            }
+            "epoch" => out.epoch = Some(v.to_owned()).filter(|e| !e.is_empty()),
+            "wait_ms" => {
+                out.wait_ms = Some(
+                    v.parse()
+                        .map_err(|_| format!("wait_ms={v:?} is not a number of milliseconds"))?,
+                )
+            }
+            other => {
+                return Err(format!(
+                    "unknown query parameter {other:?} on {ROUTES_PATH}; use since, epoch, wait_ms"
+                ))
+            }
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,1085 @@
+//! The domain state in memory: managers, pools, resources, consumers, replica sets.
+//! Pure logic (no I/O): every mutation appends the [`Op`]s that make it durable.
+
+use crate::config::{Config, ReplicationTarget};
+use crate::store::{ConsumerRow, Op, ReplicaRow, ResourceRow, ResourceState, Snapshot};
+use anyhow::anyhow;
+use prealloc_wire::{
+    Availability, ConsumerId, ConsumerState, ManagerRoute, Registration, ResourceRef, RouteEntry,
+};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+/// A manager as the control plane tracks it.
+#[derive(Debug, Clone)]
+pub struct Manager {
+    pub id: String,
+    pub cluster: String,
+    pub location: String,
+    pub admin_url: String,
+    pub availability: Availability,
+    pub provision: bool,
+    pub token: Option<String>,
+    /// Maximum resources per type.
+    pub capacity: BTreeMap<String, u64>,
+    /// Resources per type reserved, ready or assigned on this manager.
+    pub used: HashMap<String, u64>,
+}
+
+impl Manager {
+    pub fn free(&self, resource_type: &str) -> u64 {
+        let cap = self.capacity.get(resource_type).copied().unwrap_or(0);
+        cap.saturating_sub(self.used.get(resource_type).copied().unwrap_or(0))
+    }
+}
+
+/// A (resource type, location) pool of ready resources.
+#[derive(Debug, Clone)]
+pub struct Pool {
+    pub resource_type: String,
+    pub location: String,
+    pub target_depth: u64,
+    /// Managers of the location, in config order.
+    members: Vec<usize>,
+    /// Ready resources per member (same index as `members`), oldest first.
+    ready: Vec<VecDeque<u64>>,
+    /// Resources reserved and being provisioned.
+    pub provisioning: u64,
+    alloc_cursor: usize,
+    take_cursor: usize,
+    /// Resources made ready since start (the pre-allocation rate is its derivative).
+    pub preallocated_total: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Resource {
+    id: u64,
+    pool: usize,
+    member: usize,
+    state: ResourceState,
+    consumer: Option<ConsumerId>,
+    created_ms: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Consumer {
+    resource: u64,
+    /// Manager indices with the time each copy was confirmed; the first manager first.
+    replicas: Vec<(usize, u64)>,
+    created_ms: u64,
+    registered_ms: Option<u64>,
+}
+
+/// Why a registration was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegisterError {
+    UnknownResourceType(String),
+    UnknownLocation {
+        resource_type: String,
+        location: String,
+    },
+    PoolEmpty {
+        resource_type: String,
+        location: String,
+    },
+}
+
+/// Why a replica report was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplicaError {
+    UnknownConsumer,
+    UnknownManager(String),
+}
+
+/// What recording a replica changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaOutcome {
+    pub added: bool,
+    pub became_registered: bool,
+    /// Time from sign-up to this copy, when it was added.
+    pub lag_ms: Option<u64>,
+}
+
+/// A freshly reserved resource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reserved {
+    pub id: u64,
+    pub manager: usize,
+    pub needs_provisioning: bool,
+}
+
+/// Everything in memory.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    target: ReplicationTarget,
+    managers: Vec<Manager>,
+    manager_idx: HashMap<String, usize>,
+    pools: Vec<Pool>,
+    pool_idx: HashMap<(String, String), usize>,
+    resources: HashMap<u64, Resource>,
+    consumers: HashMap<ConsumerId, Consumer>,
+    pub next_resource_id: u64,
+}
+
+impl Registry {
+    /// An empty registry with the config's managers and pools.
+    pub fn new(config: &Config) -> Registry {
+        let managers: Vec<Manager> = config
+            .managers
+            .iter()
+            .map(|m| Manager {
+                id: m.id.clone(),
+                cluster: m.cluster.clone(),
+                location: m.location.clone(),
+                admin_url: m.admin_url.clone(),
+                availability: m.availability,
+                provision: m.provision,
+                token: m.token.clone(),
+                capacity: m.capacity.clone(),
+                used: HashMap::new(),
+            })
+            .collect();
+        let manager_idx = managers
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (m.id.clone(), i))
+            .collect();
+        let mut reg = Registry {
+            target: config.replication.target,
+            managers,
+            manager_idx,
+            pools: Vec::new(),
+            pool_idx: HashMap::new(),
+            resources: HashMap::new(),
+            consumers: HashMap::new(),
+            next_resource_id: 1,
+        };
+        for p in &config.pools {
+            let i = reg.pool_for(&p.resource_type, &p.location);
+            reg.pools[i].target_depth = p.target_depth;
+        }
+        reg
+    }
+
+    /// Rebuilds the registry from what the store holds.
+    pub fn from_snapshot(config: &Config, snap: &Snapshot) -> anyhow::Result<Registry> {
+        let mut reg = Registry::new(config);
+        for (manager, availability) in &snap.availability {
+            if let Some(&i) = reg.manager_idx.get(manager) {
+                reg.managers[i].availability = availability
+                    .parse()
+                    .map_err(|e: String| anyhow!("manager {manager}: {e}"))?;
+            }
+        }
+        for r in &snap.resources {
+            let &m = reg.manager_idx.get(&r.manager).ok_or_else(|| {
+                anyhow!(
+                    "manager {:?} holds resources in the database but is missing from the config; \
+                     add it back (availability = \"down\" retires it)",
+                    r.manager
+                )
+            })?;
+            if reg.managers[m].location != r.location {
+                return Err(anyhow!(
+                    "manager {:?} is in location {:?} in the config but holds resources in {:?} in the database",
+                    r.manager,
+                    reg.managers[m].location,
+                    r.location
+                ));
+            }
+            let pool = reg.pool_for(&r.resource_type, &r.location);
+            let member = reg.pools[pool]
+                .members
+                .iter()
+                .position(|&x| x == m)
+                .unwrap_or(0);
+            *reg.managers[m]
+                .used
+                .entry(r.resource_type.clone())
+                .or_insert(0) += 1;
+            let consumer = match &r.consumer {
+                Some(c) => {
+                    Some(ConsumerId::parse(c).map_err(|e| anyhow!("resource {}: {e}", r.id))?)
+                }
+                None => None,
+            };
+            match r.state {
+                ResourceState::Ready => reg.pools[pool].ready[member].push_back(r.id),
+                ResourceState::Provisioning => reg.pools[pool].provisioning += 1,
+                ResourceState::Assigned => {}
+            }
+            reg.resources.insert(
+                r.id,
+                Resource {
+                    id: r.id,
+                    pool,
+                    member,
+                    state: r.state,
+                    consumer,
+                    created_ms: r.created_ms,
+                },
+            );
+            reg.next_resource_id = reg.next_resource_id.max(r.id + 1);
+        }
+        if let Some(n) = snap.meta("next_resource_id") {
+            let n: u64 = n
+                .parse()
+                .map_err(|_| anyhow!("meta next_resource_id is not a number"))?;
+            reg.next_resource_id = reg.next_resource_id.max(n);
+        }
+        for c in &snap.consumers {
+            let id = ConsumerId::parse(&c.id).map_err(|e| anyhow!("consumer {:?}: {e}", c.id))?;
+            if !reg.resources.contains_key(&c.resource) {
+                return Err(anyhow!(
+                    "consumer {} names resource {} which is missing",
+                    c.id,
+                    c.resource
+                ));
+            }
+            reg.consumers.insert(
+                id,
+                Consumer {
+                    resource: c.resource,
+                    replicas: Vec::new(),
+                    created_ms: c.created_ms,
+                    registered_ms: if c.registered {
+                        c.registered_ms.or(Some(c.created_ms))
+                    } else {
+                        None
+                    },
+                },
+            );
+        }
+        for r in &snap.replicas {
+            let id = ConsumerId::parse(&r.consumer).map_err(|e| anyhow!("replica row: {e}"))?;
+            let &m = reg.manager_idx.get(&r.manager).ok_or_else(|| {
+                anyhow!(
+                    "manager {:?} holds consumer data in the database but is missing from the config; add it back",
+                    r.manager
+                )
+            })?;
+            let first = reg
+                .consumers
+                .get(&id)
+                .map(|c| reg.resources[&c.resource].pool);
+            if let (Some(c), Some(_)) = (reg.consumers.get_mut(&id), first) {
+                c.replicas.push((m, r.at_ms));
+            }
+        }
+        // The first manager first, whatever order the rows came in.
+        let firsts: Vec<(ConsumerId, usize)> = reg
+            .consumers
+            .iter()
+            .map(|(id, c)| (id.clone(), reg.manager_of_resource(c.resource)))
+            .collect();
+        for (id, first) in firsts {
+            if let Some(c) = reg.consumers.get_mut(&id) {
+                if let Some(pos) = c.replicas.iter().position(|&(m, _)| m == first) {
+                    let f = c.replicas.remove(pos);
+                    c.replicas.insert(0, f);
+                }
+            }
+        }
+        Ok(reg)
+    }
+
+    fn pool_for(&mut self, resource_type: &str, location: &str) -> usize {
+        if let Some(&i) = self
+            .pool_idx
+            .get(&(resource_type.to_owned(), location.to_owned()))
+        {
+            return i;
+        }
+        let members: Vec<usize> = self
+            .managers
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.location == location)
+            .map(|(i, _)| i)
+            .collect();
+        let n = members.len();
+        self.pools.push(Pool {
+            resource_type: resource_type.to_owned(),
+            location: location.to_owned(),
+            target_depth: 0,
+            members,
+            ready: vec![VecDeque::new(); n],
+            provisioning: 0,
+            alloc_cursor: 0,
+            take_cursor: 0,
+            preallocated_total: 0,
+        });
+        let i = self.pools.len() - 1;
+        self.pool_idx
+            .insert((resource_type.to_owned(), location.to_owned()), i);
+        i
+    }
+
+    fn manager_of_resource(&self, id: u64) -> usize {
+        let r = &self.resources[&id];
+        self.pools[r.pool].members[r.member]
+    }
+
+    pub fn managers(&self) -> &[Manager] {
+        &self.managers
+    }
+
+    pub fn manager_index(&self, id: &str) -> Option<usize> {
+        self.manager_idx.get(id).copied()
+    }
+
+    pub fn pools(&self) -> &[Pool] {
+        &self.pools
+    }
+
+    pub fn consumer_count(&self) -> usize {
+        self.consumers.len()
+    }
+
+    /// Ready resources on available managers: what a registration can take now.
+    pub fn depth(&self, pool: usize) -> u64 {
+        let p = &self.pools[pool];
+        p.members
+            .iter()
+            .zip(&p.ready)
+            .filter(|(&m, _)| self.managers[m].availability == Availability::Available)
+            .map(|(_, q)| q.len() as u64)
+            .sum()
+    }
+
+    /// Ready resources on every manager, whatever its availability.
+    pub fn ready_total(&self, pool: usize) -> u64 {
+        self.pools[pool].ready.iter().map(|q| q.len() as u64).sum()
+    }
+
+    /// Ready resources per member manager id.
+    pub fn ready_by_manager(&self, pool: usize) -> Vec<(String, u64)> {
+        let p = &self.pools[pool];
+        p.members
+            .iter()
+            .zip(&p.ready)
+            .map(|(&m, q)| (self.managers[m].id.clone(), q.len() as u64))
+            .collect()
+    }
+
+    /// How many more resources the pool wants (ready on available managers + in provisioning).
+    pub fn deficit(&self, pool: usize) -> u64 {
+        let p = &self.pools[pool];
+        p.target_depth
+            .saturating_sub(self.depth(pool) + p.provisioning)
+    }
+
+    /// Reserves capacity for one new resource on the next eligible manager of the
+    /// pool (round-robin), or `None` when no manager is available with free capacity.
+    pub fn reserve(&mut self, pool: usize, now_ms: u64, ops: &mut Vec<Op>) -> Option<Reserved> {
+        let n = self.pools[pool].members.len();
+        let rt = self.pools[pool].resource_type.clone();
+        for k in 0..n {
+            let pos = (self.pools[pool].alloc_cursor + k) % n;
+            let m = self.pools[pool].members[pos];
+            let mgr = &self.managers[m];
+            if mgr.availability != Availability::Available || mgr.free(&rt) == 0 {
+                continue;
+            }
+            self.pools[pool].alloc_cursor = (pos + 1) % n;
+            let id = self.next_resource_id;
+            self.next_resource_id += 1;
+            let needs_provisioning = mgr.provision;
+            let state = if needs_provisioning {
+                ResourceState::Provisioning
+            } else {
+                ResourceState::Ready
+            };
+            *self.managers[m].used.entry(rt.clone()).or_insert(0) += 1;
+            let p = &mut self.pools[pool];
+            if needs_provisioning {
+                p.provisioning += 1;
+            } else {
+                p.ready[pos].push_back(id);
+                p.preallocated_total += 1;
+            }
+            self.resources.insert(
+                id,
+                Resource {
+                    id,
+                    pool,
+                    member: pos,
+                    state,
+                    consumer: None,
+                    created_ms: now_ms,
+                },
+            );
+            ops.push(Op::PutResource(self.resource_row(id)));
+            return Some(Reserved {
+                id,
+                manager: m,
+                needs_provisioning,
+            });
+        }
+        None
+    }
+
+    /// Provisioning succeeded: the resource joins its pool. False if it is not provisioning.
+    pub fn provisioned(&mut self, id: u64, ops: &mut Vec<Op>) -> bool {
+        let Some(r) = self.resources.get_mut(&id) else {
+            return false;
+        };
+        if r.state != ResourceState::Provisioning {
+            return false;
+        }
+        r.state = ResourceState::Ready;
+        let (pool, member) = (r.pool, r.member);
+        let p = &mut self.pools[pool];
+        p.provisioning -= 1;
+        p.ready[member].push_back(id);
+        p.preallocated_total += 1;
+        ops.push(Op::SetResourceState {
+            id,
+            state: ResourceState::Ready,
+            consumer: None,
+        });
+        true
+    }
+
+    /// Provisioning failed for good: the reservation is dropped and its capacity freed.
+    pub fn abandon(&mut self, id: u64, ops: &mut Vec<Op>) -> bool {
+        match self.resources.get(&id) {
+            Some(r) if r.state == ResourceState::Provisioning => {}
+            _ => return false,
+        }
+        let r = self.resources.remove(&id).expect("checked above");
+        let m = self.pools[r.pool].members[r.member];
+        let rt = self.pools[r.pool].resource_type.clone();
+        self.pools[r.pool].provisioning -= 1;
+        if let Some(u) = self.managers[m].used.get_mut(&rt) {
+            *u = u.saturating_sub(1);
+        }
+        ops.push(Op::DeleteResource { id });
+        true
+    }
+
+    /// Resolves the pool a registration draws from.
+    pub fn pool_of(
+        &self,
+        resource_type: &str,
+        location: Option<&str>,
+    ) -> Result<usize, RegisterError> {
+        if !self.pools.iter().any(|p| p.resource_type == resource_type) {
+            return Err(RegisterError::UnknownResourceType(resource_type.to_owned()));
+        }
+        match location {
+            Some(loc) => self
+                .pool_idx
+                .get(&(resource_type.to_owned(), loc.to_owned()))
+                .copied()
+                .ok_or_else(|| RegisterError::UnknownLocation {
+                    resource_type: resource_type.to_owned(),
+                    location: loc.to_owned(),
+                }),
+            // Without a location, the deepest pool of the type: the one most able to take it.
+            None => Ok((0..self.pools.len())
+                .filter(|&i| self.pools[i].resource_type == resource_type)
+                .max_by_key(|&i| (self.depth(i), std::cmp::Reverse(i)))
+                .expect("checked above")),
+        }
+    }
+
+    /// Takes a ready resource (round-robin over available managers) and creates the consumer.
+    pub fn register(
+        &mut self,
+        resource_type: &str,
+        location: Option<&str>,
+        consumer: ConsumerId,
+        now_ms: u64,
+        ops: &mut Vec<Op>,
+    ) -> Result<(Registration, usize), RegisterError> {
+        let pool = self.pool_of(resource_type, location)?;
+        let n = self.pools[pool].members.len();
+        let mut taken = None;
+        for k in 0..n {
+            let pos = (self.pools[pool].take_cursor + k) % n;
+            let m = self.pools[pool].members[pos];
+            if self.managers[m].availability != Availability::Available {
+                continue;
+            }
+            if let Some(id) = self.pools[pool].ready[pos].pop_front() {
+                self.pools[pool].take_cursor = (pos + 1) % n;
+                taken = Some((id, m));
+                break;
+            }
+        }
+        let Some((rid, m)) = taken else {
+            return Err(RegisterError::PoolEmpty {
+                resource_type: self.pools[pool].resource_type.clone(),
+                location: self.pools[pool].location.clone(),
+            });
+        };
+        let r = self
+            .resources
+            .get_mut(&rid)
+            .expect("pool holds only known resources");
+        r.state = ResourceState::Assigned;
+        r.consumer = Some(consumer.clone());
+        ops.push(Op::SetResourceState {
+            id: rid,
+            state: ResourceState::Assigned,
+            consumer: Some(consumer.to_string()),
+        });
+        let mut c = Consumer {
+            resource: rid,
+            replicas: vec![(m, now_ms)],
+            created_ms: now_ms,
+            registered_ms: None,
+        };
+        if self.target_reached(pool, &c.replicas) {
+            c.registered_ms = Some(now_ms);
+        }
+        ops.push(Op::PutConsumer(ConsumerRow {
+            id: consumer.to_string(),
+            resource: rid,
+            manager: self.managers[m].id.clone(),
+            registered: c.registered_ms.is_some(),
+            created_ms: now_ms,
+            registered_ms: c.registered_ms,
+        }));
+        ops.push(Op::PutReplica(ReplicaRow {
+            consumer: consumer.to_string(),
+            manager: self.managers[m].id.clone(),
+            at_ms: now_ms,
+        }));
+        self.consumers.insert(consumer.clone(), c);
+        let p = &self.pools[pool];
+        let reg = Registration {
+            consumer,
+            manager: self.managers[m].id.clone(),
+            cluster: self.managers[m].cluster.clone(),
+            resource: ResourceRef {
+                id: rid,
+                resource_type: p.resource_type.clone(),
+                name: resource_name(&p.resource_type, rid),
+                location: p.location.clone(),
+            },
+        };
+        Ok((reg, pool))
+    }
+
+    pub fn contains(&self, consumer: &ConsumerId) -> bool {
+        self.consumers.contains_key(consumer)
+    }
+
+    /// Gives a consumer's resource back to its pool and forgets the consumer.
+    /// Returns the pool, or `None` for an unknown consumer.
+    pub fn release(&mut self, consumer: &ConsumerId, ops: &mut Vec<Op>) -> Option<usize> {
+        let c = self.consumers.remove(consumer)?;
+        let r = self
+            .resources
+            .get_mut(&c.resource)
+            .expect("consumer's resource is known");
+        r.state = ResourceState::Ready;
+        r.consumer = None;
+        let (pool, member) = (r.pool, r.member);
+        self.pools[pool].ready[member].push_back(c.resource);
+        ops.push(Op::SetResourceState {
+            id: c.resource,
+            state: ResourceState::Ready,
+            consumer: None,
+        });
+        ops.push(Op::DeleteConsumer {
+            id: consumer.to_string(),
+        });
+        Some(pool)
+    }
+
+    fn target_reached(&self, pool: usize, replicas: &[(usize, u64)]) -> bool {
+        let members = &self.pools[pool].members;
+        match self.target {
+            ReplicationTarget::All => members.iter().all(|m| replicas.iter().any(|(r, _)| r == m)),
+            ReplicationTarget::Count(n) => {
+                let in_location = replicas.iter().filter(|(r, _)| members.contains(r)).count();
+                in_location >= n.min(members.len())
+            }
+        }
+    }
+
+    /// How many copies make this consumer registered.
+    pub fn target_size(&self, consumer: &ConsumerId) -> Option<usize> {
+        let c = self.consumers.get(consumer)?;
+        let n = self.pools[self.resources[&c.resource].pool].members.len();
+        Some(match self.target {
+            ReplicationTarget::All => n,
+            ReplicationTarget::Count(k) => k.min(n),
+        })
+    }
+
+    /// Records one confirmed copy (idempotent).
+    pub fn add_replica(
+        &mut self,
+        consumer: &ConsumerId,
+        manager: &str,
+        now_ms: u64,
+        ops: &mut Vec<Op>,
+    ) -> Result<ReplicaOutcome, ReplicaError> {
+        let &m = self
+            .manager_idx
+            .get(manager)
+            .ok_or_else(|| ReplicaError::UnknownManager(manager.to_owned()))?;
+        let (pool, replicas) = {
+            let c = self
+                .consumers
+                .get(consumer)
+                .ok_or(ReplicaError::UnknownConsumer)?;
+            if c.replicas.iter().any(|&(r, _)| r == m) {
+                return Ok(ReplicaOutcome {
+                    added: false,
+                    became_registered: false,
+                    lag_ms: None,
+                });
+            }
+            let mut r = c.replicas.clone();
+            r.push((m, now_ms));
+            (self.resources[&c.resource].pool, r)
+        };
+        let reached = self.target_reached(pool, &replicas);
+        let c = self.consumers.get_mut(consumer).expect("checked above");
+        c.replicas = replicas;
+        let lag_ms = now_ms.saturating_sub(c.created_ms);
+        ops.push(Op::PutReplica(ReplicaRow {
+            consumer: consumer.to_string(),
+            manager: manager.to_owned(),
+            at_ms: now_ms,
+        }));
+        let became_registered = reached && c.registered_ms.is_none();
+        if became_registered {
+            c.registered_ms = Some(now_ms);
+            ops.push(Op::SetRegistered {
+                id: consumer.to_string(),
+                registered_ms: now_ms,
+            });
+        }
+        Ok(ReplicaOutcome {
+            added: true,
+            became_registered,
+            lag_ms: Some(lag_ms),
+        })
+    }
+
+    /// Changes a manager's availability; `Ok(true)` if it changed.
+    pub fn set_availability(
+        &mut self,
+        manager: &str,
+        availability: Availability,
+        ops: &mut Vec<Op>,
+    ) -> Option<bool> {
+        let &m = self.manager_idx.get(manager)?;
+        if self.managers[m].availability == availability {
+            return Some(false);
+        }
+        self.managers[m].availability = availability;
+        ops.push(Op::SetAvailability {
+            manager: manager.to_owned(),
+            availability: availability.as_str().to_owned(),
+        });
+        Some(true)
+    }
+
+    /// The consumer's routing entry.
+    pub fn route_entry(&self, consumer: &ConsumerId) -> Option<RouteEntry> {
+        let c = self.consumers.get(consumer)?;
+        Some(RouteEntry {
+            consumer: consumer.clone(),
+            state: if c.registered_ms.is_some() {
+                ConsumerState::Registered
+            } else {
+                ConsumerState::Registering
+            },
+            replicas: c
+                .replicas
+                .iter()
+                .map(|&(m, _)| self.managers[m].id.clone())
+                .collect(),
+        })
+    }
+
+    pub fn manager_routes(&self) -> Vec<ManagerRoute> {
+        self.managers
+            .iter()
+            .map(|m| ManagerRoute {
+                id: m.id.clone(),
+                cluster: m.cluster.clone(),
+                location: m.location.clone(),
+                availability: m.availability,
+            })
+            .collect()
+    }
+
+    /// Consumers still registering, and registered ones with their registration time.
+    pub fn consumers_by_state(&self) -> (Vec<ConsumerId>, Vec<(ConsumerId, u64)>) {
+        let mut registering = Vec::new();
+        let mut registered = Vec::new();
+        for (id, c) in &self.consumers {
+            match c.registered_ms {
+                None => registering.push(id.clone()),
+                Some(t) => registered.push((id.clone(), t)),
+            }
+        }
+        registered.sort_by_key(|&(_, t)| t);
+        (registering, registered)
+    }
+
+    /// Resources waiting for their manager to provision them: (id, manager index).
+    pub fn provisioning(&self) -> Vec<(u64, usize)> {
+        let mut v: Vec<(u64, usize)> = self
+            .resources
+            .values()
+            .filter(|r| r.state == ResourceState::Provisioning)
+            .map(|r| (r.id, self.pools[r.pool].members[r.member]))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Pool index and resource name of a resource.
+    pub fn resource_info(&self, id: u64) -> Option<(usize, String, String)> {
+        let r = self.resources.get(&id)?;
+        let p = &self.pools[r.pool];
+        Some((
+            r.pool,
+            p.resource_type.clone(),
+            resource_name(&p.resource_type, id),
+        ))
+    }
+
+    fn resource_row(&self, id: u64) -> ResourceRow {
+        let r = &self.resources[&id];
+        let p = &self.pools[r.pool];
+        ResourceRow {
+            id,
+            resource_type: p.resource_type.clone(),
+            name: resource_name(&p.resource_type, id),
+            location: p.location.clone(),
+            manager: self.managers[p.members[r.member]].id.clone(),
+            state: r.state,
+            consumer: r.consumer.as_ref().map(|c| c.to_string()),
+            created_ms: r.created_ms,
+        }
+    }
+
+    /// Plan of an active copy: the first manager and replicas to read from (available
+    /// first) and the managers that still need a copy to reach the target.
+    pub fn copy_plan(&self, consumer: &ConsumerId) -> Option<CopyPlan> {
+        let c = self.consumers.get(consumer)?;
+        if c.registered_ms.is_some() {
+            return Some(CopyPlan {
+                sources: vec![],
+                targets: vec![],
+                done: true,
+            });
+        }
+        let pool = self.resources[&c.resource].pool;
+        let members = &self.pools[pool].members;
+        let held: Vec<usize> = c.replicas.iter().map(|&(m, _)| m).collect();
+        let mut sources: Vec<usize> = held
+            .iter()
+            .copied()
+            .filter(|&m| self.managers[m].availability != Availability::Down)
+            .collect();
+        sources.sort_by_key(|&m| self.managers[m].availability != Availability::Available);
+        // Spread copies: start the candidate list at a consumer-dependent offset.
+        let offset = consumer
+            .as_str()
+            .bytes()
+            .fold(0usize, |a, b| a.wrapping_mul(31).wrapping_add(b as usize));
+        let n = members.len().max(1);
+        let mut candidates: Vec<usize> = (0..members.len())
+            .map(|k| members[(offset + k) % n])
+            .filter(|m| !held.contains(m) && self.managers[*m].availability != Availability::Down)
+            .collect();
+        candidates.sort_by_key(|&m| self.managers[m].availability != Availability::Available);
+        let needed = match self.target {
+            ReplicationTarget::All => candidates.len(),
+            ReplicationTarget::Count(k) => {
+                let have = held.iter().filter(|m| members.contains(m)).count();
+                k.min(members.len()).saturating_sub(have)
+            }
+        };
+        candidates.truncate(needed);
+        Some(CopyPlan {
+            sources: sources
+                .into_iter()
+                .map(|m| self.managers[m].id.clone())
+                .collect(),
+            targets: candidates
+                .into_iter()
+                .map(|m| self.managers[m].id.clone())
+                .collect(),
+            done: false,
+        })
+    }
+
+    /// The full record of a consumer.
+    pub fn consumer_record(&self, consumer: &ConsumerId) -> Option<ConsumerRecord> {
+        let c = self.consumers.get(consumer)?;
+        let r = &self.resources[&c.resource];
+        let p = &self.pools[r.pool];
+        let m = &self.managers[p.members[r.member]];
+        let cap = m.capacity.get(&p.resource_type).copied().unwrap_or(0);
+        let used = m.used.get(&p.resource_type).copied().unwrap_or(0);
+        Some(ConsumerRecord {
+            consumer: consumer.clone(),
+            state: if c.registered_ms.is_some() {
+                ConsumerState::Registered
+            } else {
+                ConsumerState::Registering
+            },
+            location: p.location.clone(),
+            created_ms: c.created_ms,
+            registered_ms: c.registered_ms,
+            resource: ResourceRecord {
+                id: r.id,
+                resource_type: p.resource_type.clone(),
+                name: resource_name(&p.resource_type, r.id),
+                location: p.location.clone(),
+                capacity: 1,
+                availability: m.availability,
+                state: r.state.as_str(),
+                manager: m.id.clone(),
+                created_ms: r.created_ms,
+            },
+            first_manager: ManagerRef {
+                id: m.id.clone(),
+                cluster: m.cluster.clone(),
+                location: m.location.clone(),
+                availability: m.availability,
+                capacity: cap,
+                used,
+                free: cap.saturating_sub(used),
+            },
+            replicas: c
+                .replicas
+                .iter()
+                .map(|&(rm, at)| {
+                    let rm = &self.managers[rm];
+                    ReplicaRecord {
+                        manager: rm.id.clone(),
+                        cluster: rm.cluster.clone(),
+                        availability: rm.availability,
+                        at_ms: at,
+                    }
+                })
+                .collect(),
+            replication_target: self.target_size(consumer).unwrap_or(0),
+            in_routing_table: false,
+        })
+    }
+
+    /// Consumer ids, optionally of one state, sorted, at most `limit`.
+    pub fn list_consumers(&self, state: Option<ConsumerState>, limit: usize) -> Vec<ConsumerId> {
+        let mut v: Vec<ConsumerId> = self
+            .consumers
+            .iter()
+            .filter(|(_, c)| match state {
+                None => true,
+                Some(ConsumerState::Registered) => c.registered_ms.is_some(),
+                Some(ConsumerState::Registering) => c.registered_ms.is_none(),
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        v.sort();
+        v.truncate(limit);
+        v
+    }
+
+    pub fn manager_view(&self, m: usize) -> ManagerView {
+        let m = &self.managers[m];
+        ManagerView {
+            id: m.id.clone(),
+            cluster: m.cluster.clone(),
+            location: m.location.clone(),
+            admin_url: m.admin_url.clone(),
+            availability: m.availability,
+            provision: m.provision,
+            capacity: m
+                .capacity
+                .iter()
+                .map(|(t, &cap)| {
+                    let used = m.used.get(t).copied().unwrap_or(0);
+                    (
+                        t.clone(),
+                        CapacityView {
+                            capacity: cap,
+                            used,
+                            free: cap.saturating_sub(used),
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    pub fn pool_view(&self, pool: usize) -> PoolView {
+        let p = &self.pools[pool];
+        PoolView {
+            resource_type: p.resource_type.clone(),
+            location: p.location.clone(),
+            target_depth: p.target_depth,
+            depth: self.depth(pool),
+            ready_total: self.ready_total(pool),
+            provisioning: p.provisioning,
+            preallocated_total: p.preallocated_total,
+            ready_by_manager: self.ready_by_manager(pool).into_iter().collect(),
+        }
+    }
+
+    /// Checks the invariants the allocator promises (used by property tests).
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut used: HashMap<(usize, String), u64> = HashMap::new();
+        for r in self.resources.values() {
+            let p = &self.pools[r.pool];
+            *used
+                .entry((p.members[r.member], p.resource_type.clone()))
+                .or_insert(0) += 1;
+        }
+        for (i, m) in self.managers.iter().enumerate() {
+            for (t, &u) in &m.used {
+                let counted = used.get(&(i, t.clone())).copied().unwrap_or(0);
+                if counted != u {
+                    return Err(format!(
+                        "manager {} type {t}: used {u} but {counted} resources",
+                        m.id
+                    ));
+                }
+                if u > m.capacity.get(t).copied().unwrap_or(0) {
+                    return Err(format!("manager {} type {t}: used {u} over capacity", m.id));
+                }
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (pi, p) in self.pools.iter().enumerate() {
+            for q in &p.ready {
+                for id in q {
+                    if !seen.insert(*id) {
+                        return Err(format!("resource {id} is in a pool twice"));
+                    }
+                    let r = &self.resources[id];
+                    if r.state != ResourceState::Ready || r.pool != pi || r.consumer.is_some() {
+                        return Err(format!("resource {id} in pool but state {:?}", r.state));
+                    }
+                }
+            }
+        }
+        let mut owners = HashMap::new();
+        for (cid, c) in &self.consumers {
+            if let Some(other) = owners.insert(c.resource, cid.clone()) {
+                return Err(format!(
+                    "resource {} handed to {cid} and {other}",
+                    c.resource
+                ));
+            }
+            let r = &self.resources[&c.resource];
+            if r.state != ResourceState::Assigned || r.consumer.as_ref() != Some(cid) {
+                return Err(format!("consumer {cid}'s resource is {:?}", r.state));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Resource names are derived from type and id, so they are unique and stable.
+pub fn resource_name(resource_type: &str, id: u64) -> String {
+    format!("{resource_type}-{id}")
+}
+
+/// What an active copy must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyPlan {
+    pub sources: Vec<String>,
+    pub targets: Vec<String>,
+    pub done: bool,
+}
+
+/// `GET /v1/consumers/{id}`: everything known about one consumer.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConsumerRecord {
+    pub consumer: ConsumerId,
+    pub state: ConsumerState,
+    pub location: String,
+    pub created_ms: u64,
+    pub registered_ms: Option<u64>,
+    pub resource: ResourceRecord,
+    /// The manager that holds the resource and received the sign-up.
+    pub first_manager: ManagerRef,
+    /// Managers known to hold the data, the first manager first.
+    pub replicas: Vec<ReplicaRecord>,
+    pub replication_target: usize,
+    pub in_routing_table: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ResourceRecord {
+    pub id: u64,
+    #[serde(rename = "type")]
+    pub resource_type: String,
+    pub name: String,
+    pub location: String,
+    /// Units of its manager's capacity the resource occupies.
+    pub capacity: u64,
+    /// Its manager's availability.
+    pub availability: Availability,
+    pub state: &'static str,
+    pub manager: String,
+    pub created_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ManagerRef {
+    pub id: String,
+    pub cluster: String,
+    pub location: String,
+    pub availability: Availability,
+    /// The manager's capacity, use and free room for this resource type.
+    pub capacity: u64,
+    pub used: u64,
+    pub free: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplicaRecord {
+    pub manager: String,
+    pub cluster: String,
+    pub availability: Availability,
+    pub at_ms: u64,
+}
+
+/// `GET /v1/managers`: one manager.
+#[derive(Debug, Clone, Serialize)]
+pub struct ManagerView {
+    pub id: String,
+    pub cluster: String,
+    pub location: String,
+    pub admin_url: String,
+    pub availability: Availability,
+    pub provision: bool,
+    pub capacity: BTreeMap<String, CapacityView>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CapacityView {
+    pub capacity: u64,
+    pub used: u64,
+    pub free: u64,
+}
+
+/// `GET /v1/pools`: one pool.
+#[derive(Debug, Clone, Serialize)]
+pub struct PoolView {
+    pub resource_type: String,
+    pub location: String,
+    pub target_depth: u64,
+    /// Ready resources on available managers.
+    pub depth: u64,
+    /// Ready resources on any manager.
+    pub ready_total: u64,
+    pub provisioning: u64,
+    pub preallocated_total: u64,
+    pub ready_by_manager: BTreeMap<String, u64>,
+}

@@ -1,0 +1,223 @@
+//! The pushed routing table: committed entries, a bounded change log for deltas,
+//! and a watch channel that wakes long-polls when the version moves.
+
+use prealloc_wire::{
+    ConsumerId, ManagerRoute, RouteEntry, RoutesKind, RoutesQuery, RoutesResponse,
+};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Mutex;
+use tokio::sync::watch;
+
+/// One change to the table: a new value, or `None` for removal.
+pub type Change = (ConsumerId, Option<RouteEntry>);
+
+struct Inner {
+    version: u64,
+    entries: HashMap<ConsumerId, RouteEntry>,
+    managers: Vec<ManagerRoute>,
+    /// (version, changes that produced it), oldest first.
+    log: VecDeque<(u64, Vec<Change>)>,
+    log_changes: usize,
+    /// Deltas can be answered for any `since >= base`.
+    base: u64,
+}
+
+/// The routing table as pushed to Envoys. Only committed changes enter it.
+pub struct Routes {
+    epoch: String,
+    log_limit: usize,
+    inner: Mutex<Inner>,
+    version_tx: watch::Sender<u64>,
+    waiting: AtomicI64,
+}
+
+impl Routes {
+    pub fn new(
+        epoch: String,
+        version: u64,
+        entries: Vec<RouteEntry>,
+        managers: Vec<ManagerRoute>,
+        log_limit: usize,
+    ) -> Routes {
+        let (version_tx, _) = watch::channel(version);
+        Routes {
+            epoch,
+            log_limit,
+            inner: Mutex::new(Inner {
+                version,
+                entries: entries
+                    .into_iter()
+                    .map(|e| (e.consumer.clone(), e))
+                    .collect(),
+                managers,
+                log: VecDeque::new(),
+                log_changes: 0,
+                base: version,
+            }),
+            version_tx,
+            waiting: AtomicI64::new(0),
+        }
+    }
+
+    pub fn epoch(&self) -> &str {
+        &self.epoch
+    }
+
+    pub fn version(&self) -> u64 {
+        self.lock().version
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn contains(&self, consumer: &ConsumerId) -> bool {
+        self.lock().entries.contains_key(consumer)
+    }
+
+    pub fn entry(&self, consumer: &ConsumerId) -> Option<RouteEntry> {
+        self.lock().entries.get(consumer).cloned()
+    }
+
+    /// Pollers currently held.
+    pub fn waiting(&self) -> i64 {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies committed changes as `version` and wakes every waiting poller.
+    pub fn publish(&self, version: u64, changes: Vec<Change>, managers: Option<Vec<ManagerRoute>>) {
+        let mut g = self.lock();
+        debug_assert!(version > g.version, "versions only grow");
+        for (id, e) in &changes {
+            match e {
+                Some(e) => {
+                    g.entries.insert(id.clone(), e.clone());
+                }
+                None => {
+                    g.entries.remove(id);
+                }
+            }
+        }
+        if let Some(m) = managers {
+            g.managers = m;
+        }
+        g.log_changes += changes.len().max(1);
+        g.log.push_back((version, changes));
+        g.version = version;
+        while g.log_changes > self.log_limit && g.log.len() > 1 {
+            let (v, c) = g.log.pop_front().expect("len > 1");
+            g.log_changes -= c.len().max(1);
+            g.base = v;
+        }
+        drop(g);
+        self.version_tx.send_replace(version);
+    }
+
+    /// The answer to a query right now, or `None` when the caller should wait.
+    pub fn answer(&self, q: &RoutesQuery) -> Option<RoutesResponse> {
+        let g = self.lock();
+        let same_epoch = q.epoch.as_deref() == Some(self.epoch.as_str());
+        if q.since == 0 || !same_epoch || q.since > g.version || q.since < g.base {
+            let mut upsert: Vec<RouteEntry> = g.entries.values().cloned().collect();
+            let managers = g.managers.clone();
+            let version = g.version;
+            drop(g);
+            upsert.sort_by(|a, b| a.consumer.cmp(&b.consumer));
+            return Some(RoutesResponse {
+                epoch: self.epoch.clone(),
+                version,
+                kind: RoutesKind::Full,
+                managers,
+                upsert,
+                remove: vec![],
+            });
+        }
+        if q.since == g.version {
+            return None;
+        }
+        // Coalesce: the last change of each consumer after `since` wins.
+        let mut last: HashMap<&ConsumerId, &Option<RouteEntry>> = HashMap::new();
+        let mut order: Vec<&ConsumerId> = Vec::new();
+        for (v, changes) in g.log.iter() {
+            if *v <= q.since {
+                continue;
+            }
+            for (id, e) in changes {
+                if last.insert(id, e).is_none() {
+                    order.push(id);
+                }
+            }
+        }
+        let mut upsert = Vec::new();
+        let mut remove = Vec::new();
+        for id in order {
+            match last[id] {
+                Some(e) => upsert.push(e.clone()),
+                None => remove.push(id.clone()),
+            }
+        }
+        Some(RoutesResponse {
+            epoch: self.epoch.clone(),
+            version: g.version,
+            kind: RoutesKind::Delta,
+            managers: g.managers.clone(),
+            upsert,
+            remove,
+        })
+    }
+
+    /// The answer after holding up to `wait` for a change (or until `stop` fires).
+    pub async fn poll(
+        &self,
+        q: &RoutesQuery,
+        wait: std::time::Duration,
+        mut stop: watch::Receiver<bool>,
+    ) -> RoutesResponse {
+        // Subscribe before looking, so a change between the look and the wait still wakes us.
+        let mut rx = self.version_tx.subscribe();
+        if let Some(r) = self.answer(q) {
+            return r;
+        }
+        if !wait.is_zero() && !*stop.borrow() {
+            self.waiting.fetch_add(1, Ordering::Relaxed);
+            struct Held<'a>(&'a AtomicI64);
+            impl Drop for Held<'_> {
+                fn drop(&mut self) {
+                    self.0.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+            let _held = Held(&self.waiting);
+            let deadline = tokio::time::Instant::now() + wait;
+            loop {
+                tokio::select! {
+                    r = rx.changed() => if r.is_err() { break },
+                    _ = tokio::time::sleep_until(deadline) => break,
+                    _ = stop.changed() => break,
+                }
+                if let Some(r) = self.answer(q) {
+                    return r;
+                }
+            }
+        }
+        self.answer(q).unwrap_or_else(|| {
+            let g = self.lock();
+            RoutesResponse {
+                epoch: self.epoch.clone(),
+                version: g.version,
+                kind: RoutesKind::Unchanged,
+                managers: g.managers.clone(),
+                upsert: vec![],
+                remove: vec![],
+            }
+        })
+    }
+}

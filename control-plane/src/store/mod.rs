@@ -1,0 +1,127 @@
+//! The storage seam: the domain logic hands batches of [`Op`]s to a [`Store`] and
+//! rebuilds itself from a [`Snapshot`]; SQLite is the built-in implementation.
+
+pub mod sqlite;
+
+pub use sqlite::SqliteStore;
+
+/// Where a resource is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ResourceState {
+    /// Capacity reserved on its manager; the manager is being asked to provision it.
+    Provisioning,
+    /// In its pool, ready to be handed to a new consumer.
+    Ready,
+    /// Handed to a consumer.
+    Assigned,
+}
+
+impl ResourceState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResourceState::Provisioning => "provisioning",
+            ResourceState::Ready => "ready",
+            ResourceState::Assigned => "assigned",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "provisioning" => Some(ResourceState::Provisioning),
+            "ready" => Some(ResourceState::Ready),
+            "assigned" => Some(ResourceState::Assigned),
+            _ => None,
+        }
+    }
+}
+
+/// A resource row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResourceRow {
+    pub id: u64,
+    pub resource_type: String,
+    pub name: String,
+    pub location: String,
+    pub manager: String,
+    pub state: ResourceState,
+    pub consumer: Option<String>,
+    pub created_ms: u64,
+}
+
+/// A consumer row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerRow {
+    pub id: String,
+    pub resource: u64,
+    pub manager: String,
+    pub registered: bool,
+    pub created_ms: u64,
+    pub registered_ms: Option<u64>,
+}
+
+/// One confirmed copy of a consumer's data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaRow {
+    pub consumer: String,
+    pub manager: String,
+    pub at_ms: u64,
+}
+
+/// One durable change. A batch of them is committed atomically.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    SetMeta {
+        key: String,
+        value: String,
+    },
+    SetAvailability {
+        manager: String,
+        availability: String,
+    },
+    PutResource(ResourceRow),
+    SetResourceState {
+        id: u64,
+        state: ResourceState,
+        consumer: Option<String>,
+    },
+    DeleteResource {
+        id: u64,
+    },
+    PutConsumer(ConsumerRow),
+    SetRegistered {
+        id: String,
+        registered_ms: u64,
+    },
+    /// Removes the consumer and its replica rows.
+    DeleteConsumer {
+        id: String,
+    },
+    PutReplica(ReplicaRow),
+}
+
+/// Everything needed to rebuild the in-memory state at start.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub meta: Vec<(String, String)>,
+    pub availability: Vec<(String, String)>,
+    pub resources: Vec<ResourceRow>,
+    pub consumers: Vec<ConsumerRow>,
+    pub replicas: Vec<ReplicaRow>,
+}
+
+impl Snapshot {
+    pub fn meta(&self, key: &str) -> Option<&str> {
+        self.meta
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A durable store. `commit` must not return before the batch is durable.
+pub trait Store: Send + 'static {
+    /// Reads everything back (at start, or after a failed commit).
+    fn load(&mut self) -> anyhow::Result<Snapshot>;
+    /// Applies the batch in one transaction; all or nothing, durable on `Ok`.
+    fn commit(&mut self, ops: &[Op]) -> anyhow::Result<()>;
+}
