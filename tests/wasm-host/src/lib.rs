@@ -184,6 +184,11 @@ impl Host {
             .unwrap_or(0);
     }
 
+    /// The clock.
+    pub fn now(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_nanos(self.shared().now_nanos)
+    }
+
     /// The clock, in unix seconds.
     pub fn now_unix_s(&self) -> u64 {
         self.shared().now_nanos / 1_000_000_000

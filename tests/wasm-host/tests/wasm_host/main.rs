@@ -1,3 +1,9 @@
 //! Drives the real prealloc_filter.wasm through the wasmtime proxy-wasm host, one module per feature.
 
+mod anonymous;
+mod config;
+mod cookies;
 mod host_abi;
+mod poller;
+mod routing;
+mod support;
