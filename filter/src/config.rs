@@ -29,7 +29,10 @@ pub struct ConfigError {
 
 impl ConfigError {
     fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        ConfigError { field: field.into(), message: message.into() }
+        ConfigError {
+            field: field.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -38,7 +41,11 @@ impl fmt::Display for ConfigError {
         if self.field.is_empty() {
             write!(f, "prealloc plugin configuration: {}", self.message)
         } else {
-            write!(f, "prealloc plugin configuration: {}: {}", self.field, self.message)
+            write!(
+                f,
+                "prealloc plugin configuration: {}: {}",
+                self.field, self.message
+            )
         }
     }
 }
@@ -337,12 +344,18 @@ fn validate_filter(raw: RawFilter) -> Result<FilterConfig, ConfigError> {
         ));
     }
     if raw.retry_after_s == 0 {
-        return Err(ConfigError::new("filter.retry_after_s", "must be at least 1"));
+        return Err(ConfigError::new(
+            "filter.retry_after_s",
+            "must be at least 1",
+        ));
     }
     if !(10..=60_000).contains(&raw.availability_refresh_ms) {
         return Err(ConfigError::new(
             "filter.availability_refresh_ms",
-            format!("must be between 10 and 60000, got {}", raw.availability_refresh_ms),
+            format!(
+                "must be between 10 and 60000, got {}",
+                raw.availability_refresh_ms
+            ),
         ));
     }
     let signup = raw.signup.map(validate_signup).transpose()?;
@@ -385,13 +398,24 @@ fn validate_cookie(raw: RawCookie) -> Result<CookieConfig, ConfigError> {
     if raw.max_age_s == 0 || raw.max_age_s > 400 * 24 * 3600 {
         return Err(ConfigError::new(
             "filter.cookie.max_age_s",
-            format!("must be between 1 and 34560000 (400 days), got {}", raw.max_age_s),
+            format!(
+                "must be between 1 and 34560000 (400 days), got {}",
+                raw.max_age_s
+            ),
         ));
     }
-    if !raw.path.starts_with('/') || !raw.path.bytes().all(|b| (0x21..=0x7e).contains(&b) && b != b';') {
+    if !raw.path.starts_with('/')
+        || !raw
+            .path
+            .bytes()
+            .all(|b| (0x21..=0x7e).contains(&b) && b != b';')
+    {
         return Err(ConfigError::new(
             "filter.cookie.path",
-            format!("{:?} must start with '/' and contain no spaces, ';' or control characters", raw.path),
+            format!(
+                "{:?} must start with '/' and contain no spaces, ';' or control characters",
+                raw.path
+            ),
         ));
     }
     let same_site = match raw.same_site.to_ascii_lowercase().as_str() {
@@ -433,7 +457,10 @@ fn validate_signup(raw: RawSignup) -> Result<SignupConfig, ConfigError> {
     if !raw.path.starts_with('/') || raw.path.contains('?') || raw.path.contains('#') {
         return Err(ConfigError::new(
             "filter.signup.path",
-            format!("{:?} must be an absolute path without query string", raw.path),
+            format!(
+                "{:?} must be an absolute path without query string",
+                raw.path
+            ),
         ));
     }
     non_empty("filter.signup.cluster", &raw.cluster)?;
@@ -520,9 +547,8 @@ fn header_value(field: &str, value: &str) -> Result<(), ConfigError> {
 /// RFC 7230 `token` (header names, methods, cookie names).
 pub fn is_token(s: &str) -> bool {
     !s.is_empty()
-        && s.bytes().all(|b| {
-            b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-        })
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 #[cfg(test)]
@@ -569,7 +595,9 @@ mod tests {
             "signup":{{"method":"post","path":"/signup","cluster":"cp","authority":"cp.local","token":"t",
             "resource_type":"mailbox","location":"eu","timeout_ms":1500}}}}}}"#
         );
-        let PluginConfig::Filter(f) = parse(json.as_bytes()).unwrap() else { panic!() };
+        let PluginConfig::Filter(f) = parse(json.as_bytes()).unwrap() else {
+            panic!()
+        };
         assert_eq!(f.cookie.name, "pa");
         assert_eq!(f.cookie.keys.len(), 2);
         assert_eq!(f.cookie.same_site, SameSite::Strict);
@@ -589,20 +617,45 @@ mod tests {
         };
         assert_eq!(p.cluster, "prealloc_control_plane");
         assert_eq!(p.authority, "prealloc-control-plane");
-        assert_eq!((p.wait_ms, p.min_backoff_ms, p.max_backoff_ms), (30_000, 100, 5000));
+        assert_eq!(
+            (p.wait_ms, p.min_backoff_ms, p.max_backoff_ms),
+            (30_000, 100, 5000)
+        );
     }
 
     #[test]
     fn errors_name_the_field() {
         let short = r#"{"filter":{"cookie":{"keys":["short"]}}}"#;
         let cases: Vec<(String, &str, &str)> = vec![
-            (short.to_owned(), "filter.cookie.keys[0]", "at least 32 bytes"),
-            (r#"{"filter":{"cookie":{"keys":[]}}}"#.to_owned(), "filter.cookie.keys", "1 to 8"),
-            (filter_json(r#","retry_after_s":0"#), "filter.retry_after_s", "at least 1"),
-            (filter_json(r#","route_header":"bad header""#), "filter.route_header", "header name"),
-            (filter_json(r#","availability_refresh_ms":1"#), "filter.availability_refresh_ms", "between"),
             (
-                format!(r#"{{"filter":{{"cookie":{{"keys":["{KEY}"],"same_site":"None","secure":false}}}}}}"#),
+                short.to_owned(),
+                "filter.cookie.keys[0]",
+                "at least 32 bytes",
+            ),
+            (
+                r#"{"filter":{"cookie":{"keys":[]}}}"#.to_owned(),
+                "filter.cookie.keys",
+                "1 to 8",
+            ),
+            (
+                filter_json(r#","retry_after_s":0"#),
+                "filter.retry_after_s",
+                "at least 1",
+            ),
+            (
+                filter_json(r#","route_header":"bad header""#),
+                "filter.route_header",
+                "header name",
+            ),
+            (
+                filter_json(r#","availability_refresh_ms":1"#),
+                "filter.availability_refresh_ms",
+                "between",
+            ),
+            (
+                format!(
+                    r#"{{"filter":{{"cookie":{{"keys":["{KEY}"],"same_site":"None","secure":false}}}}}}"#
+                ),
                 "filter.cookie.same_site",
                 "requires secure",
             ),
@@ -622,17 +675,27 @@ mod tests {
                 "absolute path",
             ),
             (
-                filter_json(r#","signup":{"path":"/s","token":"t","resource_type":"m","timeout_ms":0}"#),
+                filter_json(
+                    r#","signup":{"path":"/s","token":"t","resource_type":"m","timeout_ms":0}"#,
+                ),
                 "filter.signup.timeout_ms",
                 "between",
             ),
-            (r#"{"poller":{"token":""}}"#.to_owned(), "poller.token", "must not be empty"),
+            (
+                r#"{"poller":{"token":""}}"#.to_owned(),
+                "poller.token",
+                "must not be empty",
+            ),
             (
                 r#"{"poller":{"token":"t","min_backoff_ms":500,"max_backoff_ms":100}}"#.to_owned(),
                 "poller.max_backoff_ms",
                 "min_backoff_ms",
             ),
-            (r#"{"poller":{"token":"t","wait_ms":0}}"#.to_owned(), "poller.wait_ms", "between"),
+            (
+                r#"{"poller":{"token":"t","wait_ms":0}}"#.to_owned(),
+                "poller.wait_ms",
+                "between",
+            ),
         ];
         for (json, field, needle) in cases {
             let e = parse_err(&json);
@@ -645,10 +708,16 @@ mod tests {
     fn unknown_fields_and_bad_shapes_are_refused() {
         for (json, needle) in [
             (filter_json(r#","colour":"red""#), "unknown field `colour`"),
-            (r#"{"poller":{"token":"t","cluser":"x"}}"#.to_owned(), "unknown field `cluser`"),
+            (
+                r#"{"poller":{"token":"t","cluser":"x"}}"#.to_owned(),
+                "unknown field `cluser`",
+            ),
             (r#"{"router":{}}"#.to_owned(), "unknown variant `router`"),
             (r#"{"filter":{}}"#.to_owned(), "missing field `cookie`"),
-            (filter_json(r#","when_all_down":"pray""#), "unknown variant `pray`"),
+            (
+                filter_json(r#","when_all_down":"pray""#),
+                "unknown variant `pray`",
+            ),
             ("".to_owned(), "configuration is empty"),
             ("not json".to_owned(), "expected {\"filter\""),
         ] {

@@ -169,9 +169,8 @@ pub fn try_sign(claims: &Claims, key: &[u8]) -> Result<String, SignError> {
         return Err(SignError::BadCluster(bad.clone()));
     }
     let id = consumer_bytes(&claims.consumer);
-    let mut payload = Vec::with_capacity(
-        HEADER_LEN + claims.replicas.iter().map(|c| c.len() + 1).sum::<usize>(),
-    );
+    let mut payload =
+        Vec::with_capacity(HEADER_LEN + claims.replicas.iter().map(|c| c.len() + 1).sum::<usize>());
     payload.push(FORMAT_VERSION);
     payload.push(match claims.state {
         ConsumerState::Registering => 0,
@@ -235,13 +234,15 @@ pub fn verify(value: &str, keys: &[&[u8]], now_unix_s: u64) -> Result<Claims, Co
     if tag.len() != MAC_LEN {
         return Err(CookieError::Malformed);
     }
-    let authentic = keys.iter().any(|key| match HmacSha256::new_from_slice(key) {
-        Ok(mut m) => {
-            m.update(payload);
-            m.verify_truncated_left(tag).is_ok()
-        }
-        Err(_) => false,
-    });
+    let authentic = keys
+        .iter()
+        .any(|key| match HmacSha256::new_from_slice(key) {
+            Ok(mut m) => {
+                m.update(payload);
+                m.verify_truncated_left(tag).is_ok()
+            }
+            Err(_) => false,
+        });
     if !authentic {
         return Err(CookieError::BadMac);
     }
@@ -281,7 +282,12 @@ fn decode_payload(p: &[u8]) -> Result<Claims, CookieError> {
     if !r.0.is_empty() {
         return Err(CookieError::Malformed);
     }
-    Ok(Claims { consumer, state, expires_at, replicas })
+    Ok(Claims {
+        consumer,
+        state,
+        expires_at,
+        replicas,
+    })
 }
 
 /// A bounds-checked cursor: every read that runs past the end is `Malformed`.
@@ -305,38 +311,46 @@ impl<'a> Reader<'a> {
 }
 
 /// Values of every cookie named `name`, in the order the client sent them,
-/// across several `Cookie` headers.
+/// across several `Cookie` header values (raw bytes, as the host hands them over).
 ///
 /// Parsing follows what browsers send (RFC 6265 §5.4 and real-world leniency):
 /// pairs are separated by `;`, optional spaces/tabs around names and values are
 /// ignored, a pair without `=` is skipped, names compare case-sensitively, and a
-/// value wrapped in double quotes is unwrapped. Browsers list cookies with
-/// longer paths first, so when the same name appears more than once the first
-/// is the most specific; the filter tries candidates in this order and the
-/// first one that verifies wins (see [`verify_first`]).
-pub fn cookie_values<'a, I>(headers: I, name: &'a str) -> impl Iterator<Item = &'a str> + 'a
+/// value wrapped in double quotes is unwrapped. Bytes outside ASCII are
+/// tolerated anywhere (they only make that one value fail to verify). Browsers
+/// list cookies with longer paths first, so when the same name appears more
+/// than once the first is the most specific; the filter tries candidates in
+/// this order and the first one that verifies wins (see [`verify_first`]).
+pub fn cookie_values<'a, I>(headers: I, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a
 where
-    I: IntoIterator<Item = &'a str>,
+    I: IntoIterator<Item = &'a [u8]>,
     I::IntoIter: 'a,
 {
     headers
         .into_iter()
-        .flat_map(|h| h.split(';'))
+        .flat_map(|h| h.split(|&b| b == b';'))
         .filter_map(move |pair| {
-            let (n, v) = pair.split_once('=')?;
-            if n.trim_matches(is_ows) != name {
+            let eq = pair.iter().position(|&b| b == b'=')?;
+            let (n, v) = pair.split_at(eq);
+            if trim_ows(n) != name.as_bytes() {
                 return None;
             }
-            let v = v.trim_matches(is_ows);
-            Some(match v.strip_prefix('"').and_then(|s| s.strip_suffix('"')) {
-                Some(inner) => inner,
-                None => v,
+            let v = trim_ows(v.get(1..).unwrap_or_default());
+            Some(match v {
+                [b'"', inner @ .., b'"'] => inner,
+                _ => v,
             })
         })
 }
 
-fn is_ows(c: char) -> bool {
-    c == ' ' || c == '\t'
+fn trim_ows(mut s: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = s {
+        s = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = s {
+        s = rest;
+    }
+    s
 }
 
 /// Finds and verifies the consumer cookie in a request's `Cookie` header values.
@@ -351,12 +365,16 @@ pub fn verify_first<'a, I>(
     now_unix_s: u64,
 ) -> Result<Claims, CookieError>
 where
-    I: IntoIterator<Item = &'a str>,
+    I: IntoIterator<Item = &'a [u8]>,
     I::IntoIter: 'a,
 {
     let mut first_err = None;
     for value in cookie_values(cookie_headers, name).take(MAX_CANDIDATES) {
-        match verify(value, keys, now_unix_s) {
+        let result = match std::str::from_utf8(value) {
+            Ok(v) => verify(v, keys, now_unix_s),
+            Err(_) => Err(CookieError::Malformed),
+        };
+        match result {
             Ok(c) => return Ok(c),
             Err(e) => {
                 first_err.get_or_insert(e);
@@ -420,11 +438,18 @@ mod tests {
     fn sign_then_verify_round_trips() {
         for c in [
             registering(),
-            claims(ConsumerState::Registered, &["manager_m1", "manager_m2", "manager_m3"]),
+            claims(
+                ConsumerState::Registered,
+                &["manager_m1", "manager_m2", "manager_m3"],
+            ),
         ] {
             let v = sign(&c, K1);
             assert_eq!(verify(&v, &[K1], NOW), Ok(c));
-            assert!(v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)), "{v}");
+            assert!(
+                v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)),
+                "{v}"
+            );
         }
     }
 
@@ -449,11 +474,21 @@ mod tests {
     fn rejection_reasons() {
         let good = sign(&registering(), K1);
         let (p, m) = good.split_once('.').unwrap();
-        let expired = sign(&Claims { expires_at: NOW, ..registering() }, K1);
+        let expired = sign(
+            &Claims {
+                expires_at: NOW,
+                ..registering()
+            },
+            K1,
+        );
         let long = "a".repeat(MAX_VALUE_LEN + 1);
         let mut v2 = URL_SAFE_NO_PAD.decode(p).unwrap();
         v2[0] = 2;
-        let v2 = format!("{}.{}", URL_SAFE_NO_PAD.encode(&v2), URL_SAFE_NO_PAD.encode(&mac(K1, &v2)[..16]));
+        let v2 = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(&v2),
+            URL_SAFE_NO_PAD.encode(&mac(K1, &v2)[..16])
+        );
         let cases: Vec<(String, CookieError)> = vec![
             (String::new(), CookieError::Missing),
             ("garbage".into(), CookieError::Malformed),
@@ -482,7 +517,11 @@ mod tests {
             p.extend_from_slice(&(NOW + 10).to_be_bytes());
             p.extend_from_slice(&[0; 16]);
             p.extend_from_slice(tail);
-            format!("{}.{}", URL_SAFE_NO_PAD.encode(&p), URL_SAFE_NO_PAD.encode(&mac(K1, &p)[..16]))
+            format!(
+                "{}.{}",
+                URL_SAFE_NO_PAD.encode(&p),
+                URL_SAFE_NO_PAD.encode(&mac(K1, &p)[..16])
+            )
         };
         for tail in [
             &[][..],
@@ -494,7 +533,11 @@ mod tests {
             &[1, 2, 0xff, 0xfe],
             &[17],
         ] {
-            assert_eq!(verify(&base(tail), &[K1], NOW), Err(CookieError::Malformed), "{tail:?}");
+            assert_eq!(
+                verify(&base(tail), &[K1], NOW),
+                Err(CookieError::Malformed),
+                "{tail:?}"
+            );
         }
         assert!(verify(&base(&[1, 1, b'a']), &[K1], NOW).is_ok());
     }
@@ -504,9 +547,18 @@ mod tests {
         let too_many: Vec<String> = (0..17).map(|i| format!("m{i}")).collect();
         let too_many: Vec<&str> = too_many.iter().map(String::as_str).collect();
         for (c, want) in [
-            (claims(ConsumerState::Registered, &[]), SignError::NoReplicas),
-            (claims(ConsumerState::Registered, &too_many), SignError::TooManyReplicas(17)),
-            (claims(ConsumerState::Registered, &["a,b"]), SignError::BadCluster("a,b".into())),
+            (
+                claims(ConsumerState::Registered, &[]),
+                SignError::NoReplicas,
+            ),
+            (
+                claims(ConsumerState::Registered, &too_many),
+                SignError::TooManyReplicas(17),
+            ),
+            (
+                claims(ConsumerState::Registered, &["a,b"]),
+                SignError::BadCluster("a,b".into()),
+            ),
         ] {
             assert_eq!(try_sign(&c, K1), Err(want));
             assert_eq!(sign(&c, K1), "");
@@ -516,7 +568,9 @@ mod tests {
     #[test]
     fn finds_cookies_as_browsers_send_them() {
         let check = |headers: &[&str], want: &[&str]| {
-            let got: Vec<&str> = cookie_values(headers.iter().copied(), "prealloc").collect();
+            let got: Vec<&[u8]> =
+                cookie_values(headers.iter().map(|h| h.as_bytes()), "prealloc").collect();
+            let want: Vec<&[u8]> = want.iter().map(|w| w.as_bytes()).collect();
             assert_eq!(got, want, "{headers:?}");
         };
         check(&["prealloc=abc"], &["abc"]);
@@ -526,26 +580,56 @@ mod tests {
         check(&[" prealloc = \"q.v\" "], &["q.v"]);
         check(&["prealloc=\""], &["\""]);
         check(&["prealloc=a=b"], &["a=b"]);
-        check(&["prealloc=first; prealloc=second", "prealloc=third"], &["first", "second", "third"]);
+        check(
+            &["prealloc=first; prealloc=second", "prealloc=third"],
+            &["first", "second", "third"],
+        );
         check(&["Prealloc=x; prealloc2=y; xprealloc=z"], &[]);
         check(&["prealloc; =prealloc; ;;"], &[]);
         check(&["prealloc="], &[""]);
+        check(&["\tprealloc\t=\tv\t"], &["v"]);
         check(&[], &[]);
+        // Bytes outside ASCII elsewhere in the header do not hide the cookie.
+        let raw: &[u8] = b"x=\xff\xfe; prealloc=v";
+        assert_eq!(
+            cookie_values([raw], "prealloc").collect::<Vec<_>>(),
+            vec![&b"v"[..]]
+        );
+        let raw: &[u8] = b"prealloc=\xff";
+        assert_eq!(
+            verify_first([raw], "prealloc", &[K1], NOW),
+            Err(CookieError::Malformed)
+        );
     }
 
     #[test]
     fn first_verifying_candidate_wins() {
         let good = sign(&registering(), K1);
         let h = format!("prealloc=forged.AAAAAAAAAAAAAAAAAAAAAA; prealloc={good}");
-        assert_eq!(verify_first([h.as_str()], "prealloc", &[K1], NOW), Ok(registering()));
+        assert_eq!(
+            verify_first([h.as_bytes()], "prealloc", &[K1], NOW),
+            Ok(registering())
+        );
         let bad = "prealloc=x; prealloc=y";
-        assert_eq!(verify_first([bad], "prealloc", &[K1], NOW), Err(CookieError::Malformed));
-        assert_eq!(verify_first(["other=1"], "prealloc", &[K1], NOW), Err(CookieError::Missing));
+        assert_eq!(
+            verify_first([bad.as_bytes()], "prealloc", &[K1], NOW),
+            Err(CookieError::Malformed)
+        );
+        assert_eq!(
+            verify_first([&b"other=1"[..]], "prealloc", &[K1], NOW),
+            Err(CookieError::Missing)
+        );
         // An empty value counts as a missing cookie.
-        assert_eq!(verify_first(["prealloc="], "prealloc", &[K1], NOW), Err(CookieError::Missing));
+        assert_eq!(
+            verify_first([&b"prealloc="[..]], "prealloc", &[K1], NOW),
+            Err(CookieError::Missing)
+        );
         // Only the first MAX_CANDIDATES are tried.
         let many = format!("prealloc=a; prealloc=b; prealloc=c; prealloc=d; prealloc={good}");
-        assert_eq!(verify_first([many.as_str()], "prealloc", &[K1], NOW), Err(CookieError::Malformed));
+        assert_eq!(
+            verify_first([many.as_bytes()], "prealloc", &[K1], NOW),
+            Err(CookieError::Malformed)
+        );
     }
 
     fn cookie_cfg(keys: Vec<Vec<u8>>) -> CookieConfig {
@@ -571,14 +655,26 @@ mod tests {
         cfg.http_only = false;
         cfg.same_site = SameSite::Strict;
         cfg.path = "/app".into();
-        assert_eq!(set_cookie_header(&cfg, "v"), "prealloc=v; Path=/app; Max-Age=60; SameSite=Strict");
+        assert_eq!(
+            set_cookie_header(&cfg, "v"),
+            "prealloc=v; Path=/app; Max-Age=60; SameSite=Strict"
+        );
     }
 
     proptest! {
         #[test]
-        fn parser_never_panics(headers in proptest::collection::vec(".*", 0..4), name in ".*") {
-            let n = cookie_values(headers.iter().map(String::as_str), &name).count();
-            prop_assert!(n <= headers.iter().map(|h| h.matches('=').count()).sum::<usize>());
+        fn parser_never_panics(
+            headers in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..60), 0..4),
+            name in ".*",
+        ) {
+            let n = cookie_values(headers.iter().map(Vec::as_slice), &name).count();
+            prop_assert!(n <= headers.iter().flatten().filter(|&&b| b == b'=').count());
+            let _ = verify_first(headers.iter().map(Vec::as_slice), &name, &[K1], NOW);
+        }
+
+        #[test]
+        fn parser_never_panics_on_cookie_shaped_text(h in "[a-z=;\" \t]{0,40}") {
+            let _ = verify_first([h.as_bytes()], "a", &[K1], NOW);
         }
 
         #[test]

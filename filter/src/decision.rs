@@ -92,7 +92,12 @@ pub fn decide<'a>(
         ),
     };
     match (picked, when_all_down) {
-        (Some(cluster), _) => Decision::Route { cluster, consumer, via, upgrade },
+        (Some(cluster), _) => Decision::Route {
+            cluster,
+            consumer,
+            via,
+            upgrade,
+        },
         (None, WhenAllDown::FirstManager) => Decision::Route {
             cluster: first,
             consumer,
@@ -108,7 +113,10 @@ pub fn pick<'a, I>(replicas: I, availability: &AvailabilityView, rr: u64) -> Opt
 where
     I: Iterator<Item = &'a str> + Clone,
 {
-    let up = replicas.clone().filter(|c| !availability.is_down(c)).count() as u64;
+    let up = replicas
+        .clone()
+        .filter(|c| !availability.is_down(c))
+        .count() as u64;
     if up == 0 {
         return None;
     }
@@ -146,8 +154,16 @@ mod tests {
         match d {
             Decision::Anonymous => "anonymous".into(),
             Decision::AllDown { .. } => "503".into(),
-            Decision::Route { cluster, via, upgrade, .. } => {
-                format!("{cluster} {via:?}{}", if *upgrade { " upgrade" } else { "" })
+            Decision::Route {
+                cluster,
+                via,
+                upgrade,
+                ..
+            } => {
+                format!(
+                    "{cluster} {via:?}{}",
+                    if *upgrade { " upgrade" } else { "" }
+                )
             }
         }
     }
@@ -164,7 +180,11 @@ mod tests {
         let e = decode_entry(entry.as_bytes()).unwrap();
         let avail = AvailabilityView::with_down(down.iter().copied());
         let d = decide(c.as_ref(), e, &avail, rr, policy);
-        assert_eq!(summary(&d), want, "cookie {cookie:?} entry {entry:?} down {down:?} rr {rr}");
+        assert_eq!(
+            summary(&d),
+            want,
+            "cookie {cookie:?} entry {entry:?} down {down:?} rr {rr}"
+        );
         if let Decision::Route { consumer, .. } | Decision::AllDown { consumer } = d {
             assert_eq!(consumer, &ConsumerId::from_bytes([1; 16]));
         }
@@ -182,25 +202,60 @@ mod tests {
         check(Some((G, &["a"])), "", &[], RJ, 0, "a FirstManager");
         check(Some((G, &["a"])), "", &[], RJ, 7, "a FirstManager");
         check(Some((G, &["a"])), "", &["a"], RJ, 0, "503");
-        check(Some((G, &["a"])), "", &["a"], FM, 0, "a AllDownFirstManager");
+        check(
+            Some((G, &["a"])),
+            "",
+            &["a"],
+            FM,
+            0,
+            "a AllDownFirstManager",
+        );
         // Registering, entry: round-robin over the entry, skipping down.
         check(Some((G, &["a"])), "1|g|a", &[], RJ, 3, "a Table");
         check(Some((G, &["a"])), "1|g|a,b", &[], RJ, 0, "a Table");
         check(Some((G, &["a"])), "1|g|a,b", &[], RJ, 1, "b Table");
         check(Some((G, &["a"])), "1|g|a,b,c", &["b"], RJ, 1, "c Table");
-        check(Some((G, &["a"])), "1|g|a,b,c", &["a", "c"], RJ, 5, "b Table");
+        check(
+            Some((G, &["a"])),
+            "1|g|a,b,c",
+            &["a", "c"],
+            RJ,
+            5,
+            "b Table",
+        );
         check(Some((G, &["a"])), "1|g|a,b", &["a", "b"], RJ, 0, "503");
-        check(Some((G, &["a"])), "1|g|a,b", &["a", "b"], FM, 1, "a AllDownFirstManager");
+        check(
+            Some((G, &["a"])),
+            "1|g|a,b",
+            &["a", "b"],
+            FM,
+            1,
+            "a AllDownFirstManager",
+        );
         // Entry says registered: same routing, and upgrade the cookie.
         check(Some((G, &["a"])), "1|r|a,b", &[], RJ, 1, "b Table upgrade");
-        check(Some((G, &["a"])), "1|r|a,b", &["a", "b"], FM, 0, "a AllDownFirstManager upgrade");
+        check(
+            Some((G, &["a"])),
+            "1|r|a,b",
+            &["a", "b"],
+            FM,
+            0,
+            "a AllDownFirstManager upgrade",
+        );
         check(Some((G, &["a"])), "1|r|a,b", &["a", "b"], RJ, 0, "503");
         // Registered cookie: its own replica set; the entry is not consulted.
         check(Some((R, &["a", "b", "c"])), "", &[], RJ, 2, "c Cookie");
         check(Some((R, &["a", "b", "c"])), "1|g|z", &[], RJ, 0, "a Cookie");
         check(Some((R, &["a", "b", "c"])), "", &["a"], RJ, 0, "b Cookie");
         check(Some((R, &["a", "b"])), "", &["a", "b"], RJ, 0, "503");
-        check(Some((R, &["a", "b"])), "", &["a", "b"], FM, 0, "a AllDownFirstManager");
+        check(
+            Some((R, &["a", "b"])),
+            "",
+            &["a", "b"],
+            FM,
+            0,
+            "a AllDownFirstManager",
+        );
     }
 
     #[test]

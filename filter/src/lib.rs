@@ -18,6 +18,8 @@
 pub mod config;
 pub mod cookie;
 pub mod decision;
+pub mod headers;
+pub mod metrics;
 pub mod poller;
 pub mod signup;
 pub mod table;

@@ -14,7 +14,9 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 
 use crate::config::PollerConfig;
-use crate::table::{consumer_key, encode_entry, encode_managers, is_valid_cluster, MANAGERS_KEY, MAX_ENTRY_REPLICAS};
+use crate::table::{
+    consumer_key, encode_entry, encode_managers, is_valid_cluster, MANAGERS_KEY, MAX_ENTRY_REPLICAS,
+};
 
 /// Extra time granted to a long-poll over the hold asked of the server.
 pub const TIMEOUT_MARGIN_MS: u64 = 5000;
@@ -61,7 +63,10 @@ impl fmt::Display for PollError {
             PollError::Transport(m) => write!(f, "routes poll failed: {m}"),
             PollError::Status(s) => write!(f, "routes poll answered HTTP {s}, expected 200"),
             PollError::Body(m) => write!(f, "routes response is not valid: {m}"),
-            PollError::Resync(m) => write!(f, "routes response out of sequence ({m}); asking for a full snapshot"),
+            PollError::Resync(m) => write!(
+                f,
+                "routes response out of sequence ({m}); asking for a full snapshot"
+            ),
         }
     }
 }
@@ -107,7 +112,11 @@ impl Poller {
 
     /// The query the next poll sends.
     pub fn query(&self) -> RoutesQuery {
-        RoutesQuery { since: self.version, epoch: self.epoch.clone(), wait_ms: Some(self.cfg.wait_ms) }
+        RoutesQuery {
+            since: self.version,
+            epoch: self.epoch.clone(),
+            wait_ms: Some(self.cfg.wait_ms),
+        }
     }
 
     /// The applied version and epoch (for logs and tests).
@@ -151,7 +160,10 @@ impl Poller {
     /// The delay the next retry waits after the current number of consecutive failures.
     pub fn backoff_ms(&self) -> u64 {
         let shift = self.failures.saturating_sub(1).min(32);
-        self.cfg.min_backoff_ms.saturating_mul(1u64 << shift).min(self.cfg.max_backoff_ms)
+        self.cfg
+            .min_backoff_ms
+            .saturating_mul(1u64 << shift)
+            .min(self.cfg.max_backoff_ms)
     }
 
     fn fail(&mut self, now_ms: u64) -> u64 {
@@ -164,9 +176,16 @@ impl Poller {
     /// Applies the answer of the outstanding poll. `status` is the `:status`
     /// (None when the call failed without an HTTP answer). On success the next
     /// poll is due at once (long-poll loop); on error it waits the backoff.
-    pub fn on_response(&mut self, status: Option<u32>, body: &[u8], now_ms: u64) -> Result<Update, PollError> {
+    pub fn on_response(
+        &mut self,
+        status: Option<u32>,
+        body: &[u8],
+        now_ms: u64,
+    ) -> Result<Update, PollError> {
         let result = match status {
-            None => Err(PollError::Transport("no HTTP response (connection failure or timeout)".into())),
+            None => Err(PollError::Transport(
+                "no HTTP response (connection failure or timeout)".into(),
+            )),
             Some(200) => serde_json::from_slice::<RoutesResponse>(body)
                 .map_err(|e| PollError::Body(e.to_string()))
                 .and_then(|r| self.apply(r)),
@@ -188,7 +207,10 @@ impl Poller {
     pub fn apply(&mut self, r: RoutesResponse) -> Result<Update, PollError> {
         if r.epoch.is_empty()
             || r.epoch.len() > MAX_EPOCH_LEN
-            || !r.epoch.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.~".contains(&b))
+            || !r
+                .epoch
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.~".contains(&b))
         {
             return Err(PollError::Body(format!(
                 "epoch {:?} must be 1..={MAX_EPOCH_LEN} URL-safe characters",
@@ -198,9 +220,17 @@ impl Poller {
         if r.kind != RoutesKind::Full {
             let same_epoch = self.epoch.as_deref() == Some(r.epoch.as_str());
             let why = if !same_epoch {
-                Some(format!("{:?} for epoch {:?}, ours is {:?}", r.kind, r.epoch, self.epoch))
-            } else if r.version < self.version || (r.kind == RoutesKind::Unchanged && r.version != self.version) {
-                Some(format!("{:?} at version {}, ours is {}", r.kind, r.version, self.version))
+                Some(format!(
+                    "{:?} for epoch {:?}, ours is {:?}",
+                    r.kind, r.epoch, self.epoch
+                ))
+            } else if r.version < self.version
+                || (r.kind == RoutesKind::Unchanged && r.version != self.version)
+            {
+                Some(format!(
+                    "{:?} at version {}, ours is {}",
+                    r.kind, r.version, self.version
+                ))
             } else {
                 None
             };
@@ -219,16 +249,24 @@ impl Poller {
         let mut lines = Vec::with_capacity(r.managers.len());
         for m in &r.managers {
             if m.id.is_empty() || !is_valid_cluster(&m.cluster) {
-                skipped.push(format!("manager {:?}: cluster {:?} is not a valid cluster name", m.id, m.cluster));
+                skipped.push(format!(
+                    "manager {:?}: cluster {:?} is not a valid cluster name",
+                    m.id, m.cluster
+                ));
                 continue;
             }
             if clusters.insert(m.id.as_str(), m.cluster.as_str()).is_some() {
-                skipped.push(format!("manager {:?} listed twice; the last one wins", m.id));
+                skipped.push(format!(
+                    "manager {:?} listed twice; the last one wins",
+                    m.id
+                ));
             }
             lines.push((m.cluster.as_str(), m.availability));
         }
         let managers_value = encode_managers(lines);
-        if r.kind == RoutesKind::Full || self.managers_value.as_deref() != Some(managers_value.as_str()) {
+        if r.kind == RoutesKind::Full
+            || self.managers_value.as_deref() != Some(managers_value.as_str())
+        {
             writes.push((MANAGERS_KEY.to_owned(), managers_value.clone()));
         }
 
@@ -258,10 +296,16 @@ impl Poller {
                 None
             };
             if let Some(p) = problem {
-                skipped.push(format!("entry of consumer {}: {p}; keeping the previous entry", e.consumer));
+                skipped.push(format!(
+                    "entry of consumer {}: {p}; keeping the previous entry",
+                    e.consumer
+                ));
                 continue;
             }
-            writes.push((consumer_key(&e.consumer), encode_entry(e.state, replica_clusters.iter().copied())));
+            writes.push((
+                consumer_key(&e.consumer),
+                encode_entry(e.state, replica_clusters.iter().copied()),
+            ));
             upserted.insert(id_bytes(&e.consumer));
         }
         match r.kind {
@@ -295,7 +339,12 @@ impl Poller {
         self.managers_value = Some(managers_value);
         self.epoch = Some(r.epoch);
         self.version = r.version;
-        Ok(Update { kind: r.kind, version: r.version, writes, skipped })
+        Ok(Update {
+            kind: r.kind,
+            version: r.version,
+            writes,
+            skipped,
+        })
     }
 }
 
@@ -327,19 +376,37 @@ mod tests {
     }
 
     fn mgr(id: &str, a: Availability) -> ManagerRoute {
-        ManagerRoute { id: id.into(), cluster: format!("manager_{id}"), location: "eu".into(), availability: a }
+        ManagerRoute {
+            id: id.into(),
+            cluster: format!("manager_{id}"),
+            location: "eu".into(),
+            availability: a,
+        }
     }
 
     fn entry(n: u8, state: ConsumerState, replicas: &[&str]) -> RouteEntry {
-        RouteEntry { consumer: id(n), state, replicas: replicas.iter().map(|s| s.to_string()).collect() }
+        RouteEntry {
+            consumer: id(n),
+            state,
+            replicas: replicas.iter().map(|s| s.to_string()).collect(),
+        }
     }
 
-    fn resp(epoch: &str, version: u64, kind: RoutesKind, upsert: Vec<RouteEntry>, remove: Vec<ConsumerId>) -> RoutesResponse {
+    fn resp(
+        epoch: &str,
+        version: u64,
+        kind: RoutesKind,
+        upsert: Vec<RouteEntry>,
+        remove: Vec<ConsumerId>,
+    ) -> RoutesResponse {
         RoutesResponse {
             epoch: epoch.into(),
             version,
             kind,
-            managers: vec![mgr("m1", Availability::Available), mgr("m2", Availability::Available)],
+            managers: vec![
+                mgr("m1", Availability::Available),
+                mgr("m2", Availability::Available),
+            ],
             upsert,
             remove,
         }
@@ -374,8 +441,16 @@ mod tests {
     fn full_then_delta_then_unchanged() {
         let mut p = Poller::new(cfg());
         p.poll_due(0);
-        let full = resp("e1", 5, RoutesKind::Full, vec![entry(1, G, &["m1"]), entry(2, R, &["m1", "m2"])], vec![]);
-        let u = p.on_response(Some(200), &serde_json::to_vec(&full).unwrap(), 0).unwrap();
+        let full = resp(
+            "e1",
+            5,
+            RoutesKind::Full,
+            vec![entry(1, G, &["m1"]), entry(2, R, &["m1", "m2"])],
+            vec![],
+        );
+        let u = p
+            .on_response(Some(200), &serde_json::to_vec(&full).unwrap(), 0)
+            .unwrap();
         assert_eq!(
             u.writes,
             vec![
@@ -386,34 +461,72 @@ mod tests {
         );
         assert_eq!(p.position(), (5, Some("e1")));
         let next = p.poll_due(1).unwrap();
-        assert!(next.headers.contains(&(":path", "/v1/routes?since=5&epoch=e1&wait_ms=30000".into())));
+        assert!(next
+            .headers
+            .contains(&(":path", "/v1/routes?since=5&epoch=e1&wait_ms=30000".into())));
 
         // Delta: grow 1's replica set, remove 2; managers unchanged -> not rewritten.
-        let delta = resp("e1", 7, RoutesKind::Delta, vec![entry(1, G, &["m1", "m2"])], vec![id(2)]);
-        let u = p.on_response(Some(200), &serde_json::to_vec(&delta).unwrap(), 1).unwrap();
-        assert_eq!(u.writes, vec![w(&key(1), "1|g|manager_m1,manager_m2"), w(&key(2), "")]);
+        let delta = resp(
+            "e1",
+            7,
+            RoutesKind::Delta,
+            vec![entry(1, G, &["m1", "m2"])],
+            vec![id(2)],
+        );
+        let u = p
+            .on_response(Some(200), &serde_json::to_vec(&delta).unwrap(), 1)
+            .unwrap();
+        assert_eq!(
+            u.writes,
+            vec![w(&key(1), "1|g|manager_m1,manager_m2"), w(&key(2), "")]
+        );
         assert_eq!(p.entries(), 1);
 
         // Unchanged with a manager going down: only the managers key is written.
         p.poll_due(2);
         let mut un = resp("e1", 7, RoutesKind::Unchanged, vec![], vec![]);
         un.managers[1].availability = Availability::Down;
-        let u = p.on_response(Some(200), &serde_json::to_vec(&un).unwrap(), 2).unwrap();
-        assert_eq!(u.writes, vec![w(MANAGERS_KEY, "manager_m1 available\nmanager_m2 down")]);
+        let u = p
+            .on_response(Some(200), &serde_json::to_vec(&un).unwrap(), 2)
+            .unwrap();
+        assert_eq!(
+            u.writes,
+            vec![w(MANAGERS_KEY, "manager_m1 available\nmanager_m2 down")]
+        );
     }
 
     #[test]
     fn full_snapshot_clears_entries_it_no_longer_has() {
         let mut p = Poller::new(cfg());
-        p.apply(resp("e1", 1, RoutesKind::Full, vec![entry(1, G, &["m1"]), entry(2, G, &["m1"])], vec![])).unwrap();
+        p.apply(resp(
+            "e1",
+            1,
+            RoutesKind::Full,
+            vec![entry(1, G, &["m1"]), entry(2, G, &["m1"])],
+            vec![],
+        ))
+        .unwrap();
         // New epoch (control plane database replaced): full snapshot with only 2 and 3.
         let u = p
-            .apply(resp("e2", 1, RoutesKind::Full, vec![entry(2, G, &["m2"]), entry(3, G, &["m1"])], vec![]))
+            .apply(resp(
+                "e2",
+                1,
+                RoutesKind::Full,
+                vec![entry(2, G, &["m2"]), entry(3, G, &["m1"])],
+                vec![],
+            ))
             .unwrap();
-        assert_eq!(u.writes[0].0, MANAGERS_KEY, "managers first on a full snapshot");
+        assert_eq!(
+            u.writes[0].0, MANAGERS_KEY,
+            "managers first on a full snapshot"
+        );
         assert_eq!(
             u.writes[1..].to_vec(),
-            vec![w(&key(2), "1|g|manager_m2"), w(&key(3), "1|g|manager_m1"), w(&key(1), "")]
+            vec![
+                w(&key(2), "1|g|manager_m2"),
+                w(&key(3), "1|g|manager_m1"),
+                w(&key(1), "")
+            ]
         );
         assert_eq!(p.entries(), 2);
     }
@@ -421,22 +534,34 @@ mod tests {
     #[test]
     fn out_of_sequence_answers_force_a_full_snapshot() {
         for bad in [
-            resp("other", 9, RoutesKind::Delta, vec![entry(1, G, &["m1"])], vec![]),
+            resp(
+                "other",
+                9,
+                RoutesKind::Delta,
+                vec![entry(1, G, &["m1"])],
+                vec![],
+            ),
             resp("e1", 2, RoutesKind::Delta, vec![], vec![]),
             resp("e1", 6, RoutesKind::Unchanged, vec![], vec![]),
             resp("other", 5, RoutesKind::Unchanged, vec![], vec![]),
         ] {
             let mut p = Poller::new(cfg());
-            p.apply(resp("e1", 5, RoutesKind::Full, vec![], vec![])).unwrap();
+            p.apply(resp("e1", 5, RoutesKind::Full, vec![], vec![]))
+                .unwrap();
             p.poll_due(0);
-            let e = p.on_response(Some(200), &serde_json::to_vec(&bad).unwrap(), 0).unwrap_err();
+            let e = p
+                .on_response(Some(200), &serde_json::to_vec(&bad).unwrap(), 0)
+                .unwrap_err();
             assert!(matches!(e, PollError::Resync(_)), "{e}");
             assert_eq!(p.query().since, 0);
             assert_eq!(p.query().epoch, None);
         }
         // A delta before any full snapshot is out of sequence too.
         let mut p = Poller::new(cfg());
-        assert!(matches!(p.apply(resp("e1", 1, RoutesKind::Delta, vec![], vec![])), Err(PollError::Resync(_))));
+        assert!(matches!(
+            p.apply(resp("e1", 1, RoutesKind::Delta, vec![], vec![])),
+            Err(PollError::Resync(_))
+        ));
     }
 
     #[test]
@@ -447,11 +572,18 @@ mod tests {
                 "e1",
                 1,
                 RoutesKind::Full,
-                vec![entry(1, G, &["m1", "m9"]), entry(2, G, &[]), entry(3, R, &["m2", "m2", "m1"])],
+                vec![
+                    entry(1, G, &["m1", "m9"]),
+                    entry(2, G, &[]),
+                    entry(3, R, &["m2", "m2", "m1"]),
+                ],
                 vec![],
             ))
             .unwrap();
-        assert_eq!(u.writes[1..].to_vec(), vec![w(&key(3), "1|r|manager_m2,manager_m1")]);
+        assert_eq!(
+            u.writes[1..].to_vec(),
+            vec![w(&key(3), "1|r|manager_m2,manager_m1")]
+        );
         assert_eq!(u.skipped.len(), 2, "{:?}", u.skipped);
         assert!(u.skipped[0].contains("unknown manager \"m9\""));
     }
@@ -459,7 +591,13 @@ mod tests {
     #[test]
     fn managers_with_bad_clusters_are_skipped() {
         let mut p = Poller::new(cfg());
-        let mut r = resp("e1", 1, RoutesKind::Full, vec![entry(1, G, &["bad"])], vec![]);
+        let mut r = resp(
+            "e1",
+            1,
+            RoutesKind::Full,
+            vec![entry(1, G, &["bad"])],
+            vec![],
+        );
         r.managers.push(ManagerRoute {
             id: "bad".into(),
             cluster: "has space".into(),
@@ -474,7 +612,14 @@ mod tests {
     #[test]
     fn errors_keep_the_table_and_back_off_capped() {
         let mut p = Poller::new(cfg());
-        p.apply(resp("e1", 3, RoutesKind::Full, vec![entry(1, G, &["m1"])], vec![])).unwrap();
+        p.apply(resp(
+            "e1",
+            3,
+            RoutesKind::Full,
+            vec![entry(1, G, &["m1"])],
+            vec![],
+        ))
+        .unwrap();
         let mut now = 0;
         let mut delays = vec![];
         for (status, body) in [
@@ -500,8 +645,12 @@ mod tests {
         let ok = resp("e1", 3, RoutesKind::Unchanged, vec![], vec![]);
         now += 1000;
         assert!(p.poll_due(now).is_some());
-        p.on_response(Some(200), &serde_json::to_vec(&ok).unwrap(), now).unwrap();
-        assert!(p.poll_due(now).is_some(), "long-poll loop: next poll at once");
+        p.on_response(Some(200), &serde_json::to_vec(&ok).unwrap(), now)
+            .unwrap();
+        assert!(
+            p.poll_due(now).is_some(),
+            "long-poll loop: next poll at once"
+        );
         assert_eq!(p.backoff_ms(), 100);
     }
 

@@ -37,7 +37,8 @@ pub fn consumer_key(id: &ConsumerId) -> String {
 pub fn is_valid_cluster(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= MAX_CLUSTER_LEN
-        && s.bytes().all(|b| (0x21..=0x7e).contains(&b) && !matches!(b, b',' | b'|' | b';' | b'"'))
+        && s.bytes()
+            .all(|b| (0x21..=0x7e).contains(&b) && !matches!(b, b',' | b'|' | b';' | b'"'))
 }
 
 /// Why a shared-data value was refused.
@@ -64,7 +65,10 @@ impl fmt::Display for TableError {
                 write!(f, "entry names more than {MAX_ENTRY_REPLICAS} replicas")
             }
             TableError::Availability(line) => {
-                write!(f, "managers line {line} is not `<cluster> available|draining|down`")
+                write!(
+                    f,
+                    "managers line {line} is not `<cluster> available|draining|down`"
+                )
             }
         }
     }
@@ -122,7 +126,10 @@ pub fn decode_entry(value: &[u8]) -> Result<Option<Entry<'_>>, TableError> {
 }
 
 /// Encodes a consumer entry. Callers pass valid cluster names (the poller checks them).
-pub fn encode_entry<'c>(state: ConsumerState, replicas: impl IntoIterator<Item = &'c str>) -> String {
+pub fn encode_entry<'c>(
+    state: ConsumerState,
+    replicas: impl IntoIterator<Item = &'c str>,
+) -> String {
     let mut s = String::with_capacity(64);
     s.push_str(ENTRY_VERSION);
     s.push('|');
@@ -162,7 +169,9 @@ impl AvailabilityView {
 
     /// A view with the given clusters down (tests, and the decoder).
     pub fn with_down<'c>(clusters: impl IntoIterator<Item = &'c str>) -> Self {
-        AvailabilityView { down: clusters.into_iter().map(str::to_owned).collect() }
+        AvailabilityView {
+            down: clusters.into_iter().map(str::to_owned).collect(),
+        }
     }
 }
 
@@ -175,7 +184,9 @@ pub fn decode_managers(value: &[u8]) -> Result<AvailabilityView, TableError> {
         return Ok(AvailabilityView { down });
     }
     for (i, line) in s.split('\n').enumerate() {
-        let (cluster, avail) = line.split_once(' ').ok_or(TableError::Availability(i + 1))?;
+        let (cluster, avail) = line
+            .split_once(' ')
+            .ok_or(TableError::Availability(i + 1))?;
         if !is_valid_cluster(cluster) {
             return Err(TableError::Availability(i + 1));
         }
@@ -210,12 +221,19 @@ mod tests {
     #[test]
     fn entries_decode() {
         let check = |v: &str, want: Result<Option<(ConsumerState, Vec<&str>)>, TableError>| {
-            let got = decode_entry(v.as_bytes()).map(|o| o.map(|e| (e.state, e.replicas().collect::<Vec<_>>())));
+            let got = decode_entry(v.as_bytes())
+                .map(|o| o.map(|e| (e.state, e.replicas().collect::<Vec<_>>())));
             assert_eq!(got, want, "{v:?}");
         };
         check("", Ok(None));
-        check("1|g|manager_a", Ok(Some((ConsumerState::Registering, vec!["manager_a"]))));
-        check("1|r|a,b,c", Ok(Some((ConsumerState::Registered, vec!["a", "b", "c"]))));
+        check(
+            "1|g|manager_a",
+            Ok(Some((ConsumerState::Registering, vec!["manager_a"]))),
+        );
+        check(
+            "1|r|a,b,c",
+            Ok(Some((ConsumerState::Registered, vec!["a", "b", "c"]))),
+        );
         check("2|g|a", Err(TableError::Version));
         check("1|x|a", Err(TableError::State));
         check("1|g", Err(TableError::Shape));
@@ -242,10 +260,14 @@ mod tests {
 
     #[test]
     fn managers_decode() {
-        let v = decode_managers(b"manager_a available\nmanager_b down\nmanager_c draining\n").unwrap();
+        let v =
+            decode_managers(b"manager_a available\nmanager_b down\nmanager_c draining\n").unwrap();
         assert!(v.is_down("manager_b"));
         assert!(!v.is_down("manager_a") && !v.is_down("manager_c") && !v.is_down("unknown"));
-        assert_eq!(decode_managers(b"").unwrap(), AvailabilityView::all_available());
+        assert_eq!(
+            decode_managers(b"").unwrap(),
+            AvailabilityView::all_available()
+        );
         for (bad, line) in [
             (&b"a up"[..], 1),
             (b"a available\nb", 2),
@@ -254,7 +276,11 @@ mod tests {
             (b"a available\n\nb down", 2),
             (b" down", 1),
         ] {
-            assert_eq!(decode_managers(bad), Err(TableError::Availability(line)), "{bad:?}");
+            assert_eq!(
+                decode_managers(bad),
+                Err(TableError::Availability(line)),
+                "{bad:?}"
+            );
         }
         assert_eq!(decode_managers(&[0xc3]), Err(TableError::NotUtf8));
     }
@@ -263,7 +289,10 @@ mod tests {
     fn managers_round_trip() {
         let v = encode_managers([("a", Availability::Available), ("b", Availability::Down)]);
         assert_eq!(v, "a available\nb down");
-        assert_eq!(decode_managers(v.as_bytes()).unwrap(), AvailabilityView::with_down(["b"]));
+        assert_eq!(
+            decode_managers(v.as_bytes()).unwrap(),
+            AvailabilityView::with_down(["b"])
+        );
     }
 
     #[test]

@@ -1,0 +1,114 @@
+//! proxy-wasm glue: entry point, root context (filter or poller role), metrics. wasm32 only.
+
+mod host;
+mod http;
+mod metrics;
+mod poller;
+
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{ContextType, LogLevel};
+use std::rc::Rc;
+
+use crate::config::{self, PluginConfig};
+use http::{FilterState, Http};
+use metrics::Metrics;
+use poller::PollerRoot;
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Trace);
+    proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
+        Box::new(Root { id: context_id, role: Role::Unconfigured })
+    });
+}}
+
+/// One root context per plugin: the plugin configuration's top-level key picks its role.
+struct Root {
+    id: u32,
+    role: Role,
+}
+
+enum Role {
+    Unconfigured,
+    Filter(Rc<FilterState>),
+    Poller(Box<PollerRoot>),
+}
+
+impl Context for Root {
+    fn on_http_call_response(
+        &mut self,
+        token: u32,
+        _headers: usize,
+        body_size: usize,
+        _trailers: usize,
+    ) {
+        if let Role::Poller(p) = &mut self.role {
+            p.on_response(token, body_size);
+        }
+    }
+}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let Some(bytes) = host::plugin_configuration() else {
+            host::log(
+                LogLevel::Error,
+                &format!(
+                    "[prealloc root {}] no plugin configuration: set the plugin's `configuration` to {{\"filter\": {{...}}}} or {{\"poller\": {{...}}}}",
+                    self.id
+                ),
+            );
+            return false;
+        };
+        match config::parse(&bytes) {
+            Err(e) => {
+                host::log(
+                    LogLevel::Error,
+                    &format!("[prealloc root {}] {e}; configuration refused", self.id),
+                );
+                false
+            }
+            Ok(PluginConfig::Filter(cfg)) => {
+                let period = cfg.availability_refresh;
+                let state = Rc::new(FilterState::new(cfg, Metrics::define()));
+                state.refresh_availability();
+                host::set_tick_period(period);
+                host::info(&format!("[prealloc root {}] filter configured", self.id));
+                self.role = Role::Filter(state);
+                true
+            }
+            Ok(PluginConfig::Poller(cfg)) => {
+                let tick = std::time::Duration::from_millis(cfg.min_backoff_ms.clamp(10, 1000));
+                let mut p = Box::new(PollerRoot::new(self.id, cfg, Metrics::define()));
+                host::set_tick_period(tick);
+                host::info(&format!("[prealloc root {}] poller configured", self.id));
+                p.poll_if_due();
+                self.role = Role::Poller(p);
+                true
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        match &mut self.role {
+            Role::Filter(s) => s.refresh_availability(),
+            Role::Poller(p) => p.poll_if_due(),
+            Role::Unconfigured => {}
+        }
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        match &self.role {
+            Role::Filter(s) => Some(Box::new(Http::new(context_id, Rc::clone(s)))),
+            // Never used as a filter: let requests through untouched rather than trap.
+            _ => Some(Box::new(PassThrough)),
+        }
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+struct PassThrough;
+impl Context for PassThrough {}
+impl HttpContext for PassThrough {}
