@@ -91,19 +91,34 @@ fn a_cookie_expires_when_the_hosts_clock_passes_its_expiry() {
 fn malformed_cookies_are_anonymous_and_counted_as_malformed() {
     let (host, vm) = filter();
     let cases = [
-        "prealloc=",
         "prealloc=garbage",
         "prealloc=!!!.???",
         "prealloc=AAAA.BBBB",
         "prealloc=a.b.c",
+        "prealloc=\"AAAA",
     ];
     for case in cases {
+        let before = host.metrics();
+        assert_anonymous(&vm, case);
+        let after = host.metrics();
+        let changed: Vec<&String> = after.keys().filter(|k| after[*k] != before[*k]).collect();
+        assert!(
+            changed.contains(&&metric::cookie_rejected("malformed")),
+            "{case:?} was not counted as malformed; counters changed: {changed:?}"
+        );
+    }
+}
+
+#[test]
+fn a_missing_or_emptied_cookie_is_anonymous_and_counted_as_missing() {
+    let (host, vm) = filter();
+    // An empty value is what a browser sends after the cookie was cleared.
+    for case in ["other=1", "prealloc="] {
         assert_anonymous(&vm, case);
     }
-    assert_eq!(
-        host.counter(&metric::cookie_rejected("malformed")),
-        cases.len() as u64
-    );
+    send(&vm, &[]);
+    assert_eq!(host.counter(&metric::cookie_rejected("missing")), 3);
+    assert_eq!(host.counter(&metric::cookie_rejected("malformed")), 0);
 }
 
 #[test]

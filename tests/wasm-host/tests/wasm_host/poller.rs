@@ -8,8 +8,8 @@ use prealloc_wire::{
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-const UPDATES: &str = "prealloc.poller.updates";
-const ERRORS: &str = "prealloc.poller.errors";
+const UPDATES: &str = metric::POLLER_UPDATES;
+const ERRORS: &str = metric::POLLER_ERRORS;
 
 fn poller() -> (Host, Vm) {
     let host = Host::new();

@@ -130,7 +130,7 @@ fn when_every_replica_is_down_the_filter_answers_503_with_retry_after() {
     let reply = s.local_reply().expect("a local reply");
     assert_eq!(reply.status, 503);
     assert_eq!(reply.header("retry-after"), Some("5"));
-    assert_eq!(host.counter(&metric::decision("all_down")), 1);
+    assert_eq!(host.counter(metric::ALL_DOWN_REPLIES), 1);
 }
 
 #[test]

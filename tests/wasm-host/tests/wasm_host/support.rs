@@ -18,12 +18,17 @@ pub const MANAGERS_KEY: &str = "prealloc.managers";
 
 /// Counter names the filter defines (see filter/README.md).
 pub mod metric {
+    /// Requests by decision: anonymous, first_manager, table, cookie, all_down_first_manager.
     pub fn decision(via: &str) -> String {
-        format!("prealloc.requests.{via}")
+        format!("prealloc_requests_{via}")
     }
+    /// Rejected cookies by reason: missing, malformed, bad_mac, expired, unsupported_version.
     pub fn cookie_rejected(reason: &str) -> String {
-        format!("prealloc.cookie_rejected.{reason}")
+        format!("prealloc_cookies_rejected_{reason}")
     }
+    pub const ALL_DOWN_REPLIES: &str = "prealloc_all_down_replies";
+    pub const POLLER_UPDATES: &str = "prealloc_poller_updates";
+    pub const POLLER_ERRORS: &str = "prealloc_poller_errors";
 }
 
 /// The default filter plugin configuration, as JSON to adjust per test.
