@@ -43,9 +43,28 @@ pub fn wasm_path() -> PathBuf {
         .unwrap_or_else(default_wasm_path)
 }
 
+/// Where compiled modules are cached between test runs (inside cargo's target dir).
+fn cache_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/wasm-host-cache")
+}
+
 fn engine() -> &'static Engine {
     static ENGINE: OnceLock<Engine> = OnceLock::new();
-    ENGINE.get_or_init(Engine::default)
+    ENGINE.get_or_init(|| {
+        let mut config = wasmtime::Config::new();
+        // Compiling the filter dominates a test run; the tests need correctness,
+        // not fast wasm code, and an unchanged .wasm is loaded from the cache.
+        config.cranelift_opt_level(wasmtime::OptLevel::None);
+        let mut cache = wasmtime::CacheConfig::new();
+        cache.with_directory(cache_dir());
+        match wasmtime::Cache::new(cache) {
+            Ok(cache) => {
+                config.cache(Some(cache));
+            }
+            Err(e) => eprintln!("prealloc-wasm-host: compiling without a module cache: {e:?}"),
+        }
+        Engine::new(&config).unwrap_or_else(|e| panic!("cannot create the wasmtime engine: {e:?}"))
+    })
 }
 
 /// Compiles each .wasm once per test process: compiling is the slow part, and
