@@ -15,7 +15,7 @@ async fn down_replica_is_skipped() {
     dp.routes.set_availability("m1", Availability::Down);
     dp.caught_up();
     let cookie = cookie_for(&judy, ConsumerState::Registering, &["m1"]);
-    // The availability cache refreshes on a tick; wait until the first request avoids m1.
+    // The availability cache refreshes on a tick; wait until requests avoid m1.
     let mut c = dp.client();
     wait_until_served_by(&mut c, &cookie, "m2").await;
     let served = served_by(&mut c, &cookie, 10).await;
@@ -53,6 +53,7 @@ async fn all_replicas_down_answers_503_with_retry_after() {
         dp.managers.iter().all(|m| m.requests().is_empty()),
         "nothing reached a manager"
     );
+    assert!(dp.envoy.stat("prealloc_all_down_replies") >= 6);
 
     // Recovery: m2 comes back and takes the consumer's requests again.
     dp.routes.set_availability("m2", Availability::Available);
@@ -79,16 +80,27 @@ async fn all_replicas_down_goes_to_first_manager_when_configured() {
     wait_until_served_by(&mut c, &cookie, "m1").await;
     let served = served_by(&mut c, &cookie, 6).await;
     assert!(served.iter().all(|s| s == "m1"), "{served:?}");
+    assert!(dp.envoy.stat("prealloc_requests_all_down_first_manager") >= 6);
     dp.assert_no_violations();
 }
 
+/// Waits until `STREAK` requests in a row are served by `who`. Each worker
+/// refreshes its availability cache on a tick and no stat tells when; but
+/// round-robin over two replicas alternates, so a streak proves the refresh.
 async fn wait_until_served_by(c: &mut prealloc_e2e::client::Client, cookie: &str, who: &str) {
+    const STREAK: usize = 4;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut streak = 0;
     loop {
         let r = c.get("/", &[("cookie", cookie)]).await;
         if r.served_by().as_deref() == Some(who) {
-            return;
+            streak += 1;
+            if streak == STREAK {
+                return;
+            }
+            continue;
         }
+        streak = 0;
         assert!(
             std::time::Instant::now() < deadline,
             "never served by {who}; last: {} {}",

@@ -19,6 +19,7 @@ async fn cookie_signed_with_unknown_key_is_anonymous() {
     let r = dp.client().get("/", &[("cookie", &forged)]).await;
     assert_eq!(r.served_by().as_deref(), Some("default"));
     assert_eq!(dp.default.count(RequestKind::Anonymous), 1);
+    assert_eq!(dp.envoy.stat("prealloc_cookies_rejected_bad_mac"), 1);
     dp.assert_no_violations();
 }
 
@@ -50,6 +51,14 @@ async fn tampered_and_expired_cookies_are_anonymous() {
         let r = c.get("/", &[("cookie", cookie)]).await;
         assert_eq!(r.served_by().as_deref(), Some("default"), "cookie {cookie}");
     }
+    assert_eq!(dp.envoy.stat("prealloc_cookies_rejected_expired"), 1);
+    let bad = dp.envoy.stat("prealloc_cookies_rejected_bad_mac")
+        + dp.envoy.stat("prealloc_cookies_rejected_malformed")
+        + dp.envoy.stat("prealloc_cookies_rejected_missing");
+    assert_eq!(
+        bad, 3,
+        "tampered, empty and garbage cookies each counted once"
+    );
     // The genuine cookie still works on the same connection.
     let r = c.get("/", &[("cookie", &good)]).await;
     assert_eq!(r.served_by().as_deref(), Some("m2"));

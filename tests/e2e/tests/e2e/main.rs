@@ -12,3 +12,4 @@ mod propagation;
 mod round_robin;
 mod routes_stub;
 mod spoofing;
+mod upgrade;

@@ -21,6 +21,8 @@ async fn registering_consumer_without_table_entry_goes_to_first_manager() {
     assert!(seen
         .iter()
         .all(|r| r.header("x-prealloc-consumer") == Some(alice.as_str())));
+    assert_eq!(dp.envoy.stat("prealloc_requests_first_manager"), 12);
+    assert_eq!(dp.envoy.stat("prealloc_table_misses"), 12);
     dp.assert_no_violations();
 }
 
@@ -35,5 +37,7 @@ async fn registering_consumer_with_single_replica_entry_stays_on_first_manager()
 
     let served = served_by(&mut dp.client(), &cookie, 10).await;
     assert!(served.iter().all(|s| s == "m3"), "{served:?}");
+    assert_eq!(dp.envoy.stat("prealloc_requests_table"), 10);
+    assert_eq!(dp.envoy.stat("prealloc_table_hits"), 10);
     dp.assert_no_violations();
 }

@@ -44,6 +44,10 @@ async fn table_change_reaches_envoy_without_restart() {
         applied, routed
     );
     assert!(routed < Duration::from_secs(2), "took {routed:?}");
+    assert!(
+        dp.envoy.stat("prealloc_poller_updates") >= 2,
+        "a full snapshot, then the delta"
+    );
 
     // The entry leaves the table: back to the cookie's first manager.
     let removed = dp.routes.remove(&ivan);

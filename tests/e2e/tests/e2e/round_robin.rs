@@ -40,6 +40,7 @@ async fn replicated_consumer_is_spread_evenly_over_its_table_replicas() {
     eprintln!("round-robin over m1,m3 from the table: {counts:?}");
     assert_even(&counts, &["m1", "m3"], N);
     assert!(dp.manager("m2").requests().is_empty());
+    assert_eq!(dp.envoy.stat("prealloc_requests_table"), N as u64);
     dp.assert_no_violations();
 }
 
@@ -56,5 +57,6 @@ async fn registered_cookie_is_spread_over_its_replicas_without_table_entry() {
     let counts = tally(&served);
     eprintln!("round-robin over the registered cookie's replicas: {counts:?}");
     assert_even(&counts, &["m1", "m2", "m3"], N);
+    assert_eq!(dp.envoy.stat("prealloc_requests_cookie"), N as u64);
     dp.assert_no_violations();
 }

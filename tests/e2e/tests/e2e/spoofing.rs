@@ -25,6 +25,7 @@ async fn client_route_header_is_ignored_for_anonymous_requests() {
         dp.routes.polls().iter().filter(|p| !p.authorized).count(),
         0
     );
+    assert_eq!(dp.envoy.stat("prealloc_reserved_headers_removed"), 4);
     dp.assert_no_violations();
 }
 
