@@ -1,8 +1,8 @@
 //! The proxy-wasm ABI 0.2.1 host functions (module `env`), emulating Envoy's behaviour.
 
 use crate::state::{
-    deserialize_map, first_value, lock, status, CallResponse, ContextState, ForeignCall, HttpCall,
-    LogLine, Metric, MetricKind, VmData,
+    deserialize_map, first_value_bytes, lock, lossy, status, CallResponse, ContextState,
+    ForeignCall, Header, HttpCall, LogLine, Metric, MetricKind, VmData,
 };
 use wasmtime::error::Context as _;
 use wasmtime::{bail, format_err as anyhow, Result};
@@ -90,7 +90,7 @@ fn context<'a>(data: &'a mut VmData) -> Option<&'a mut ContextState> {
 
 /// The header map a map type names for the effective context; `None` when it
 /// does not exist (yet) there.
-fn map_mut(data: &mut VmData, map_type: i32) -> Option<&mut Vec<(String, String)>> {
+fn map_mut(data: &mut VmData, map_type: i32) -> Option<&mut Vec<Header>> {
     match map_type {
         MAP_REQUEST_HEADERS => context(data)?.request_headers.as_mut(),
         MAP_RESPONSE_HEADERS => context(data)?.response_headers.as_mut(),
@@ -227,10 +227,10 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmData>) -> Result<()> {
             let key = read_str(&mut c, kptr, klen, "header name")?;
             // Envoy answers the first value only when a header is repeated.
             let value = map_mut(c.data_mut(), map_type)
-                .and_then(|m| first_value(m, &key).map(str::to_owned));
+                .and_then(|m| first_value_bytes(m, &key).map(<[u8]>::to_vec));
             match value {
                 Some(v) => {
-                    copy_out(&mut c, v.as_bytes(), ptr_ptr, size_ptr)?;
+                    copy_out(&mut c, &v, ptr_ptr, size_ptr)?;
                     Ok(status::OK)
                 }
                 None => Ok(status::NOT_FOUND),
@@ -256,7 +256,7 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmData>) -> Result<()> {
         "proxy_replace_header_map_value",
         |mut c: C<'_>, map_type: i32, kptr: i32, klen: i32, vptr: i32, vlen: i32| -> Result<i32> {
             let key = read_str(&mut c, kptr, klen, "header name")?.to_ascii_lowercase();
-            let value = read_str(&mut c, vptr, vlen, "header value")?;
+            let value = read(&mut c, vptr, vlen)?;
             let Some(map) = map_mut(c.data_mut(), map_type) else {
                 return Ok(status::BAD_ARGUMENT);
             };
@@ -272,7 +272,7 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmData>) -> Result<()> {
         "proxy_add_header_map_value",
         |mut c: C<'_>, map_type: i32, kptr: i32, klen: i32, vptr: i32, vlen: i32| -> Result<i32> {
             let key = read_str(&mut c, kptr, klen, "header name")?.to_ascii_lowercase();
-            let value = read_str(&mut c, vptr, vlen, "header value")?;
+            let value = read(&mut c, vptr, vlen)?;
             let Some(map) = map_mut(c.data_mut(), map_type) else {
                 return Ok(status::BAD_ARGUMENT);
             };
@@ -407,7 +407,7 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmData>) -> Result<()> {
             ctx.local_reply = Some(crate::state::LocalReply {
                 status: code as u32,
                 details,
-                headers: headers.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v)).collect(),
+                headers: lossy(&headers).into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v)).collect(),
                 body,
                 grpc_status,
             });
@@ -438,7 +438,7 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmData>) -> Result<()> {
                 .ok_or_else(|| anyhow!("malformed trailer map in proxy_http_call"))?;
             // Envoy refuses a call without these pseudo-headers.
             for required in [":method", ":path", ":authority"] {
-                if first_value(&headers, required).is_none() {
+                if first_value_bytes(&headers, required).is_none() {
                     log_line(
                         c.data(),
                         4,
@@ -459,9 +459,9 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmData>) -> Result<()> {
                         vm,
                         context_id,
                         upstream,
-                        headers,
+                        headers: lossy(&headers),
                         body,
-                        trailers,
+                        trailers: lossy(&trailers),
                         timeout_ms: timeout as u32,
                     },
                 );
@@ -627,7 +627,8 @@ pub(crate) fn trap_unknown_imports(
     linker: &mut Linker<VmData>,
     store: &mut Store<VmData>,
     module: &Module,
-) -> Result<()> {
+) -> Result<Vec<String>> {
+    let mut stubbed = Vec::new();
     for import in module.imports() {
         if linker.get_by_import(&mut *store, &import).is_some() {
             continue;
@@ -636,6 +637,7 @@ pub(crate) fn trap_unknown_imports(
         let wasmtime::ExternType::Func(ty) = import.ty() else {
             bail!("the module imports {m}::{n}, which is not a function; prealloc-wasm-host cannot provide it");
         };
+        stubbed.push(format!("{m}::{n}"));
         let (m2, n2) = (m.clone(), n.clone());
         linker.func_new(&m, &n, ty, move |_c, _params, _results| {
             Err(anyhow!(
@@ -644,11 +646,11 @@ pub(crate) fn trap_unknown_imports(
             ))
         })?;
     }
-    Ok(())
+    Ok(stubbed)
 }
 
 /// Sets the response an http call callback can read.
-pub(crate) fn call_response(headers: Vec<(String, String)>, body: Vec<u8>) -> CallResponse {
+pub(crate) fn call_response(headers: Vec<Header>, body: Vec<u8>) -> CallResponse {
     CallResponse {
         headers,
         body,

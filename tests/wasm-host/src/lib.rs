@@ -221,12 +221,8 @@ impl Host {
     /// Answers a pending http call: the VM's `proxy_on_http_call_response` runs
     /// with `:status` and `headers` as response headers and `body`.
     pub fn answer_http_call(&self, token: u32, status: u16, headers: &[(&str, &str)], body: &[u8]) {
-        let mut all = vec![(":status".to_owned(), status.to_string())];
-        all.extend(
-            headers
-                .iter()
-                .map(|(k, v)| (k.to_ascii_lowercase(), (*v).to_owned())),
-        );
+        let mut all = vec![(":status".to_owned(), status.to_string().into_bytes())];
+        all.extend(own(&as_bytes(headers)));
         self.deliver_call(token, all, body.to_vec());
     }
 
@@ -236,7 +232,7 @@ impl Host {
         self.deliver_call(token, Vec::new(), Vec::new());
     }
 
-    fn deliver_call(&self, token: u32, headers: Vec<(String, String)>, body: Vec<u8>) {
+    fn deliver_call(&self, token: u32, headers: Vec<state::Header>, body: Vec<u8>) {
         let call = {
             let mut shared = self.shared();
             let pending: Vec<u32> = shared.pending_calls.keys().copied().collect();
@@ -355,6 +351,8 @@ struct VmInner {
     trapped: Option<String>,
     stderr: MemoryOutputPipe,
     stdout: MemoryOutputPipe,
+    /// Imports this host does not emulate (they trap when called).
+    unemulated: Vec<String>,
 }
 
 impl VmInner {
@@ -387,7 +385,7 @@ impl VmInner {
         let mut linker: Linker<VmData> = Linker::new(module.engine());
         wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |d: &mut VmData| &mut d.wasi)?;
         abi::add_to_linker(&mut linker)?;
-        abi::trap_unknown_imports(&mut linker, &mut store, module)?;
+        let unemulated = abi::trap_unknown_imports(&mut linker, &mut store, module)?;
         let instance = linker.instantiate(&mut store, module)?;
         let mut vm = VmInner {
             index,
@@ -397,6 +395,7 @@ impl VmInner {
             trapped: None,
             stderr,
             stdout,
+            unemulated,
         };
         // The SDK's `main!` runs the filter's setup in the reactor's `_initialize`.
         for init in ["_initialize", "_start"] {
@@ -522,6 +521,12 @@ impl Vm {
         ok != 0
     }
 
+    /// The module's imports this host does not emulate, as `module::name`;
+    /// calling one traps the VM with a message naming it.
+    pub fn unemulated_imports(&self) -> Vec<String> {
+        self.lock().unemulated.clone()
+    }
+
     /// The tick period the plugin asked for, in ms (0: no ticks).
     pub fn tick_period_ms(&self) -> u32 {
         let inner = self.lock();
@@ -558,12 +563,16 @@ pub struct HttpStream<'a> {
     finished: bool,
 }
 
-fn own(headers: &[(&str, &str)]) -> Vec<(String, String)> {
+fn own(headers: &[(&str, &[u8])]) -> Vec<state::Header> {
     // Envoy's codecs hand filters lower-case header names.
     headers
         .iter()
-        .map(|(k, v)| (k.to_ascii_lowercase(), (*v).to_owned()))
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.to_vec()))
         .collect()
+}
+
+fn as_bytes<'h>(headers: &[(&'h str, &'h str)]) -> Vec<(&'h str, &'h [u8])> {
+    headers.iter().map(|(k, v)| (*k, v.as_bytes())).collect()
 }
 
 impl HttpStream<'_> {
@@ -579,6 +588,16 @@ impl HttpStream<'_> {
 
     /// The request headers arrive; returns the filter's action.
     pub fn request_headers(&mut self, headers: &[(&str, &str)], end_of_stream: bool) -> Action {
+        self.request_headers_bytes(&as_bytes(headers), end_of_stream)
+    }
+
+    /// Request headers whose values are arbitrary bytes (Envoy passes obs-text
+    /// through), to check the filter never assumes UTF-8.
+    pub fn request_headers_bytes(
+        &mut self,
+        headers: &[(&str, &[u8])],
+        end_of_stream: bool,
+    ) -> Action {
         let mut inner = self.vm.lock();
         let n = headers.len() as i32;
         inner
@@ -627,7 +646,7 @@ impl HttpStream<'_> {
                 action == Some(Action::Continue) || c.resumed_request,
                 "the request was not forwarded: the filter paused it ({action:?}) and never resumed it"
             );
-            c.request_headers.clone().unwrap_or_default()
+            state::lossy(c.request_headers.as_deref().unwrap_or_default())
         })
     }
 
@@ -655,7 +674,7 @@ impl HttpStream<'_> {
             .contexts
             .get_mut(&self.id)
             .expect("stream context exists")
-            .response_headers = Some(own(headers));
+            .response_headers = Some(own(&as_bytes(headers)));
         let raw = inner.call::<(i32, i32, i32), i32>(
             self.id,
             "proxy_on_response_headers",
@@ -666,7 +685,7 @@ impl HttpStream<'_> {
 
     /// The response headers as they go to the client (after the filter).
     pub fn forwarded_response_headers(&self) -> Vec<(String, String)> {
-        self.with_context(|c| c.response_headers.clone().unwrap_or_default())
+        self.with_context(|c| state::lossy(c.response_headers.as_deref().unwrap_or_default()))
     }
 
     /// Every value of a response header going to the client, in order.

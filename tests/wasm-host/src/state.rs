@@ -187,8 +187,8 @@ pub(crate) fn lock(shared: &SharedRef) -> MutexGuard<'_, Shared> {
 #[derive(Debug, Default)]
 pub(crate) struct ContextState {
     pub root_id: u32,
-    pub request_headers: Option<Vec<(String, String)>>,
-    pub response_headers: Option<Vec<(String, String)>>,
+    pub request_headers: Option<Vec<Header>>,
+    pub response_headers: Option<Vec<Header>>,
     pub local_reply: Option<LocalReply>,
     pub resumed_request: bool,
     pub resumed_response: bool,
@@ -203,9 +203,9 @@ pub(crate) struct ContextState {
 /// The response of an http call while its callback runs.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct CallResponse {
-    pub headers: Vec<(String, String)>,
+    pub headers: Vec<Header>,
     pub body: Vec<u8>,
-    pub trailers: Vec<(String, String)>,
+    pub trailers: Vec<Header>,
 }
 
 /// The wasmtime store data of one VM.
@@ -223,15 +223,31 @@ pub(crate) struct VmData {
     pub call_response: Option<CallResponse>,
 }
 
+/// A header as Envoy holds it: a lower-case name and a value of arbitrary bytes.
+pub(crate) type Header = (String, Vec<u8>);
+
 pub(crate) fn first_value<'a>(map: &'a [(String, String)], name: &str) -> Option<&'a str> {
     map.iter()
         .find(|(k, _)| k.eq_ignore_ascii_case(name))
         .map(|(_, v)| v.as_str())
 }
 
+pub(crate) fn first_value_bytes<'a>(map: &'a [Header], name: &str) -> Option<&'a [u8]> {
+    map.iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_slice())
+}
+
+/// Header values as text, for assertions (non-UTF-8 bytes replaced).
+pub(crate) fn lossy(map: &[Header]) -> Vec<(String, String)> {
+    map.iter()
+        .map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).into_owned()))
+        .collect()
+}
+
 /// Proxy-wasm map encoding: u32 count, then (u32 key len, u32 value len) per
 /// pair, then each key and value followed by a NUL byte.
-pub(crate) fn serialize_map(map: &[(String, String)]) -> Vec<u8> {
+pub(crate) fn serialize_map(map: &[Header]) -> Vec<u8> {
     let mut out = Vec::new();
     out.extend_from_slice(&(map.len() as u32).to_le_bytes());
     for (k, v) in map {
@@ -241,14 +257,14 @@ pub(crate) fn serialize_map(map: &[(String, String)]) -> Vec<u8> {
     for (k, v) in map {
         out.extend_from_slice(k.as_bytes());
         out.push(0);
-        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(v);
         out.push(0);
     }
     out
 }
 
 /// Decodes the proxy-wasm map encoding; `None` when the bytes are not a valid map.
-pub(crate) fn deserialize_map(bytes: &[u8]) -> Option<Vec<(String, String)>> {
+pub(crate) fn deserialize_map(bytes: &[u8]) -> Option<Vec<Header>> {
     if bytes.is_empty() {
         return Some(Vec::new());
     }
@@ -266,10 +282,7 @@ pub(crate) fn deserialize_map(bytes: &[u8]) -> Option<Vec<(String, String)>> {
         data += klen + 1;
         let value = bytes.get(data..data + vlen)?;
         data += vlen + 1;
-        map.push((
-            String::from_utf8(key.to_vec()).ok()?,
-            String::from_utf8(value.to_vec()).ok()?,
-        ));
+        map.push((String::from_utf8(key.to_vec()).ok()?, value.to_vec()));
     }
     Some(map)
 }
@@ -281,8 +294,8 @@ mod tests {
     #[test]
     fn maps_round_trip() {
         let map = vec![
-            (":path".to_owned(), "/".to_owned()),
-            ("cookie".to_owned(), String::new()),
+            (":path".to_owned(), b"/".to_vec()),
+            ("cookie".to_owned(), vec![0xff, 0]),
         ];
         assert_eq!(deserialize_map(&serialize_map(&map)), Some(map));
         assert_eq!(deserialize_map(&[1, 0, 0, 0, 9]), None);

@@ -86,3 +86,43 @@ fn a_missing_wasm_names_the_command_that_builds_it() {
     assert!(msg.contains("cargo xtask test"), "{msg}");
     assert!(msg.contains("PREALLOC_WASM"), "{msg}");
 }
+
+#[test]
+fn the_host_reports_the_imports_it_does_not_emulate() {
+    let host = Host::from_wat(MODULE).unwrap();
+    assert_eq!(
+        host.new_vm().unemulated_imports(),
+        vec!["env::proxy_grpc_call".to_owned()]
+    );
+}
+
+#[test]
+fn the_real_filter_imports_nothing_unemulated_beyond_grpc_queues_and_body_writes() {
+    // The SDK links these through its trait vtables whether or not a filter
+    // uses them; prealloc never does, so they trap loudly if ever called.
+    let never_used = [
+        "env::proxy_dequeue_shared_queue",
+        "env::proxy_enqueue_shared_queue",
+        "env::proxy_get_status",
+        "env::proxy_grpc_call",
+        "env::proxy_grpc_cancel",
+        "env::proxy_grpc_close",
+        "env::proxy_grpc_send",
+        "env::proxy_grpc_stream",
+        "env::proxy_register_shared_queue",
+        "env::proxy_resolve_shared_queue",
+        "env::proxy_set_buffer_bytes",
+    ];
+    let host = Host::new();
+    let surprising: Vec<String> = host
+        .new_vm()
+        .unemulated_imports()
+        .into_iter()
+        .filter(|i| !never_used.contains(&i.as_str()))
+        .collect();
+    assert_eq!(
+        surprising,
+        Vec::<String>::new(),
+        "emulate these in tests/wasm-host/src/abi.rs"
+    );
+}

@@ -5,5 +5,6 @@ mod config;
 mod cookies;
 mod host_abi;
 mod poller;
+mod robustness;
 mod routing;
 mod support;
