@@ -55,6 +55,8 @@ impl std::error::Error for ConfigError {}
 // ---------------------------------------------------------------------------
 // Raw (serde) shapes.
 
+// Parsed once per configuration: the size difference between roles does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 enum RawPlugin {
@@ -182,6 +184,7 @@ fn default_max_backoff_ms() -> u64 {
 // Checked types.
 
 /// The validated plugin configuration: which role this root context plays.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PluginConfig {
     Filter(FilterConfig),

@@ -43,6 +43,7 @@ metrics!(Counter {
     SignupsOk => "prealloc_signups_ok",
     SignupsRefused => "prealloc_signups_refused",
     SignupsUnavailable => "prealloc_signups_unavailable",
+    SignupGivebacksLost => "prealloc_signup_givebacks_lost",
     PollerUpdates => "prealloc_poller_updates",
     PollerFullSnapshots => "prealloc_poller_full_snapshots",
     PollerErrors => "prealloc_poller_errors",

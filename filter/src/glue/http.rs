@@ -3,17 +3,19 @@
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, MapType};
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::rc::Rc;
 
 use super::host;
 use super::metrics::Metrics;
-use crate::config::{FilterConfig, MAX_KEYS};
+use crate::config::{FilterConfig, SignupConfig, MAX_KEYS};
 use crate::cookie::{self, Claims};
 use crate::decision::{self, Decision};
 use crate::headers::{is_reserved, HeaderMap};
 use crate::metrics::Counter;
+use crate::signup::{self, GiveBackResult, GiveBacks, LocalReply, RegistrationOutcome};
 use crate::table::{self, AvailabilityView, MANAGERS_KEY};
-use prealloc_wire::HEADER_CONSUMER;
+use prealloc_wire::{ConsumerId, Registration, HEADER_CONSUMER};
 
 /// Per-worker state shared by the root context and its HTTP contexts.
 pub struct FilterState {
@@ -24,6 +26,11 @@ pub struct FilterState {
     /// CAS of the managers value last decoded: unchanged CAS, nothing to decode.
     managers_cas: Cell<Option<u32>>,
     pub metrics: Metrics,
+    /// Registrations to give back (refused sign-ups), sent from the root context
+    /// so that they outlive the request.
+    givebacks: RefCell<GiveBacks>,
+    /// Give-back calls in flight: token -> (consumer, attempt).
+    givebacks_in_flight: RefCell<HashMap<u32, (ConsumerId, u32)>>,
 }
 
 impl FilterState {
@@ -34,6 +41,76 @@ impl FilterState {
             availability: RefCell::new(AvailabilityView::all_available()),
             managers_cas: Cell::new(None),
             metrics,
+            givebacks: RefCell::new(GiveBacks::default()),
+            givebacks_in_flight: RefCell::new(HashMap::new()),
+        }
+    }
+
+    /// Queues a registration to give back; the next root tick sends it.
+    fn give_back(&self, consumer: ConsumerId) {
+        if let Ok(mut g) = self.givebacks.try_borrow_mut() {
+            g.push(consumer, host::now_ms());
+        }
+    }
+
+    /// Root tick: sends the give-backs that are due. Must run in the root context
+    /// (the call then belongs to it and survives the request that caused it).
+    pub fn send_givebacks(&self) {
+        let Some(sc) = &self.cfg.signup else { return };
+        let now = host::now_ms();
+        let due = match self.givebacks.try_borrow_mut() {
+            Ok(mut g) if !g.is_empty() => g.take_due(now),
+            _ => return,
+        };
+        for (consumer, attempt) in due {
+            let call = signup::giveback_call(sc, &consumer);
+            match host::dispatch(&sc.cluster, call.header_refs(), None, sc.timeout) {
+                Ok(token) => {
+                    if let Ok(mut f) = self.givebacks_in_flight.try_borrow_mut() {
+                        f.insert(token, (consumer, attempt));
+                    }
+                }
+                Err(status) => {
+                    self.settle_giveback(consumer, attempt, None, &format!("{status:?}"))
+                }
+            }
+        }
+    }
+
+    /// Root context: the answer to a give-back call.
+    pub fn on_giveback_response(&self, token: u32) {
+        let Some((consumer, attempt)) = self
+            .givebacks_in_flight
+            .try_borrow_mut()
+            .ok()
+            .and_then(|mut f| f.remove(&token))
+        else {
+            return;
+        };
+        let status = host::call_response_status();
+        let why = status.map_or_else(|| "no answer".to_owned(), |s| format!("HTTP {s}"));
+        self.settle_giveback(consumer, attempt, status, &why);
+    }
+
+    fn settle_giveback(&self, consumer: ConsumerId, attempt: u32, status: Option<u32>, why: &str) {
+        let Ok(mut g) = self.givebacks.try_borrow_mut() else {
+            return;
+        };
+        match g.settle(consumer.clone(), attempt, status, host::now_ms()) {
+            GiveBackResult::Done => {}
+            GiveBackResult::Retry => host::warn(&format!(
+                "[prealloc] giving back the registration of {consumer} failed ({why}); will retry"
+            )),
+            GiveBackResult::Lost => {
+                self.metrics.inc(Counter::SignupGivebacksLost);
+                host::log(
+                    proxy_wasm::types::LogLevel::Error,
+                    &format!(
+                        "[prealloc] could not give back the registration of {consumer} after {} attempts ({why}); free it with DELETE /v1/registrations/{consumer}",
+                        attempt + 1
+                    ),
+                );
+            }
         }
     }
 
@@ -68,11 +145,24 @@ impl FilterState {
     }
 }
 
+/// Where a sign-up request is.
+enum Signup {
+    /// Not a sign-up.
+    No,
+    /// Held while the control plane answers the registration call `token`.
+    Registering { token: u32 },
+    /// Sent to the first manager; its answer decides cookie or give-back.
+    Forwarded(Registration),
+    /// Answered locally, or done.
+    Replied,
+}
+
 pub struct Http {
     id: u32,
     st: Rc<FilterState>,
-    /// A `Set-Cookie` value to add to the response (cookie upgrade or sign-up).
-    set_cookie: Option<String>,
+    /// A registered cookie's `Set-Cookie` value for the response (cookie upgrade).
+    upgrade_cookie: Option<String>,
+    signup: Signup,
 }
 
 impl Http {
@@ -80,7 +170,8 @@ impl Http {
         Http {
             id,
             st,
-            set_cookie: None,
+            upgrade_cookie: None,
+            signup: Signup::No,
         }
     }
 
@@ -114,6 +205,14 @@ impl Http {
         }
         if removed > 0 {
             st.metrics.add(Counter::ReservedHeadersRemoved, removed);
+        }
+
+        if let Some(sc) = &cfg.signup {
+            let method = map.get(":method").unwrap_or_default();
+            let path = map.get(":path").unwrap_or_default();
+            if signup::is_signup(sc, method, path) {
+                return self.start_signup(sc);
+            }
         }
 
         let now = host::now().as_secs();
@@ -203,12 +302,11 @@ impl Http {
                         self.id
                     ));
                 }
-                let retry = cfg.retry_after_s.to_string();
-                host::send_response(
-                    503,
-                    vec![("retry-after", retry.as_str()), ("content-type", "application/json")],
-                    br#"{"error":"replicas_unavailable","message":"every backend holding this account's data is down; retry later"}"#,
-                );
+                send_reply(&LocalReply {
+                    status: 503,
+                    retry_after_s: cfg.retry_after_s,
+                    body: r#"{"error":"replicas_unavailable","message":"every backend holding this account's data is down; retry later"}"#.to_owned(),
+                });
                 Action::Pause
             }
         }
@@ -218,24 +316,188 @@ impl Http {
         let cfg = &self.st.cfg.cookie;
         let upgraded = decision::upgraded_claims(claims, entry, now.saturating_add(cfg.max_age_s));
         match cookie::sign_with_config(cfg, &upgraded) {
-            Ok(value) => self.set_cookie = Some(cookie::set_cookie_header(cfg, &value)),
+            Ok(value) => self.upgrade_cookie = Some(cookie::set_cookie_header(cfg, &value)),
             Err(e) => host::warn(&format!(
                 "[prealloc http {}] cannot upgrade the cookie: {e}",
                 self.id
             )),
         }
     }
+
+    /// Holds the sign-up and asks the control plane for a registration.
+    fn start_signup(&mut self, sc: &SignupConfig) -> Action {
+        let call = signup::registration_call(sc);
+        match host::dispatch(
+            &sc.cluster,
+            call.header_refs(),
+            call.body.as_deref(),
+            sc.timeout,
+        ) {
+            Ok(token) => {
+                self.signup = Signup::Registering { token };
+                Action::Pause
+            }
+            Err(status) => {
+                host::warn(&format!(
+                    "[prealloc http {}] cannot call the control plane cluster {:?} ({status:?}); answering 503",
+                    self.id, sc.cluster
+                ));
+                self.st.metrics.inc(Counter::SignupsUnavailable);
+                self.signup = Signup::Replied;
+                send_reply(&LocalReply::unavailable(
+                    "control_plane_unreachable",
+                    "the registration service cannot be reached; retry later",
+                    self.st.cfg.retry_after_s,
+                ));
+                Action::Pause
+            }
+        }
+    }
+
+    /// The control plane answered the registration call: forward or reply.
+    fn on_registration(&mut self, body_size: usize) {
+        let st = Rc::clone(&self.st);
+        let Some(sc) = &st.cfg.signup else { return };
+        let status = host::call_response_status();
+        let retry_after = host::header_bytes(MapType::HttpCallResponseHeaders, "retry-after");
+        let body = host::call_response_body(body_size);
+        let timeout_ms = u64::try_from(sc.timeout.as_millis()).unwrap_or(u64::MAX);
+        match signup::on_registration_response(
+            status,
+            retry_after.as_deref(),
+            &body,
+            st.cfg.retry_after_s,
+            timeout_ms,
+        ) {
+            RegistrationOutcome::Forward(reg) => {
+                host::set_header(
+                    MapType::HttpRequestHeaders,
+                    &st.cfg.route_header,
+                    &reg.cluster,
+                );
+                for (name, value) in signup::forward_headers(&reg) {
+                    host::set_header(MapType::HttpRequestHeaders, name, value);
+                }
+                host::clear_route_cache();
+                self.signup = Signup::Forwarded(reg);
+                host::resume_request();
+            }
+            RegistrationOutcome::Reply(reply) => {
+                host::warn(&format!(
+                    "[prealloc http {}] sign-up refused by the control plane ({}): {}",
+                    self.id,
+                    status.map_or_else(|| "no answer".to_owned(), |s| format!("HTTP {s}")),
+                    reply.body
+                ));
+                st.metrics.inc(Counter::SignupsUnavailable);
+                self.signup = Signup::Replied;
+                send_reply(&reply);
+            }
+            RegistrationOutcome::GiveBackAndReply(consumer, reply) => {
+                host::warn(&format!(
+                    "[prealloc http {}] unusable registration for {consumer}; giving it back",
+                    self.id
+                ));
+                st.give_back(consumer);
+                st.metrics.inc(Counter::SignupsUnavailable);
+                self.signup = Signup::Replied;
+                send_reply(&reply);
+            }
+        }
+    }
+
+    /// The first manager answered the forwarded sign-up.
+    fn on_signup_response(&mut self, reg: Registration) {
+        let st = &self.st;
+        let status = host::header_bytes(MapType::HttpResponseHeaders, ":status").and_then(|v| {
+            std::str::from_utf8(&v)
+                .ok()
+                .and_then(|s| s.parse::<u32>().ok())
+        });
+        if signup::accepted(status) {
+            let cfg = &st.cfg.cookie;
+            let claims = signup::signup_claims(&reg, host::now().as_secs(), cfg.max_age_s);
+            match cookie::sign_with_config(cfg, &claims) {
+                Ok(value) => {
+                    host::add_header(
+                        MapType::HttpResponseHeaders,
+                        "set-cookie",
+                        &cookie::set_cookie_header(cfg, &value),
+                    );
+                    st.metrics.inc(Counter::SignupsOk);
+                }
+                Err(e) => host::warn(&format!(
+                    "[prealloc http {}] cannot sign the new cookie: {e}",
+                    self.id
+                )),
+            }
+        } else {
+            host::info(&format!(
+                "[prealloc http {}] manager {} refused the sign-up of {} ({}); giving the registration back",
+                self.id,
+                reg.cluster,
+                reg.consumer,
+                status.map_or_else(|| "no status".to_owned(), |s| format!("HTTP {s}"))
+            ));
+            st.metrics.inc(Counter::SignupsRefused);
+            st.give_back(reg.consumer);
+        }
+    }
 }
 
-impl Context for Http {}
+fn send_reply(reply: &LocalReply) {
+    let retry = reply.retry_after_s.to_string();
+    host::send_response(
+        reply.status,
+        vec![
+            ("retry-after", retry.as_str()),
+            ("content-type", "application/json"),
+        ],
+        reply.body.as_bytes(),
+    );
+}
+
+impl Context for Http {
+    fn on_http_call_response(
+        &mut self,
+        token: u32,
+        _headers: usize,
+        body_size: usize,
+        _trailers: usize,
+    ) {
+        if matches!(self.signup, Signup::Registering { token: t } if t == token) {
+            self.on_registration(body_size);
+        }
+    }
+}
 
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         self.route()
     }
 
+    fn on_http_request_body(&mut self, _body_size: usize, _end_of_stream: bool) -> Action {
+        // While the registration is pending, buffer the body: continuing would
+        // send the headers on before the route is known.
+        match self.signup {
+            Signup::Registering { .. } | Signup::Replied => Action::Pause,
+            _ => Action::Continue,
+        }
+    }
+
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        match self.signup {
+            Signup::Registering { .. } | Signup::Replied => Action::Pause,
+            _ => Action::Continue,
+        }
+    }
+
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        if let Some(c) = self.set_cookie.take() {
+        if matches!(self.signup, Signup::Forwarded(_)) {
+            if let Signup::Forwarded(reg) = std::mem::replace(&mut self.signup, Signup::Replied) {
+                self.on_signup_response(reg);
+            }
+        } else if let Some(c) = self.upgrade_cookie.take() {
             if host::add_header(MapType::HttpResponseHeaders, "set-cookie", &c) {
                 self.st.metrics.inc(Counter::CookiesUpgraded);
             }

@@ -41,8 +41,10 @@ impl Context for Root {
         body_size: usize,
         _trailers: usize,
     ) {
-        if let Role::Poller(p) = &mut self.role {
-            p.on_response(token, body_size);
+        match &mut self.role {
+            Role::Poller(p) => p.on_response(token, body_size),
+            Role::Filter(s) => s.on_giveback_response(token),
+            Role::Unconfigured => {}
         }
     }
 }
@@ -90,7 +92,10 @@ impl RootContext for Root {
 
     fn on_tick(&mut self) {
         match &mut self.role {
-            Role::Filter(s) => s.refresh_availability(),
+            Role::Filter(s) => {
+                s.refresh_availability();
+                s.send_givebacks();
+            }
             Role::Poller(p) => p.poll_if_due(),
             Role::Unconfigured => {}
         }
