@@ -1,0 +1,96 @@
+//! Bearer tokens: 401 when missing or malformed, 403 when wrong for the endpoint.
+
+use crate::support::{Plane, Setup, ADMIN, ENVOY};
+use hyper::{Method, StatusCode};
+use prealloc_control_plane::api::ct_eq;
+
+#[tokio::test]
+async fn missing_token_is_401_and_says_how_to_send_one() {
+    let p = Plane::start(&Setup::default()).await;
+    let (s, h, v) = p
+        .call_full(Method::GET, "/v1/routes?since=0", None, None)
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert_eq!(v["error"], "missing_token");
+    assert!(v["message"]
+        .as_str()
+        .unwrap()
+        .contains("Authorization: Bearer"));
+    assert!(h.get("www-authenticate").is_some());
+}
+
+#[tokio::test]
+async fn malformed_header_is_401() {
+    let p = Plane::start(&Setup::default()).await;
+    let req = hyper::Request::builder()
+        .uri("/v1/pools")
+        .header("authorization", format!("Basic {ADMIN}"))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let resp = p.app.handle(req).await;
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn envoy_token_on_an_admin_endpoint_is_403_naming_the_admin_token() {
+    let p = Plane::start(&Setup::default()).await;
+    for (m, path) in [
+        (Method::GET, "/v1/pools"),
+        (Method::GET, "/v1/managers"),
+        (Method::PUT, "/v1/managers/m1/availability"),
+        (
+            Method::POST,
+            "/v1/consumers/AAAAAAAAAAAAAAAAAAAAAA/replicas",
+        ),
+    ] {
+        let (s, v) = p
+            .call(m, path, Some(ENVOY), Some(serde_json::json!({})))
+            .await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{path}");
+        assert_eq!(v["error"], "wrong_token");
+        assert!(v["message"].as_str().unwrap().contains("admin token"));
+    }
+}
+
+#[tokio::test]
+async fn unknown_token_is_403_and_admin_token_works_everywhere() {
+    let p = Plane::start(&Setup::default()).await;
+    let (s, v) = p
+        .call(
+            Method::GET,
+            "/v1/routes?since=0",
+            Some("not-a-token-at-all-xxxx"),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert_eq!(v["error"], "invalid_token");
+    let (s, _) = p
+        .call(Method::GET, "/v1/routes?since=0", Some(ADMIN), None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = p
+        .call(Method::GET, "/v1/routes?since=0", Some(ENVOY), None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn healthz_and_metrics_need_no_token() {
+    let p = Plane::start(&Setup::default()).await;
+    let (s, v) = p.call(Method::GET, "/healthz", None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["status"], "ok");
+    let (s, v) = p.call(Method::GET, "/metrics", None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(v.as_str().unwrap().contains("prealloc_pool_depth"));
+}
+
+#[test]
+fn constant_time_compare_is_equality() {
+    assert!(ct_eq(b"abc", b"abc"));
+    assert!(!ct_eq(b"abc", b"abd"));
+    assert!(!ct_eq(b"abc", b"abcd"));
+    assert!(!ct_eq(b"", b"a"));
+    assert!(ct_eq(b"", b""));
+}

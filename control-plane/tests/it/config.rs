@@ -1,0 +1,138 @@
+//! Config parsing: the example parses, and bad files are refused naming the key.
+
+use crate::support::{Db, Setup};
+use prealloc_control_plane::config::{Config, ReplicationMode, ReplicationTarget};
+use std::path::Path;
+
+fn refuse(text: &str) -> String {
+    match Config::parse(text, Path::new("/tmp")) {
+        Ok(_) => panic!("config was accepted:\n{text}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn example_config_parses_with_three_managers_in_one_location() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/prealloc.toml");
+    let c = Config::load(&path).expect("example config is valid");
+    let ids: Vec<&str> = c.managers.iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(ids, ["m1", "m2", "m3"]);
+    let clusters: Vec<&str> = c.managers.iter().map(|m| m.cluster.as_str()).collect();
+    assert_eq!(clusters, ["manager_m1", "manager_m2", "manager_m3"]);
+    assert!(c
+        .managers
+        .iter()
+        .all(|m| m.location == c.managers[0].location));
+    assert!(c.listen.ip().is_loopback());
+    assert_eq!(c.database, path.parent().unwrap().join("prealloc.db"));
+}
+
+#[test]
+fn defaults_are_reported_mode_target_all_and_loopback() {
+    let db = Db::new();
+    let mut s = Setup::default();
+    s.extra = String::new();
+    let text = s
+        .toml(&db.path())
+        .replace("mode = \"reported\"\ntarget = \"all\"\n", "");
+    let c = Config::parse(&text, Path::new("/")).unwrap();
+    assert_eq!(c.replication.mode, ReplicationMode::Reported);
+    assert_eq!(c.replication.target, ReplicationTarget::All);
+}
+
+#[test]
+fn unknown_key_is_refused_with_its_name() {
+    let db = Db::new();
+    let text = Setup::default()
+        .toml(&db.path())
+        .replace("grace_period_ms", "grace_period");
+    let e = refuse(&text);
+    assert!(e.contains("grace_period"), "{e}");
+    assert!(e.contains("unknown field"), "{e}");
+}
+
+#[test]
+fn unknown_key_inside_a_manager_is_refused() {
+    let db = Db::new();
+    let text =
+        Setup::default()
+            .toml(&db.path())
+            .replacen("provision = false", "provison = false", 1);
+    let e = refuse(&text);
+    assert!(e.contains("provison"), "{e}");
+}
+
+#[test]
+fn bad_values_name_the_key_and_what_is_wrong() {
+    let db = Db::new();
+    let base = Setup::default().toml(&db.path());
+    let cases = [
+        (
+            base.replace("listen = \"127.0.0.1:0\"", "listen = \"localhost\""),
+            "listen",
+        ),
+        (
+            base.replace(ENVOY_LINE, "envoy = \"short\""),
+            "tokens.envoy",
+        ),
+        (
+            base.replace("target = \"all\"", "target = 0"),
+            "replication target",
+        ),
+        (
+            base.replace("target = \"all\"", "target = \"most\""),
+            "replication target",
+        ),
+        (
+            base.replacen("id = \"m2\"", "id = \"m1\"", 1),
+            "managers[1].id",
+        ),
+        (
+            base.replacen("cluster = \"manager_m2\"", "cluster = \"manager_m1\"", 1),
+            "managers[1].cluster",
+        ),
+        (
+            base.replacen(
+                "admin_url = \"http://127.0.0.1:9\"",
+                "admin_url = \"https://x\"",
+                1,
+            ),
+            "managers[0].admin_url",
+        ),
+        (
+            base.replace(
+                "location = \"eu\"\ntarget_depth",
+                "location = \"us\"\ntarget_depth",
+            ),
+            "pools[0].location",
+        ),
+        (
+            base.replace("mode = \"reported\"", "mode = \"passive\""),
+            "passive",
+        ),
+    ];
+    for (text, key) in &cases {
+        let e = refuse(text);
+        assert!(e.contains(key), "error for {key} does not name it: {e}");
+    }
+}
+
+const ENVOY_LINE: &str = "envoy = \"envoy-test-token-0123456789\"";
+
+#[test]
+fn equal_envoy_and_admin_tokens_are_refused() {
+    let db = Db::new();
+    let text = Setup::default().toml(&db.path()).replace(
+        "admin = \"admin-test-token-0123456789\"",
+        "admin = \"envoy-test-token-0123456789\"",
+    );
+    assert!(refuse(&text).contains("must differ"));
+}
+
+#[test]
+fn missing_file_error_names_the_path() {
+    let e = Config::load(Path::new("/nonexistent/prealloc.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("/nonexistent/prealloc.toml"), "{e}");
+}

@@ -1,0 +1,13 @@
+//! Integration tests of the control plane, one module per feature.
+
+mod allocator_props;
+mod auth;
+mod config;
+mod durability;
+mod provisioning;
+mod registrations;
+mod replication;
+mod restart;
+mod routes;
+mod socket;
+mod support;

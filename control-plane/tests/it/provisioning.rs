@@ -1,0 +1,139 @@
+//! Pre-allocation with provisioning: resources are provisioned before they are
+//! handed out, and a failing manager never leaks capacity.
+
+use crate::support::{Plane, Setup, TestManager, ADMIN};
+use hyper::Method;
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+async fn provisioned_setup(depth: u64) -> (Vec<TestManager>, Setup) {
+    let mut ms = Vec::new();
+    for _ in 0..3 {
+        ms.push(TestManager::start().await);
+    }
+    let urls: Vec<String> = ms.iter().map(|m| m.url.clone()).collect();
+    let mut setup = Setup {
+        target_depth: depth,
+        ..Setup::with_managers(&urls)
+    };
+    for m in &mut setup.managers {
+        m.3 = true;
+    }
+    (ms, setup)
+}
+
+async fn used(p: &Plane, manager: &str) -> u64 {
+    let (_, v) = p
+        .call(
+            Method::GET,
+            &format!("/v1/managers/{manager}"),
+            Some(ADMIN),
+            None,
+        )
+        .await;
+    v["capacity"]["mailbox"]["used"].as_u64().unwrap()
+}
+
+#[tokio::test]
+async fn pools_fill_with_resources_each_manager_provisioned() {
+    let (ms, setup) = provisioned_setup(9).await;
+    let p = Plane::start(&setup).await;
+    p.wait_depth(9).await;
+    let mut all = HashSet::new();
+    for m in &ms {
+        let got = m.state.provisioned.lock().unwrap().clone();
+        assert_eq!(got.len(), 3, "round-robin: three each");
+        for id in got {
+            assert!(all.insert(id), "resource {id} provisioned twice");
+        }
+    }
+    // A registration hands out a resource its manager provisioned.
+    let reg = p.register().await;
+    let m = reg["manager"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches('m')
+        .parse::<usize>()
+        .unwrap()
+        - 1;
+    let id = reg["resource"]["id"].as_u64().unwrap();
+    assert!(ms[m].state.provisioned.lock().unwrap().contains(&id));
+}
+
+#[tokio::test]
+async fn a_manager_that_always_fails_gets_its_capacity_back() {
+    let (ms, setup) = provisioned_setup(6).await;
+    ms[1].state.fail_provision.store(u32::MAX, Ordering::SeqCst);
+    let p = Plane::start(&setup).await;
+    p.wait_depth(6).await;
+    let pools = p.pools().await;
+    assert_eq!(pools[0]["ready_by_manager"]["m2"], 0);
+    // Every reservation on m2 is given back after its attempts: nothing stays reserved.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let provisioning = p.pools().await[0]["provisioning"].as_u64().unwrap();
+        let u = used(&p, "m2").await;
+        if provisioning == 0 && u == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "m2 keeps {u} used, {provisioning} provisioning"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let metrics = p.call(Method::GET, "/metrics", None, None).await.1;
+    assert!(!metrics
+        .as_str()
+        .unwrap()
+        .contains("prealloc_provision_abandoned_total 0\n"));
+}
+
+#[tokio::test]
+async fn slow_provisioning_times_out_and_is_retried() {
+    let (ms, setup) = provisioned_setup(3).await;
+    // Timeout is 300 ms in test configs: the first answer of each manager is too late.
+    for m in &ms {
+        m.state.provision_delay_ms.store(600, Ordering::SeqCst);
+    }
+    let p = Plane::start(&setup).await;
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    for m in &ms {
+        m.state.provision_delay_ms.store(0, Ordering::SeqCst);
+    }
+    p.wait_depth(3).await;
+    let metrics = p.call(Method::GET, "/metrics", None, None).await.1;
+    assert!(!metrics
+        .as_str()
+        .unwrap()
+        .contains("prealloc_provision_attempt_failures_total 0\n"));
+}
+
+#[tokio::test]
+async fn capacity_is_never_exceeded_when_demand_outgrows_it() {
+    let mut setup = Setup {
+        target_depth: 50,
+        ..Setup::default()
+    };
+    for m in &mut setup.managers {
+        m.2 = 4;
+    }
+    let p = Plane::start(&setup).await;
+    p.wait_depth(12).await;
+    for _ in 0..12 {
+        p.register().await;
+    }
+    for m in ["m1", "m2", "m3"] {
+        assert_eq!(used(&p, m).await, 4);
+    }
+    let (s, _) = p
+        .call(
+            Method::POST,
+            "/v1/registrations",
+            Some(crate::support::ENVOY),
+            Some(serde_json::json!({"resource_type": "mailbox"})),
+        )
+        .await;
+    assert_eq!(s, hyper::StatusCode::SERVICE_UNAVAILABLE);
+}

@@ -1,0 +1,261 @@
+//! Replication in both modes: reported copies and active copies through the manager contract.
+
+use crate::support::{ids, Plane, Setup, TestManager};
+use hyper::StatusCode;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+fn others(first: &str) -> Vec<String> {
+    ["m1", "m2", "m3"]
+        .iter()
+        .filter(|m| **m != first)
+        .map(|m| m.to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn reported_copies_grow_the_replica_set_until_registered() {
+    let p = Plane::start(&Setup::default()).await;
+    p.wait_depth(10).await;
+    let reg = p.register().await;
+    let c = reg["consumer"].as_str().unwrap();
+    let first = reg["manager"].as_str().unwrap();
+    let rest = others(first);
+    let (s, ack) = p.replica(c, &rest[0]).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(ack["added"], true);
+    assert_eq!(ack["state"], "registering");
+    assert_eq!(ack["replicas"], serde_json::json!([first, rest[0]]));
+    let (_, ack) = p.replica(c, &rest[1]).await;
+    assert_eq!(ack["state"], "registered");
+    assert_eq!(ack["replicas"].as_array().unwrap().len(), 3);
+    let (_, rec) = p.consumer(c).await;
+    assert_eq!(rec["state"], "registered");
+    assert!(rec["registered_ms"].as_u64().unwrap() >= rec["created_ms"].as_u64().unwrap());
+    let routes = p.routes("since=0").await;
+    assert_eq!(routes["upsert"][0]["state"], "registered");
+    assert_eq!(
+        routes["upsert"][0]["replicas"][0], first,
+        "the first manager stays first"
+    );
+}
+
+#[tokio::test]
+async fn reporting_the_same_copy_twice_changes_nothing() {
+    let p = Plane::start(&Setup::default()).await;
+    p.wait_depth(10).await;
+    let reg = p.register().await;
+    let c = reg["consumer"].as_str().unwrap();
+    let rest = others(reg["manager"].as_str().unwrap());
+    p.replica(c, &rest[0]).await;
+    let v1 = p.routes("since=0").await["version"].as_u64().unwrap();
+    let (s, ack) = p.replica(c, &rest[0]).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(ack["added"], false);
+    assert_eq!(ack["replicas"].as_array().unwrap().len(), 2);
+    let (s, ack) = p.replica(c, reg["manager"].as_str().unwrap()).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(ack["added"], false, "the first manager already holds it");
+    assert_eq!(
+        p.routes("since=0").await["version"].as_u64().unwrap(),
+        v1,
+        "no new version"
+    );
+}
+
+#[tokio::test]
+async fn unknown_consumer_is_404_and_unknown_manager_is_400() {
+    let p = Plane::start(&Setup::default()).await;
+    p.wait_depth(10).await;
+    let (s, v) = p.replica("AAAAAAAAAAAAAAAAAAAAAA", "m1").await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_eq!(v["error"], "unknown_consumer");
+    let c = p.register().await["consumer"].as_str().unwrap().to_owned();
+    let (s, v) = p.replica(&c, "m7").await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(v["error"], "unknown_manager");
+    assert!(v["message"].as_str().unwrap().contains("m7"));
+    let (s, v) = p.replica("not-an-id", "m1").await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(v["error"], "bad_consumer_id");
+}
+
+#[tokio::test]
+async fn a_numeric_target_registers_after_that_many_copies() {
+    let p = Plane::start(&Setup {
+        target: "2",
+        ..Setup::default()
+    })
+    .await;
+    p.wait_depth(10).await;
+    let reg = p.register().await;
+    let c = reg["consumer"].as_str().unwrap();
+    assert_eq!(p.consumer(c).await.1["replication_target"], 2);
+    let (_, ack) = p
+        .replica(c, &others(reg["manager"].as_str().unwrap())[0])
+        .await;
+    assert_eq!(ack["state"], "registered");
+}
+
+#[tokio::test]
+async fn a_target_of_one_registers_at_sign_up() {
+    let p = Plane::start(&Setup {
+        target: "1",
+        ..Setup::default()
+    })
+    .await;
+    p.wait_depth(10).await;
+    let c = p.register().await["consumer"].as_str().unwrap().to_owned();
+    assert_eq!(p.consumer(&c).await.1["state"], "registered");
+}
+
+#[tokio::test]
+async fn registered_consumers_leave_the_table_after_the_grace_period() {
+    let p = Plane::start(&Setup {
+        grace_ms: 150,
+        ..Setup::default()
+    })
+    .await;
+    p.wait_depth(10).await;
+    let reg = p.register().await;
+    let c = reg["consumer"].as_str().unwrap().to_owned();
+    let start = p.routes("since=0").await;
+    let epoch = start["epoch"].as_str().unwrap().to_owned();
+    let mut since = start["version"].as_u64().unwrap();
+    for m in others(reg["manager"].as_str().unwrap()) {
+        p.replica(&c, &m).await;
+    }
+    let registered_at = Instant::now();
+    // Follow the deltas like a poller until the entry is removed.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = p
+            .routes(&format!("since={since}&epoch={epoch}&wait_ms=2000"))
+            .await;
+        assert_eq!(r["kind"], "delta", "{r}");
+        since = r["version"].as_u64().unwrap();
+        if ids(&r, "remove").contains(&c) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "entry never removed");
+    }
+    assert!(
+        registered_at.elapsed() >= Duration::from_millis(100),
+        "removed before the grace period"
+    );
+    let (_, rec) = p.consumer(&c).await;
+    assert_eq!(rec["state"], "registered", "the record stays");
+    assert_eq!(rec["in_routing_table"], false);
+    // A late report is still recorded, but does not bring the entry back.
+    let (s, _) = p.replica(&c, reg["manager"].as_str().unwrap()).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(ids(&p.routes("since=0").await, "upsert").is_empty());
+}
+
+async fn active_setup(n: usize) -> (Vec<TestManager>, Plane) {
+    let mut ms = Vec::new();
+    for _ in 0..n {
+        ms.push(TestManager::start().await);
+    }
+    let urls: Vec<String> = ms.iter().map(|m| m.url.clone()).collect();
+    let p = Plane::start(&Setup {
+        mode: "active",
+        ..Setup::with_managers(&urls)
+    })
+    .await;
+    p.wait_depth(10).await;
+    (ms, p)
+}
+
+fn index(manager: &str) -> usize {
+    manager.trim_start_matches('m').parse::<usize>().unwrap() - 1
+}
+
+#[tokio::test]
+async fn active_mode_copies_the_data_to_every_manager_then_registers() {
+    let (ms, p) = active_setup(3).await;
+    let reg = p.register().await;
+    let c = reg["consumer"].as_str().unwrap().to_owned();
+    // The sign-up reaches the first manager: it now holds the data.
+    ms[index(reg["manager"].as_str().unwrap())].hold(&c, b"mailbox bytes \x00\xff");
+    let rec = p
+        .wait_consumer(&c, "registered", |v| v["state"] == "registered")
+        .await;
+    assert_eq!(rec["replicas"].as_array().unwrap().len(), 3);
+    for m in &ms {
+        assert_eq!(
+            m.held(&c).as_deref(),
+            Some(&b"mailbox bytes \x00\xff"[..]),
+            "every manager holds the same bytes"
+        );
+    }
+    let metrics = p.call(hyper::Method::GET, "/metrics", None, None).await.1;
+    assert!(metrics
+        .as_str()
+        .unwrap()
+        .contains("prealloc_active_copies_total 2"));
+}
+
+#[tokio::test]
+async fn active_mode_waits_for_the_sign_up_and_retries_failed_copies() {
+    let (ms, p) = active_setup(3).await;
+    let reg = p.register().await;
+    let c = reg["consumer"].as_str().unwrap().to_owned();
+    let first = index(reg["manager"].as_str().unwrap());
+    let second = (first + 1) % 3;
+    ms[second].state.fail_put.store(2, Ordering::SeqCst);
+    // Not held anywhere yet: the copy waits (404 from the first manager).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        p.consumer(&c).await.1["replicas"].as_array().unwrap().len(),
+        1
+    );
+    ms[first].hold(&c, b"late data");
+    let rec = p
+        .wait_consumer(&c, "registered", |v| v["state"] == "registered")
+        .await;
+    assert_eq!(rec["replicas"].as_array().unwrap().len(), 3);
+    assert_eq!(ms[second].held(&c).as_deref(), Some(&b"late data"[..]));
+    assert_eq!(
+        ms[second].state.fail_put.load(Ordering::SeqCst),
+        0,
+        "both failures were hit and retried"
+    );
+}
+
+#[tokio::test]
+async fn active_mode_skips_down_managers_until_they_come_back() {
+    let (ms, p) = active_setup(3).await;
+    let reg = p.register().await;
+    let c = reg["consumer"].as_str().unwrap().to_owned();
+    let first = index(reg["manager"].as_str().unwrap());
+    let down = (first + 1) % 3;
+    let down_id = format!("m{}", down + 1);
+    p.call(
+        hyper::Method::PUT,
+        &format!("/v1/managers/{down_id}/availability"),
+        Some(crate::support::ADMIN),
+        Some(serde_json::json!({"availability": "down"})),
+    )
+    .await;
+    ms[first].hold(&c, b"x");
+    p.wait_consumer(&c, "copied to the available manager", |v| {
+        v["replicas"].as_array().unwrap().len() == 2
+    })
+    .await;
+    assert!(
+        ms[down].held(&c).is_none(),
+        "nothing copied to a down manager"
+    );
+    assert_eq!(p.consumer(&c).await.1["state"], "registering");
+    p.call(
+        hyper::Method::PUT,
+        &format!("/v1/managers/{down_id}/availability"),
+        Some(crate::support::ADMIN),
+        Some(serde_json::json!({"availability": "available"})),
+    )
+    .await;
+    p.wait_consumer(&c, "registered", |v| v["state"] == "registered")
+        .await;
+    assert!(ms[down].held(&c).is_some());
+}

@@ -1,0 +1,211 @@
+//! The routes long-poll: immediate on change, held otherwise, full on gap or epoch.
+
+use crate::support::{ids, Plane, Setup, ENVOY};
+use hyper::{Method, StatusCode};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+async fn current(p: &Plane) -> (String, u64) {
+    let r = p.routes("since=0").await;
+    (
+        r["epoch"].as_str().unwrap().to_owned(),
+        r["version"].as_u64().unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn since_zero_is_a_full_snapshot_with_every_manager() {
+    let p = Plane::start(&Setup::default()).await;
+    let r = p.routes("since=0").await;
+    assert_eq!(r["kind"], "full");
+    assert!(
+        r["version"].as_u64().unwrap() >= 1,
+        "a full snapshot never says version 0"
+    );
+    assert_eq!(r["epoch"].as_str().unwrap().len(), 32);
+    let clusters: Vec<&str> = r["managers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["cluster"].as_str().unwrap())
+        .collect();
+    assert_eq!(clusters, ["manager_m1", "manager_m2", "manager_m3"]);
+}
+
+#[tokio::test]
+async fn a_held_poll_answers_at_once_when_a_consumer_registers() {
+    let p = Arc::new(Plane::start(&Setup::default()).await);
+    p.wait_depth(10).await;
+    let (epoch, version) = current(&p).await;
+    let poller = {
+        let p = p.clone();
+        tokio::spawn(async move {
+            let t = Instant::now();
+            let r = p
+                .routes(&format!("since={version}&epoch={epoch}&wait_ms=10000"))
+                .await;
+            (r, t.elapsed())
+        })
+    };
+    // The poller is held before the change (the waiting gauge says so).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !p
+        .call(Method::GET, "/metrics", None, None)
+        .await
+        .1
+        .as_str()
+        .unwrap()
+        .contains("prealloc_routes_waiting_pollers 1")
+    {
+        assert!(Instant::now() < deadline, "poller never held");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let c = p.register().await["consumer"].as_str().unwrap().to_owned();
+    let (r, took) = poller.await.unwrap();
+    assert_eq!(r["kind"], "delta");
+    assert_eq!(ids(&r, "upsert"), vec![c]);
+    assert_eq!(r["upsert"][0]["state"], "registering");
+    assert_eq!(r["version"].as_u64().unwrap(), version + 1);
+    assert!(took < Duration::from_secs(5), "answered after {took:?}");
+}
+
+#[tokio::test]
+async fn a_poll_without_changes_is_held_then_unchanged() {
+    let p = Plane::start(&Setup {
+        target_depth: 0,
+        ..Setup::default()
+    })
+    .await;
+    let (epoch, version) = current(&p).await;
+    let t = Instant::now();
+    let r = p
+        .routes(&format!("since={version}&epoch={epoch}&wait_ms=300"))
+        .await;
+    let took = t.elapsed();
+    assert_eq!(r["kind"], "unchanged");
+    assert_eq!(r["version"].as_u64().unwrap(), version);
+    assert!(took >= Duration::from_millis(290), "held only {took:?}");
+    assert!(took < Duration::from_secs(3), "held {took:?}");
+}
+
+#[tokio::test]
+async fn unknown_epoch_or_future_version_gets_a_full_snapshot() {
+    let p = Plane::start(&Setup::default()).await;
+    p.wait_depth(10).await;
+    let c = p.register().await["consumer"].as_str().unwrap().to_owned();
+    let (epoch, version) = current(&p).await;
+    let r = p
+        .routes(&format!("since={version}&epoch=someoneelse&wait_ms=5000"))
+        .await;
+    assert_eq!(r["kind"], "full");
+    assert_eq!(ids(&r, "upsert"), vec![c.clone()]);
+    let r = p
+        .routes(&format!(
+            "since={}&epoch={epoch}&wait_ms=5000",
+            version + 100
+        ))
+        .await;
+    assert_eq!(r["kind"], "full");
+    let r = p.routes(&format!("since={version}&wait_ms=0")).await;
+    assert_eq!(r["kind"], "full", "no epoch means full");
+}
+
+#[tokio::test]
+async fn a_gap_beyond_the_change_log_gets_a_full_snapshot() {
+    let p = Plane::start(&Setup {
+        change_log: 2,
+        ..Setup::default()
+    })
+    .await;
+    p.wait_depth(10).await;
+    let (epoch, v0) = current(&p).await;
+    let mut all = Vec::new();
+    for _ in 0..5 {
+        all.push(p.register().await["consumer"].as_str().unwrap().to_owned());
+    }
+    let r = p
+        .routes(&format!("since={v0}&epoch={epoch}&wait_ms=0"))
+        .await;
+    assert_eq!(r["kind"], "full");
+    let mut got = ids(&r, "upsert");
+    got.sort();
+    all.sort();
+    assert_eq!(got, all);
+    // The latest change is still a delta.
+    let v = r["version"].as_u64().unwrap();
+    let r = p
+        .routes(&format!("since={}&epoch={epoch}&wait_ms=0", v - 1))
+        .await;
+    assert_eq!(r["kind"], "delta");
+    assert_eq!(r["upsert"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn deltas_coalesce_to_the_latest_entry_per_consumer() {
+    let p = Plane::start(&Setup::default()).await;
+    p.wait_depth(10).await;
+    let (epoch, v0) = current(&p).await;
+    let c = p.register().await["consumer"].as_str().unwrap().to_owned();
+    let first = p.consumer(&c).await.1["first_manager"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let other = if first == "m1" { "m2" } else { "m1" };
+    p.replica(&c, other).await;
+    let r = p
+        .routes(&format!("since={v0}&epoch={epoch}&wait_ms=0"))
+        .await;
+    assert_eq!(r["kind"], "delta");
+    assert_eq!(r["upsert"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        r["upsert"][0]["replicas"],
+        serde_json::json!([first, other])
+    );
+}
+
+#[tokio::test]
+async fn bad_query_is_400() {
+    let p = Plane::start(&Setup::default()).await;
+    let (s, v) = p
+        .call(Method::GET, "/v1/routes?since=abc", Some(ENVOY), None)
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(v["message"].as_str().unwrap().contains("since"));
+}
+
+#[tokio::test]
+async fn thousands_of_held_pollers_all_wake_on_one_change() {
+    let p = Arc::new(Plane::start(&Setup::default()).await);
+    p.wait_depth(10).await;
+    let (epoch, version) = current(&p).await;
+    let n = 2000;
+    let mut polls = Vec::new();
+    for _ in 0..n {
+        let p = p.clone();
+        let q = format!("since={version}&epoch={epoch}&wait_ms=20000");
+        polls.push(tokio::spawn(async move { p.routes(&q).await }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = p.call(Method::GET, "/metrics", None, None).await.1;
+        if m.as_str()
+            .unwrap()
+            .contains(&format!("prealloc_routes_waiting_pollers {n}"))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "pollers never all held");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let t = Instant::now();
+    p.register().await;
+    for h in polls {
+        let r = h.await.unwrap();
+        assert_eq!(r["kind"], "delta");
+    }
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "waking took {:?}",
+        t.elapsed()
+    );
+}

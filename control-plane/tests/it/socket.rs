@@ -1,0 +1,85 @@
+//! The same API over a real socket on port 0, with graceful shutdown.
+
+use crate::support::{http, Db, Setup, ADMIN, ENVOY};
+use hyper::{Method, StatusCode};
+use prealloc_control_plane::Server;
+use std::time::{Duration, Instant};
+
+#[tokio::test]
+async fn register_report_and_long_poll_over_http() {
+    let db = Db::new();
+    let server = Server::start(Setup::default().config(&db.path()))
+        .await
+        .expect("server starts");
+    let addr = server.addr();
+    assert_ne!(addr.port(), 0);
+    let (s, v) = http(addr, Method::GET, "/healthz", None, None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while http(addr, Method::GET, "/v1/pools", Some(ADMIN), None)
+        .await
+        .1[0]["depth"]
+        != 10
+    {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (_, full) = http(addr, Method::GET, "/v1/routes?since=0", Some(ENVOY), None).await;
+    let q = format!(
+        "/v1/routes?since={}&epoch={}&wait_ms=10000",
+        full["version"],
+        full["epoch"].as_str().unwrap()
+    );
+    let poll = tokio::spawn(async move { http(addr, Method::GET, &q, Some(ENVOY), None).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (s, reg) = http(
+        addr,
+        Method::POST,
+        "/v1/registrations",
+        Some(ENVOY),
+        Some(serde_json::json!({"resource_type": "mailbox"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let (s, delta) = poll.await.unwrap();
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(delta["upsert"][0]["consumer"], reg["consumer"]);
+    let c = reg["consumer"].as_str().unwrap();
+    let (s, ack) = http(
+        addr,
+        Method::POST,
+        &format!("/v1/consumers/{c}/replicas"),
+        Some(ADMIN),
+        Some(serde_json::json!({"manager": "m1"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{ack}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutdown_releases_held_long_polls_at_once() {
+    let db = Db::new();
+    let server = Server::start(Setup::default().config(&db.path()))
+        .await
+        .expect("server starts");
+    let addr = server.addr();
+    let (_, full) = http(addr, Method::GET, "/v1/routes?since=0", Some(ENVOY), None).await;
+    let q = format!(
+        "/v1/routes?since={}&epoch={}&wait_ms=60000",
+        full["version"],
+        full["epoch"].as_str().unwrap()
+    );
+    let poll = tokio::spawn(async move { http(addr, Method::GET, &q, Some(ENVOY), None).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let t = Instant::now();
+    server.shutdown().await;
+    let (s, v) = poll.await.unwrap();
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["kind"], "unchanged");
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "shutdown took {:?}",
+        t.elapsed()
+    );
+}
