@@ -422,7 +422,7 @@ impl Drop for Envoy {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        if std::env::var_os("PREALLOC_KEEP_ENVOY_LOGS").is_some() {
+        if std::env::var_os("PREALLOC_KEEP_LOGS").is_some() {
             let kept = self.dir.path().to_path_buf();
             // Keep the directory for a post-mortem; the path is printed for the test output.
             eprintln!("Envoy files kept in {}", kept.display());

@@ -1,6 +1,7 @@
 //! End-to-end harness: recording hyper managers, a routes stub, and launchers for real Envoy and the control plane.
 
 pub mod client;
+pub mod control_plane;
 pub mod envoy;
 pub mod manager;
 pub mod routes_stub;

@@ -4,6 +4,7 @@ mod support;
 
 mod all_down;
 mod anonymous;
+mod control_plane;
 mod envoy_harness;
 mod forged_cookie;
 mod harness;
