@@ -52,17 +52,9 @@ fn engine() -> &'static Engine {
     static ENGINE: OnceLock<Engine> = OnceLock::new();
     ENGINE.get_or_init(|| {
         let mut config = wasmtime::Config::new();
-        // Compiling the filter dominates a test run; the tests need correctness,
-        // not fast wasm code, and an unchanged .wasm is loaded from the cache.
+        // Compiling the filter dominates a cold test run; the tests need
+        // correct wasm code, not fast wasm code.
         config.cranelift_opt_level(wasmtime::OptLevel::None);
-        let mut cache = wasmtime::CacheConfig::new();
-        cache.with_directory(cache_dir());
-        match wasmtime::Cache::new(cache) {
-            Ok(cache) => {
-                config.cache(Some(cache));
-            }
-            Err(e) => eprintln!("prealloc-wasm-host: compiling without a module cache: {e:?}"),
-        }
         Engine::new(&config).unwrap_or_else(|e| panic!("cannot create the wasmtime engine: {e:?}"))
     })
 }
@@ -86,10 +78,84 @@ fn module_for(path: &Path) -> Result<Module> {
             path.display()
         )
     })?;
-    let module = Module::new(engine(), &bytes)
+    let module = cached_compile(&bytes)
         .map_err(|e| anyhow!("{} is not a valid wasm module: {e:?}", path.display()))?;
     modules.insert(path.to_owned(), module.clone());
     Ok(module)
+}
+
+/// Compiles `bytes` at most once across concurrent test processes (nextest
+/// runs one process per test): the first process takes a lock file and
+/// compiles, the others wait for its artifact, later runs load it.
+fn cached_compile(bytes: &[u8]) -> wasmtime::Result<Module> {
+    use sha2::{Digest, Sha256};
+    use std::hash::{Hash, Hasher};
+    let engine = engine();
+    let mut compat = std::collections::hash_map::DefaultHasher::new();
+    engine.precompile_compatibility_hash().hash(&mut compat);
+    let digest = Sha256::new()
+        .chain_update(bytes)
+        .chain_update(compat.finish().to_le_bytes())
+        .finalize();
+    let key: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
+    let dir = cache_dir();
+    if std::fs::create_dir_all(&dir).is_err() {
+        return Module::new(engine, bytes);
+    }
+    let artifact = dir.join(format!("{key}.cwasm"));
+    let lock = dir.join(format!("{key}.lock"));
+    // A compile takes seconds; a lock older than this belongs to a dead process.
+    let stale = Duration::from_secs(120);
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    loop {
+        if artifact.exists() {
+            // SAFETY: the artifact was serialized by this same engine
+            // configuration (its key includes the compatibility hash) from the
+            // project's own build output; wasmtime also checks its header.
+            match unsafe { Module::deserialize_file(engine, &artifact) } {
+                Ok(m) => return Ok(m),
+                Err(_) => {
+                    let _ = std::fs::remove_file(&artifact);
+                }
+            }
+        }
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&lock)
+        {
+            Ok(_) => {
+                let result = Module::new(engine, bytes);
+                if let Ok(m) = &result {
+                    if let Ok(serialized) = m.serialize() {
+                        // Written aside then renamed: a reader never sees half a file.
+                        let tmp = dir.join(format!("{key}.{}.tmp", std::process::id()));
+                        if std::fs::write(&tmp, serialized).is_ok() {
+                            let _ = std::fs::rename(&tmp, &artifact);
+                        }
+                    }
+                }
+                let _ = std::fs::remove_file(&lock);
+                return result;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let age = std::fs::metadata(&lock)
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok());
+                if age.is_some_and(|a| a > stale) {
+                    let _ = std::fs::remove_file(&lock);
+                }
+                if std::time::Instant::now() > deadline {
+                    return Module::new(engine, bytes);
+                }
+                // Polling the artifact with a deadline: the compiling process
+                // offers no other readiness signal.
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(_) => return Module::new(engine, bytes),
+        }
+    }
 }
 
 /// The WASI clocks follow the host clock, so time set by a test is the time
