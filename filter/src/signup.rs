@@ -161,6 +161,12 @@ pub fn on_registration_response(
             Ok(e) if header_safe(&e.error) && e.error.len() <= 64 && e.message.len() <= 512 => {
                 RegistrationOutcome::Reply(LocalReply::unavailable(&e.error, &e.message, retry))
             }
+            // Without the control plane's error body, a 502/503/504 is Envoy's own
+            // reply: connection refused, no healthy host, or timeout.
+            _ if (502..=504).contains(&s) => reply(
+                "control_plane_unreachable",
+                &format!("the registration service cannot be reached (HTTP {s}); retry later"),
+            ),
             _ => reply("registration_failed", &format!("the registration service answered HTTP {s}; retry later")),
         },
     }
@@ -396,7 +402,25 @@ mod tests {
             br#"{"error":"pool_empty","message":"m"}"#,
             ("pool_empty", 5),
         );
-        check(Some(503), Some(b"99999"), b"", ("registration_failed", 5));
+        check(
+            Some(503),
+            Some(b"99999"),
+            b"",
+            ("control_plane_unreachable", 5),
+        );
+        check(
+            Some(502),
+            None,
+            b"upstream connect error or disconnect/reset before headers",
+            ("control_plane_unreachable", 5),
+        );
+        check(
+            Some(504),
+            None,
+            b"upstream request timeout",
+            ("control_plane_unreachable", 5),
+        );
+        check(Some(429), None, b"", ("registration_failed", 5));
         check(
             Some(400),
             Some(b"x"),
