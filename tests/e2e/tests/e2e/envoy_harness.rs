@@ -111,7 +111,7 @@ fn docker_compose_config_is_the_rendered_template() {
     cfg.admin_port = 9901;
     cfg.wasm_path = "/etc/envoy/prealloc_filter.wasm".into();
     cfg.filter = serde_json::json!({
-        "cookie": { "keys": ["CHANGE-ME: a random secret of at least 32 bytes"] },
+        "cookie": { "keys": ["CHANGE-ME-to-a-random-secret-of-at-least-32-bytes"] },
         "when_all_down": "reject",
         "retry_after_s": 5,
         "availability_refresh_ms": 100,
@@ -119,7 +119,8 @@ fn docker_compose_config_is_the_rendered_template() {
     cfg.poller = serde_json::json!({
         "cluster": "prealloc_control_plane",
         "authority": "prealloc-control-plane",
-        "token": "CHANGE-ME: the control plane's envoy token",
+        // tokens.envoy of control-plane/examples/prealloc.toml.
+        "token": "envoy-demo-token-change-me",
         "wait_ms": 30000,
         "min_backoff_ms": 100,
         "max_backoff_ms": 5000,
