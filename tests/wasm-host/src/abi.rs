@@ -83,7 +83,7 @@ fn copy_out(c: &mut C<'_>, bytes: &[u8], ptr_ptr: i32, size_ptr: i32) -> Result<
     write_u32(c, size_ptr, bytes.len() as u32)
 }
 
-fn context<'a>(data: &'a mut VmData) -> Option<&'a mut ContextState> {
+fn context(data: &mut VmData) -> Option<&mut ContextState> {
     let id = data.effective;
     data.contexts.get_mut(&id)
 }
