@@ -9,6 +9,7 @@ mod envoy_harness;
 mod forged_cookie;
 mod harness;
 mod pinned;
+mod poller_faults;
 mod propagation;
 mod round_robin;
 mod routes_stub;
