@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# prealloc's benchmark in one command (see BENCHMARKS.md):
+#   bench/run.sh [prealloc-bench flags, e.g. --reps 3 --duration 10 --large 1000000]
+# Installs wrk and nginx if missing, installs the wasm target and Envoy 1.40
+# (cargo xtask setup), builds the filter (cargo xtask build-wasm) and the
+# benchmark driver, then runs it: the driver and the Envoys it starts on CPU 0,
+# wrk and nginx on CPU 1. Results go to bench/results/<UTC time>.{md,json}.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+
+if ! command -v wrk >/dev/null || ! command -v nginx >/dev/null; then
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo apt-get install -y wrk nginx || { $sudo apt-get update && $sudo apt-get install -y wrk nginx; }
+fi
+# The distribution's nginx service is not used: the driver runs its own on free ports.
+
+cargo xtask setup
+cargo xtask build-wasm
+export CARGO_TARGET_DIR="$root/target"
+cargo build --release --manifest-path bench/Cargo.toml
+# The empty proxy-wasm filter of the noop_wasm baseline.
+cargo build --release --target wasm32-wasip1 --manifest-path bench/noop-filter/Cargo.toml
+
+export PREALLOC_ENVOY="${PREALLOC_ENVOY:-$root/.tools/venv/bin/envoy}"
+export PREALLOC_WASM="${PREALLOC_WASM:-$root/target/wasm32-wasip1/release/prealloc_filter.wasm}"
+
+pin=(taskset -c 0)
+extra=()
+if [ "$(nproc)" -lt 2 ]; then
+  echo "bench: fewer than 2 CPUs; running unpinned (figures will include the load generator's share)" >&2
+  pin=()
+  extra=(--envoy-cpu none --load-cpu none)
+fi
+
+# Its own session and process group, so an interrupt or error here stops the
+# driver and everything it started (Envoys, nginx, wrk) and nothing else.
+setsid "${pin[@]}" "$root/target/release/prealloc-bench" "${extra[@]}" "$@" &
+driver=$!
+trap 'kill -TERM -- "-$driver" 2>/dev/null || true; wait "$driver" 2>/dev/null || true' EXIT INT TERM
+wait "$driver"

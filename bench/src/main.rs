@@ -1,0 +1,751 @@
+//! prealloc's benchmark: request-path cost, routing-table scale and propagation, against real Envoy (see BENCHMARKS.md).
+//!
+//! One run measures everything side by side: several Envoys (one worker each)
+//! stay up for the whole run and the load cases are interleaved, so slow drift
+//! of a shared machine spreads over every case instead of biasing one.
+
+mod probe;
+mod procs;
+
+use prealloc_e2e::envoy::{Endpoint, Envoy, EnvoyConfig, EnvoyOptions};
+use prealloc_e2e::routes_stub::{manager_route, RoutesStub};
+use prealloc_filter::cookie::{sign, Claims};
+use prealloc_wire::{ConsumerId, ConsumerState, RouteEntry};
+use probe::Probe;
+use procs::{WrkOptions, WrkResult};
+use serde_json::{json, Value};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+const COOKIE_KEY: &str = "prealloc-bench-cookie-key-0123456789abcdef";
+const TOKEN: &str = "prealloc-bench-envoy-token";
+
+struct Args {
+    reps: usize,
+    duration: Duration,
+    warmup: Duration,
+    connections: u32,
+    small: usize,
+    large: usize,
+    changes: usize,
+    /// Distinct cookies wrk cycles through per case.
+    cookies: usize,
+    envoy_cpu: Option<usize>,
+    load_cpu: Option<usize>,
+    out: PathBuf,
+    skip_load: bool,
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: prealloc-bench [--reps N] [--duration S] [--warmup S] [--connections N] \
+         [--small N] [--large N] [--changes N] [--cookies N] [--envoy-cpu C|none] \
+         [--load-cpu C|none] [--out DIR] [--skip-load]\n\
+         Run it through bench/run.sh, which installs wrk and nginx, builds the .wasm and sets \
+         PREALLOC_ENVOY / PREALLOC_WASM."
+    );
+    std::process::exit(2)
+}
+
+fn parse_args() -> Args {
+    let mut a = Args {
+        reps: 3,
+        duration: Duration::from_secs(10),
+        warmup: Duration::from_secs(2),
+        connections: 32,
+        small: 1_000,
+        large: 1_000_000,
+        changes: 200,
+        cookies: 1_000,
+        envoy_cpu: Some(0),
+        load_cpu: Some(1),
+        out: PathBuf::from("bench/results"),
+        skip_load: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        if flag == "--skip-load" {
+            a.skip_load = true;
+            continue;
+        }
+        let Some(v) = it.next() else { usage() };
+        let num = |v: &str| v.parse::<u64>().unwrap_or_else(|_| usage());
+        let cpu = |v: &str| if v == "none" { None } else { Some(num(v) as usize) };
+        match flag.as_str() {
+            "--reps" => a.reps = num(&v) as usize,
+            "--duration" => a.duration = Duration::from_secs(num(&v)),
+            "--warmup" => a.warmup = Duration::from_secs(num(&v)),
+            "--connections" => a.connections = num(&v) as u32,
+            "--small" => a.small = num(&v) as usize,
+            "--large" => a.large = num(&v) as usize,
+            "--changes" => a.changes = num(&v) as usize,
+            "--cookies" => a.cookies = num(&v) as usize,
+            "--envoy-cpu" => a.envoy_cpu = cpu(&v),
+            "--load-cpu" => a.load_cpu = cpu(&v),
+            "--out" => a.out = PathBuf::from(v),
+            _ => usage(),
+        }
+    }
+    a
+}
+
+/// Deterministic consumer ids (splitmix64), so runs are comparable.
+fn consumer(n: u64) -> ConsumerId {
+    fn mix(mut z: u64) -> u64 {
+        z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&mix(2 * n).to_be_bytes());
+    b[8..].copy_from_slice(&mix(2 * n + 1).to_be_bytes());
+    ConsumerId::from_bytes(b)
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn cookie(id: &ConsumerId, state: ConsumerState, replicas: &[&str]) -> String {
+    sign(
+        &Claims {
+            consumer: id.clone(),
+            state,
+            expires_at: unix_now() + 86_400,
+            replicas: replicas.iter().map(|r| (*r).to_owned()).collect(),
+        },
+        COOKIE_KEY.as_bytes(),
+    )
+}
+
+/// A routes stub holding `n` registering consumers, each replicated on m1 and m2.
+fn filled_stub(n: usize) -> RoutesStub {
+    let stub = RoutesStub::start(TOKEN);
+    stub.set_managers(vec![manager_route("m1"), manager_route("m2"), manager_route("m3")]);
+    stub.upsert_all(entries(n));
+    stub
+}
+
+fn entries(n: usize) -> Vec<RouteEntry> {
+    (0..n as u64)
+        .map(|i| RouteEntry {
+            consumer: consumer(i),
+            state: ConsumerState::Registering,
+            replicas: vec!["m1".into(), "m2".into()],
+        })
+        .collect()
+}
+
+/// Size of the full snapshot of `n` entries and how long the stub's way of
+/// serializing it (to a JSON value, then text) takes here: the server's share
+/// of the load time, which a real control plane may do differently.
+fn snapshot_cost(n: usize) -> (usize, f64) {
+    let r = prealloc_wire::RoutesResponse {
+        epoch: "stub-0123456789abcdef".into(),
+        version: 3,
+        kind: prealloc_wire::RoutesKind::Full,
+        managers: vec![manager_route("m1"), manager_route("m2"), manager_route("m3")],
+        upsert: entries(n),
+        remove: Vec::new(),
+    };
+    let t = Instant::now();
+    let text = serde_json::to_value(&r).map(|v| v.to_string()).unwrap_or_default();
+    (text.len(), t.elapsed().as_secs_f64() * 1e3)
+}
+
+fn envoy_opts() -> EnvoyOptions {
+    EnvoyOptions {
+        concurrency: 1,
+        // The same for every Envoy; the filter logs nothing per request at warn.
+        log_level: "warn".into(),
+        ready_timeout: Duration::from_secs(60),
+    }
+}
+
+fn prealloc_envoy(nginx: &procs::Nginx, stub: &RoutesStub) -> Envoy {
+    let managers = (0..3)
+        .map(|i| {
+            (
+                format!("m{}", i + 1),
+                Endpoint::new("127.0.0.1", nginx.m_ports[i]),
+            )
+        })
+        .collect();
+    let mut cfg = EnvoyConfig::new(
+        managers,
+        Endpoint::new("127.0.0.1", nginx.default_port),
+        Endpoint::from(stub.addr()),
+    );
+    // Production defaults but the key: availability refresh 100 ms, secure cookie attributes.
+    cfg.filter = json!({ "cookie": { "keys": [COOKIE_KEY] } });
+    cfg.poller = json!({ "token": TOKEN });
+    Envoy::start(&cfg, &envoy_opts())
+}
+
+fn manager_clusters(nginx: &procs::Nginx) -> String {
+    let mut s = String::new();
+    let mut add = |name: &str, port: u16| {
+        let _ = write!(
+            s,
+            "    - name: {name}\n      type: STRICT_DNS\n      dns_lookup_family: V4_ONLY\n      connect_timeout: 1s\n      load_assignment:\n        cluster_name: {name}\n        endpoints:\n          - lb_endpoints:\n              - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }} }}\n"
+        );
+    };
+    for i in 0..3 {
+        add(&format!("manager_m{}", i + 1), nginx.m_ports[i]);
+    }
+    add("default_backend", nginx.default_port);
+    s
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+}
+
+struct Target {
+    envoy: Envoy,
+    pid: u32,
+}
+
+impl Target {
+    fn new(name: &'static str, envoy: Envoy) -> Target {
+        let pid = procs::pid_with_arg(&envoy.dir().join("envoy.yaml"))
+            .unwrap_or_else(|| panic!("cannot find the pid of the {name} Envoy"));
+        Target { envoy, pid }
+    }
+}
+
+struct Case {
+    name: &'static str,
+    what: &'static str,
+    target: usize,
+    requests: PathBuf,
+    /// A prealloc counter that must grow by every request of the run.
+    counter: Option<&'static str>,
+}
+
+#[derive(Clone)]
+struct Run {
+    wrk: WrkResult,
+    cpu_ns_per_req: f64,
+    envoy_cpu_util: f64,
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    if s.is_empty() {
+        return f64::NAN;
+    }
+    let m = s.len() / 2;
+    if s.len() % 2 == 1 {
+        s[m]
+    } else {
+        (s[m - 1] + s[m]) / 2.0
+    }
+}
+
+fn min_max(v: &[f64]) -> (f64, f64) {
+    v.iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| (a.min(*x), b.max(*x)))
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn sh(cmd: &str) -> String {
+    std::process::Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn main() {
+    let args = parse_args();
+    let root = prealloc_e2e::envoy::workspace_root();
+    let bench_dir = root.join("envoy/bench");
+    let out_dir = if args.out.is_absolute() { args.out.clone() } else { root.join(&args.out) };
+    std::fs::create_dir_all(&out_dir).expect("create the results directory");
+    let work = tempfile::Builder::new()
+        .prefix("prealloc-bench-")
+        .tempdir()
+        .expect("temp dir");
+    let started = Instant::now();
+    let stamp = sh("date -u +%Y-%m-%dT%H:%M:%SZ");
+    let mut report = String::new();
+    let mut results = json!({ "date": stamp });
+
+    // ---------------------------------------------------------------- machine
+    let machine = json!({
+        "nproc": sh("nproc --all"),
+        "cpus_online": sh("cat /sys/devices/system/cpu/online"),
+        "cpu": sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'"),
+        "kernel": sh("uname -sr"),
+        "envoy": sh(&format!("{} --version | grep -o 'version: .*'", prealloc_e2e::envoy::envoy_binary().display())),
+        "wrk": sh("wrk -v 2>&1 | head -1"),
+        "nginx": sh("nginx -v 2>&1"),
+        "loadavg_start": sh("cat /proc/loadavg"),
+        "git": sh(&format!("cd {} && git rev-parse --short HEAD", root.display())),
+        "filter_uncommitted_files": sh(&format!("cd {} && git status --porcelain filter wire | wc -l", root.display())),
+        "wasm": prealloc_e2e::envoy::wasm_path().display().to_string(),
+        "wasm_bytes": std::fs::metadata(prealloc_e2e::envoy::wasm_path()).map(|m| m.len()).unwrap_or(0),
+    });
+    let _ = writeln!(report, "# prealloc benchmark run {stamp}\n");
+    let _ = writeln!(report, "machine: {}\n", machine);
+    eprintln!("bench: machine {machine}");
+    results["machine"] = machine;
+    results["args"] = json!({
+        "reps": args.reps, "duration_s": args.duration.as_secs(), "warmup_s": args.warmup.as_secs(),
+        "connections": args.connections, "small": args.small, "large": args.large,
+        "changes": args.changes, "cookies": args.cookies,
+        "envoy_cpu": args.envoy_cpu, "load_cpu": args.load_cpu,
+    });
+
+    // --------------------------------------------------------------- upstream
+    let nginx = procs::Nginx::start(&read(&bench_dir.join("nginx.conf.tmpl")), args.load_cpu);
+
+    // ------------------------------------------------------------ small table
+    let stub_small = filled_stub(args.small);
+    let probe_id = consumer(u64::MAX / 2);
+    let clusters = manager_clusters(&nginx);
+
+    eprintln!("bench: starting Envoys (prealloc 1k, none, stateful_session, lua)");
+    let mut targets = vec![Target::new("prealloc", prealloc_envoy(&nginx, &stub_small))];
+    wait_applied(&stub_small, &targets[0].envoy, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("the prealloc Envoy never loaded the {}-entry table: {e}", args.small));
+    targets.push(Target::new(
+        "none",
+        Envoy::start_yaml(
+            &procs::render(&read(&bench_dir.join("none.yaml.tmpl")), &[("CLUSTERS", clusters.clone())]),
+            &envoy_opts(),
+        ),
+    ));
+    targets.push(Target::new(
+        "stateful_session",
+        Envoy::start_yaml(
+            &procs::render(
+                &read(&bench_dir.join("stateful_session.yaml.tmpl")),
+                &[
+                    ("M1_PORT", nginx.m_ports[0].to_string()),
+                    ("M2_PORT", nginx.m_ports[1].to_string()),
+                    ("M3_PORT", nginx.m_ports[2].to_string()),
+                ],
+            ),
+            &envoy_opts(),
+        ),
+    ));
+    // The Lua table holds the same consumers as the small routing table.
+    let mut lua_routes = String::with_capacity(args.small * 60);
+    for i in 0..args.small as u64 {
+        let _ = writeln!(lua_routes, "routes[\"{}\"] = {{\"manager_m1\", \"manager_m2\"}}", consumer(i));
+    }
+    let lua_path = work.path().join("lookup.lua");
+    std::fs::write(
+        &lua_path,
+        read(&bench_dir.join("lookup.lua")).replace("--{{ROUTES}}", &lua_routes),
+    )
+    .expect("write lookup.lua");
+    targets.push(Target::new(
+        "lua",
+        Envoy::start_yaml(
+            &procs::render(
+                &read(&bench_dir.join("lua.yaml.tmpl")),
+                &[("CLUSTERS", clusters.clone()), ("LUA_PATH", lua_path.display().to_string())],
+            ),
+            &envoy_opts(),
+        ),
+    ));
+
+    let noop_wasm = std::env::var_os("PREALLOC_BENCH_NOOP_WASM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target/wasm32-wasip1/release/prealloc_bench_noop_filter.wasm"));
+    assert!(
+        noop_wasm.is_file(),
+        "{} not found: build it with `cargo build --release --target wasm32-wasip1 --manifest-path bench/noop-filter/Cargo.toml` (bench/run.sh does), or set PREALLOC_BENCH_NOOP_WASM",
+        noop_wasm.display()
+    );
+    targets.push(Target::new(
+        "noop_wasm",
+        Envoy::start_yaml(
+            &procs::render(
+                &read(&bench_dir.join("noop_wasm.yaml.tmpl")),
+                &[("CLUSTERS", clusters.clone()), ("WASM_PATH", noop_wasm.display().to_string())],
+            ),
+            &envoy_opts(),
+        ),
+    ));
+
+    // ------------------------------------------------------------- large table
+    let mut large_note = json!(null);
+    let mut large_target: Option<usize> = None;
+    let mut large_stub: Option<RoutesStub> = None;
+    if args.large > 0 {
+        let mut size = args.large;
+        loop {
+            eprintln!("bench: filling a routes stub with {size} consumers");
+            let (body_bytes, serialize_ms) = snapshot_cost(size);
+            let stub = filled_stub(size);
+            eprintln!("bench: snapshot {body_bytes} bytes, serialized in {serialize_ms:.0} ms; starting a new Envoy against it");
+            let t0 = Instant::now();
+            let envoy = prealloc_envoy(&nginx, &stub);
+            let ready = t0.elapsed();
+            let outcome = wait_applied(&stub, &envoy, Duration::from_secs(120));
+            let target = Target::new("prealloc_large", envoy);
+            let rss = procs::rss_kib(target.pid);
+            match outcome {
+                Ok(applied) => {
+                    let polls = stub.polls();
+                    let full = polls.iter().find(|p| p.kind == Some(prealloc_wire::RoutesKind::Full) && p.status == 200);
+                    let arrived_ms = full
+                        .map(|p| p.arrived.duration_since(t0).as_secs_f64() * 1e3)
+                        .unwrap_or(f64::NAN);
+                    let poll_to_applied = full
+                        .map(|p| applied.duration_since(p.arrived).as_secs_f64() * 1e3)
+                        .unwrap_or(f64::NAN);
+                    let total = applied.duration_since(t0).as_secs_f64() * 1e3;
+                    let entries = target.envoy.stat("prealloc_poller_entries");
+                    large_note = json!({
+                        "size": size, "requested": args.large, "ok": true,
+                        "snapshot_body_bytes": body_bytes,
+                        "stub_serialize_ms_measured_apart": serialize_ms,
+                        "envoy_start_to_ready_ms": ready.as_secs_f64() * 1e3,
+                        "envoy_start_to_full_poll_ms": arrived_ms,
+                        "full_poll_to_applied_ms": poll_to_applied,
+                        "full_poll_to_applied_minus_serialize_ms": poll_to_applied - serialize_ms,
+                        "envoy_start_to_applied_ms": total,
+                        "poller_entries_gauge": entries,
+                        "envoy_rss_mib": rss as f64 / 1024.0,
+                    });
+                    eprintln!("bench: large table loaded: {large_note}");
+                    targets.push(target);
+                    large_target = Some(targets.len() - 1);
+                    large_stub = Some(stub);
+                    break;
+                }
+                Err(e) => {
+                    let log: String = target
+                        .envoy
+                        .log()
+                        .lines()
+                        .filter(|l| l.contains("prealloc") || l.contains("wasm") || l.contains("buffer"))
+                        .take(20)
+                        .collect::<Vec<_>>()
+                        .join("\n");
+                    let fail = json!({
+                        "size": size, "ok": false, "error": e,
+                        "poller_errors": target.envoy.stat("prealloc_poller_errors"),
+                        "envoy_rss_mib": rss as f64 / 1024.0,
+                        "polls": stub.polls().iter().map(|p| json!({"status": p.status, "kind": format!("{:?}", p.kind)})).collect::<Vec<_>>(),
+                        "log": log,
+                    });
+                    eprintln!("bench: FAILED to load {size} consumers: {fail}");
+                    results["large_failures"]
+                        .as_array_mut()
+                        .map(|a| a.push(fail.clone()))
+                        .unwrap_or_else(|| results["large_failures"] = json!([fail]));
+                    drop(target);
+                    size /= 2;
+                    if size < args.small {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    results["large_load"] = large_note.clone();
+
+    // ---------------------------------------------------- routing checks
+    let lines = |name: &str, ls: Vec<String>| -> PathBuf {
+        let p = work.path().join(format!("{name}.req"));
+        std::fs::write(&p, ls.join("\n") + "\n").expect("write request file");
+        p
+    };
+    let n_cookies = args.cookies.max(1);
+    let small_ids: Vec<ConsumerId> = (0..n_cookies.min(args.small) as u64).map(consumer).collect();
+    let anon = lines("anon", vec![String::new()]);
+    let registered = lines(
+        "registered",
+        (0..n_cookies as u64)
+            .map(|i| format!("Cookie: prealloc={}", cookie(&consumer(10_000_000 + i), ConsumerState::Registered, &["manager_m1", "manager_m2"])))
+            .collect(),
+    );
+    let table_small = lines(
+        "table_small",
+        small_ids.iter().map(|id| format!("Cookie: prealloc={}", cookie(id, ConsumerState::Registering, &["manager_m1"]))).collect(),
+    );
+    let lua_req = lines("lua", small_ids.iter().map(|id| format!("Cookie: prealloc={id}")).collect());
+
+    // Stateful session: Envoy issues the cookie on a first request; every later one carries it.
+    let ss_addr = targets[2].envoy.addr();
+    let first = Probe::new(ss_addr).get(&[]).expect("stateful_session first request");
+    let ss_cookie = first
+        .set_cookie
+        .iter()
+        .find(|c| c.starts_with("bench-session="))
+        .and_then(|c| c.split(';').next())
+        .map(str::to_owned)
+        .unwrap_or_else(|| panic!("stateful_session set no bench-session cookie: {first:?}"));
+    let ss_req = lines("stateful_session", vec![format!("Cookie: {ss_cookie}")]);
+
+    let mut checks = Vec::new();
+    let mut check = |what: &str, addr, headers: &[(&str, &str)], want: &[&str]| {
+        let a = Probe::new(addr).get(headers).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let ok = a.status == 200 && want.contains(&a.body.as_str());
+        checks.push(json!({"check": what, "status": a.status, "body": a.body, "expected": want, "ok": ok}));
+        assert!(ok, "routing check {what} failed: status {} body {:?}, expected one of {want:?}", a.status, a.body);
+    };
+    let first_line = |p: &Path| read(p).lines().next().unwrap_or("").trim_start_matches("Cookie: ").to_owned();
+    let (reg_c, tab_c, lua_c) = (first_line(&registered), first_line(&table_small), first_line(&lua_req));
+    check("none -> default", targets[1].envoy.addr(), &[], &["default"]);
+    check("prealloc anonymous -> default", targets[0].envoy.addr(), &[], &["default"]);
+    check("prealloc spoofed header -> default", targets[0].envoy.addr(), &[("x-prealloc-cluster", "manager_m3")], &["default"]);
+    check("prealloc registered -> m1|m2", targets[0].envoy.addr(), &[("Cookie", &reg_c)], &["m1", "m2"]);
+    check("prealloc table hit -> m1|m2", targets[0].envoy.addr(), &[("Cookie", &tab_c)], &["m1", "m2"]);
+    check("lua table hit -> m1|m2", targets[3].envoy.addr(), &[("Cookie", &lua_c)], &["m1", "m2"]);
+    check("noop wasm -> default", targets[4].envoy.addr(), &[], &["default"]);
+    check("lua spoofed header -> default", targets[3].envoy.addr(), &[("x-prealloc-cluster", "manager_m3")], &["default"]);
+    check("stateful_session pinned", ss_addr, &[("Cookie", &ss_cookie)], &[first.body.as_str()]);
+    let mut table_large = None;
+    if let Some(li) = large_target {
+        let size = large_note["size"].as_u64().unwrap_or(0);
+        // Cookies spread evenly over the whole large table.
+        let step = (size / n_cookies as u64).max(1);
+        let p = lines(
+            "table_large",
+            (0..n_cookies as u64)
+                .map(|i| format!("Cookie: prealloc={}", cookie(&consumer((i * step) % size), ConsumerState::Registering, &["manager_m1"])))
+                .collect(),
+        );
+        let c = first_line(&p);
+        check("prealloc large table hit -> m1|m2", targets[li].envoy.addr(), &[("Cookie", &c)], &["m1", "m2"]);
+        table_large = Some(p);
+    }
+    results["routing_checks"] = json!(checks);
+
+    // ------------------------------------------------------------ load cases
+    let mut cases = vec![
+        Case { name: "none", what: "Envoy, router only (no filter)", target: 1, requests: anon.clone(), counter: None },
+        Case { name: "noop_wasm", what: "empty proxy-wasm filter (same SDK and runtime): the wasm floor", target: 4, requests: anon.clone(), counter: None },
+        Case { name: "prealloc_anonymous", what: "prealloc filter, no cookie", target: 0, requests: anon.clone(), counter: Some("prealloc_requests_anonymous") },
+        Case { name: "prealloc_registered", what: "prealloc filter, registered cookie (MAC, no table read)", target: 0, requests: registered.clone(), counter: Some("prealloc_requests_cookie") },
+        Case { name: "prealloc_table_1k", what: "prealloc filter, registering cookie, table hit (1k table)", target: 0, requests: table_small.clone(), counter: Some("prealloc_requests_table") },
+        Case { name: "stateful_session", what: "Envoy stateful_session cookie filter", target: 2, requests: ss_req.clone(), counter: None },
+        Case { name: "lua", what: "Lua filter: cookie -> table -> route header -> clearRouteCache", target: 3, requests: lua_req.clone(), counter: None },
+    ];
+    if let (Some(li), Some(p)) = (large_target, table_large.clone()) {
+        cases.push(Case { name: "prealloc_table_large", what: "prealloc filter, registering cookie, table hit (large table)", target: li, requests: p, counter: Some("prealloc_requests_table") });
+    }
+    let wrk = WrkOptions {
+        script: root.join("bench/wrk/cycle.lua"),
+        connections: args.connections,
+        cpu: args.load_cpu,
+    };
+    let mut runs: Vec<Vec<Run>> = vec![Vec::new(); cases.len()];
+    if !args.skip_load {
+        for c in &cases {
+            let url = format!("http://{}/", targets[c.target].envoy.addr());
+            eprintln!("bench: warm-up {} ({:?})", c.name, args.warmup);
+            let w = procs::run_wrk(&wrk, &url, &c.requests, args.warmup).unwrap_or_else(|e| panic!("{}: {e}", c.name));
+            assert!(w.errors == 0, "warm-up of {} had {} errors: {}", c.name, w.errors, w.raw);
+        }
+        for rep in 0..args.reps {
+            // Rotate the order each repetition so no case always runs first or last.
+            for k in 0..cases.len() {
+                let ci = (k + rep) % cases.len();
+                let c = &cases[ci];
+                let t = &targets[c.target];
+                let url = format!("http://{}/", t.envoy.addr());
+                let before = c.counter.map(|n| t.envoy.stat(n));
+                let cpu0 = procs::cpu_ns(t.pid);
+                let w = procs::run_wrk(&wrk, &url, &c.requests, args.duration).unwrap_or_else(|e| panic!("{}: {e}", c.name));
+                let cpu = procs::cpu_ns(t.pid).saturating_sub(cpu0);
+                assert!(w.errors == 0, "{} had {} errors (non-2xx or socket): {}", c.name, w.errors, w.raw);
+                if let (Some(name), Some(b)) = (c.counter, before) {
+                    let grew = t.envoy.stat(name).saturating_sub(b);
+                    assert!(grew >= w.requests, "{}: counter {name} grew by {grew}, fewer than the {} requests: the case did not take the path it claims", c.name, w.requests);
+                }
+                let run = Run {
+                    cpu_ns_per_req: cpu as f64 / w.requests.max(1) as f64,
+                    envoy_cpu_util: cpu as f64 / 1e9 / w.duration_s,
+                    wrk: w,
+                };
+                eprintln!(
+                    "bench: rep {} {:<22} {:>9.0} req/s  p50 {:>5} us  p99 {:>6} us  envoy {:>6.1} us cpu/req ({:.0}% cpu)",
+                    rep + 1, c.name, run.wrk.rps(), run.wrk.p50_us, run.wrk.p99_us,
+                    run.cpu_ns_per_req / 1e3, run.envoy_cpu_util * 100.0
+                );
+                runs[ci].push(run);
+            }
+        }
+    }
+
+    // Summaries and costs against "none".
+    let mut summary = Vec::new();
+    let med = |ci: usize, f: &dyn Fn(&Run) -> f64| median(&runs[ci].iter().map(f).collect::<Vec<_>>());
+    if !args.skip_load {
+        let base_rps = med(0, &|r| r.wrk.rps());
+        let base_cpu = med(0, &|r| r.cpu_ns_per_req);
+        let _ = writeln!(report, "## Request path ({} x {} s per case, interleaved; wrk -t1 -c{}; Envoy --concurrency 1)\n", args.reps, args.duration.as_secs(), args.connections);
+        let _ = writeln!(report, "| case | req/s median (min–max) | p50 µs | p99 µs | throughput cost vs none | Envoy CPU µs/req | CPU cost vs none |");
+        let _ = writeln!(report, "|---|---|---|---|---|---|---|");
+        for (ci, c) in cases.iter().enumerate() {
+            let rps: Vec<f64> = runs[ci].iter().map(|r| r.wrk.rps()).collect();
+            let (lo, hi) = min_max(&rps);
+            let m = median(&rps);
+            let p50 = med(ci, &|r| r.wrk.p50_us as f64);
+            let p99 = med(ci, &|r| r.wrk.p99_us as f64);
+            let cpu = med(ci, &|r| r.cpu_ns_per_req);
+            let util = med(ci, &|r| r.envoy_cpu_util);
+            let tcost = (1.0 - m / base_rps) * 100.0;
+            let ccost = (cpu / base_cpu - 1.0) * 100.0;
+            let _ = writeln!(
+                report,
+                "| {} | {:.0} ({:.0}–{:.0}) | {:.0} | {:.0} | {:+.1}% | {:.1} | {:+.1}% |",
+                c.name, m, lo, hi, p50, p99, tcost, cpu / 1e3, ccost
+            );
+            summary.push(json!({
+                "case": c.name, "what": c.what,
+                "rps_median": m, "rps_min": lo, "rps_max": hi,
+                "p50_us_median": p50, "p99_us_median": p99,
+                "throughput_cost_pct_vs_none": tcost,
+                "envoy_cpu_us_per_req_median": cpu / 1e3,
+                "cpu_cost_pct_vs_none": ccost,
+                "envoy_cpu_utilisation_median": util,
+                "runs": runs[ci].iter().map(|r| json!({
+                    "rps": r.wrk.rps(), "p50_us": r.wrk.p50_us, "p90_us": r.wrk.p90_us, "p99_us": r.wrk.p99_us,
+                    "mean_us": r.wrk.mean_us, "requests": r.wrk.requests,
+                    "envoy_cpu_us_per_req": r.cpu_ns_per_req / 1e3, "envoy_cpu_util": r.envoy_cpu_util, "wrk": r.wrk.raw,
+                })).collect::<Vec<_>>(),
+            }));
+        }
+        results["request_path"] = json!(summary);
+    }
+    let _ = writeln!(report, "\n## Large table load\n\n{}\n", serde_json::to_string_pretty(&results["large_load"]).unwrap_or_default());
+    if let Some(f) = results.get("large_failures") {
+        let _ = writeln!(report, "FAILURES while loading the large table:\n\n{}\n", serde_json::to_string_pretty(f).unwrap_or_default());
+    }
+
+    // ------------------------------------------------------------ propagation
+    let mut prop = Vec::new();
+    let mut prop_targets = vec![(format!("{}-entry table", args.small), 0usize, &stub_small)];
+    if let (Some(li), Some(s)) = (large_target, large_stub.as_ref()) {
+        prop_targets.push((format!("{}-entry table", large_note["size"]), li, s));
+    }
+    for (label, ti, stub) in prop_targets {
+        let p = propagation(stub, &targets[ti].envoy, &probe_id, args.changes);
+        let _ = writeln!(report, "## Propagation ({label})\n\n{}\n", serde_json::to_string_pretty(&p).unwrap_or_default());
+        prop.push(json!({"table": label, "result": p}));
+    }
+    results["propagation"] = json!(prop);
+
+    results["loadavg_end"] = json!(sh("cat /proc/loadavg"));
+    results["wall_s"] = json!(started.elapsed().as_secs_f64());
+    let _ = writeln!(report, "loadavg at end: {}; wall time {:.0} s", results["loadavg_end"], started.elapsed().as_secs_f64());
+    let base = out_dir.join(stamp.replace(':', ""));
+    std::fs::write(base.with_extension("json"), serde_json::to_string_pretty(&results).unwrap_or_default()).expect("write results json");
+    std::fs::write(base.with_extension("md"), &report).expect("write results md");
+    println!("{report}");
+    eprintln!("bench: results in {}.{{json,md}}", base.display());
+    drop(targets);
+    drop(nginx);
+}
+
+/// Waits until the Envoy's poller applied the stub's current version (its next
+/// long-poll asks for changes after it); returns when that poll arrived.
+fn wait_applied(stub: &RoutesStub, envoy: &Envoy, timeout: Duration) -> Result<Instant, String> {
+    let version = stub.version();
+    let deadline = Instant::now() + timeout;
+    let mut next_stats = Instant::now() + Duration::from_secs(1);
+    loop {
+        if let Some(at) = stub.applied_at(version) {
+            return Ok(at);
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "poller did not apply version {version} within {timeout:?} (poller errors {}, entries gauge {})",
+                envoy.stat("prealloc_poller_errors"),
+                envoy.stat("prealloc_poller_entries")
+            ));
+        }
+        if Instant::now() >= next_stats {
+            next_stats = Instant::now() + Duration::from_secs(1);
+            eprintln!(
+                "bench: waiting for the table: entries gauge {}, poller errors {}, polls {}",
+                envoy.stat("prealloc_poller_entries"),
+                envoy.stat("prealloc_poller_errors"),
+                stub.polls().len()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// `changes` times: move the probe consumer's entry to another manager, then
+/// probe Envoy until a request is routed by the new entry. Measures from the
+/// moment the routes server acknowledged the change (upsert returned).
+fn propagation(stub: &RoutesStub, envoy: &Envoy, id: &ConsumerId, changes: usize) -> Value {
+    let c = cookie(id, ConsumerState::Registering, &["manager_m1"]);
+    let mut probe = Probe::new(envoy.addr());
+    stub.upsert(id, ConsumerState::Registering, &["m1"]);
+    let _ = wait_applied(stub, envoy, Duration::from_secs(10));
+    let mut routed_ms = Vec::new();
+    let mut applied_ms = Vec::new();
+    let mut probes = Vec::new();
+    let mut failures = 0;
+    let mut seed: u64 = 0x1234_5678;
+    for i in 0..changes {
+        let target = if i % 2 == 0 { "m2" } else { "m3" };
+        let v = stub.upsert(id, ConsumerState::Registering, &[target]);
+        let acked = Instant::now();
+        let deadline = acked + Duration::from_secs(2);
+        let mut n = 0;
+        let mut ok = false;
+        while Instant::now() < deadline {
+            n += 1;
+            match probe.get(&[("Cookie", &format!("prealloc={c}"))]) {
+                Ok(a) if a.status == 200 && a.body == target => {
+                    ok = true;
+                    break;
+                }
+                Ok(_) => {}
+                Err(e) => eprintln!("bench: propagation probe error: {e}"),
+            }
+        }
+        let routed = Instant::now();
+        if ok {
+            routed_ms.push(routed.duration_since(acked).as_secs_f64() * 1e3);
+            probes.push(n as f64);
+        } else {
+            failures += 1;
+        }
+        if let (Some(ch), Some(ap)) = (stub.changed_at(v), stub.applied_at(v)) {
+            applied_ms.push(ap.saturating_duration_since(ch).as_secs_f64() * 1e3);
+        }
+        // 5–25 ms between changes, so most changes find the long-poll held (the steady state).
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        std::thread::sleep(Duration::from_millis(5 + (seed >> 33) % 21));
+    }
+    let sorted = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+        v
+    };
+    let r = sorted(routed_ms);
+    let a = sorted(applied_ms);
+    json!({
+        "changes": changes, "not_routed_within_2s": failures,
+        "ack_to_routed_ms": {"p50": percentile(&r, 50.0), "p90": percentile(&r, 90.0), "p99": percentile(&r, 99.0), "max": r.last().copied().unwrap_or(f64::NAN)},
+        "ack_to_poller_applied_ms": {"p50": percentile(&a, 50.0), "p99": percentile(&a, 99.0), "max": a.last().copied().unwrap_or(f64::NAN)},
+        "probes_per_change_median": median(&probes),
+    })
+}
