@@ -13,5 +13,6 @@ mod poller_faults;
 mod propagation;
 mod round_robin;
 mod routes_stub;
+mod signup;
 mod spoofing;
 mod upgrade;
