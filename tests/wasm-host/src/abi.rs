@@ -15,6 +15,7 @@ const MAP_RESPONSE_HEADERS: i32 = 2;
 const MAP_HTTP_CALL_RESPONSE_HEADERS: i32 = 6;
 const MAP_HTTP_CALL_RESPONSE_TRAILERS: i32 = 7;
 
+const BUFFER_HTTP_REQUEST_BODY: i32 = 0;
 const BUFFER_HTTP_CALL_RESPONSE_BODY: i32 = 4;
 const BUFFER_VM_CONFIGURATION: i32 = 6;
 const BUFFER_PLUGIN_CONFIGURATION: i32 = 7;
@@ -167,6 +168,10 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmData>) -> Result<()> {
         |mut c: C<'_>, buffer_type: i32, start: i32, max: i32, ptr_ptr: i32, size_ptr: i32| -> Result<i32> {
             let data = c.data();
             let buffer: Option<Vec<u8>> = match buffer_type {
+                BUFFER_HTTP_REQUEST_BODY => data
+                    .contexts
+                    .get(&data.effective)
+                    .and_then(|ctx| ctx.request_body.clone()),
                 BUFFER_VM_CONFIGURATION if data.vm_config_visible => Some(data.vm_config.clone()),
                 BUFFER_PLUGIN_CONFIGURATION => data.plugin_config.clone(),
                 BUFFER_HTTP_CALL_RESPONSE_BODY => data.call_response.as_ref().map(|r| r.body.clone()),

@@ -683,6 +683,32 @@ impl HttpStream<'_> {
         action
     }
 
+    /// A chunk of the request body arrives (appended to what came before, as
+    /// Envoy buffers a paused body); returns the filter's action.
+    pub fn request_body(&mut self, chunk: &[u8], end_of_stream: bool) -> Action {
+        let mut inner = self.vm.lock();
+        let ctx = inner
+            .store
+            .data_mut()
+            .contexts
+            .get_mut(&self.id)
+            .expect("stream context exists");
+        let body = ctx.request_body.get_or_insert_with(Vec::new);
+        body.extend_from_slice(chunk);
+        let size = body.len() as i32;
+        let raw = inner.call::<(i32, i32, i32), i32>(
+            self.id,
+            "proxy_on_request_body",
+            (self.id as i32, size, end_of_stream as i32),
+        );
+        Action::from_raw(raw)
+    }
+
+    /// The request body as it goes upstream.
+    pub fn forwarded_request_body(&self) -> Vec<u8> {
+        self.with_context(|c| c.request_body.clone().unwrap_or_default())
+    }
+
     /// Whether the request went on upstream: it continued (or was resumed) and
     /// the filter neither replied locally nor reset it.
     pub fn is_forwarded(&self) -> bool {

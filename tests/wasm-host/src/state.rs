@@ -189,6 +189,8 @@ pub(crate) struct ContextState {
     pub root_id: u32,
     pub request_headers: Option<Vec<Header>>,
     pub response_headers: Option<Vec<Header>>,
+    /// The request body received so far (buffered, as Envoy does while a filter pauses it).
+    pub request_body: Option<Vec<u8>>,
     pub local_reply: Option<LocalReply>,
     pub resumed_request: bool,
     pub resumed_response: bool,

@@ -7,4 +7,5 @@ mod host_abi;
 mod poller;
 mod robustness;
 mod routing;
+mod signup;
 mod support;
