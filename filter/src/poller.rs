@@ -38,8 +38,8 @@ pub struct Request {
 pub struct Update {
     pub kind: RoutesKind,
     pub version: u64,
-    /// `(key, value)` pairs to write in this order; an empty value clears an entry.
-    pub writes: Vec<(String, String)>,
+    /// How many shared-data writes were handed to the sink.
+    pub writes: usize,
     /// Parts of the response that were refused (logged; the rest applies).
     pub skipped: Vec<String>,
 }
@@ -181,6 +181,7 @@ impl Poller {
         status: Option<u32>,
         body: &[u8],
         now_ms: u64,
+        sink: &mut dyn FnMut(&str, &str),
     ) -> Result<Update, PollError> {
         let result = match status {
             None => Err(PollError::Transport(
@@ -188,7 +189,7 @@ impl Poller {
             )),
             Some(200) => serde_json::from_slice::<RoutesResponse>(body)
                 .map_err(|e| PollError::Body(e.to_string()))
-                .and_then(|r| self.apply(r)),
+                .and_then(|r| self.apply(r, sink)),
             Some(s) => Err(PollError::Status(s)),
         };
         match &result {
@@ -203,8 +204,16 @@ impl Poller {
         result
     }
 
-    /// Turns a decoded response into writes, and advances the poller's position.
-    pub fn apply(&mut self, r: RoutesResponse) -> Result<Update, PollError> {
+    /// Applies a decoded response: hands each shared-data write to `sink` as
+    /// `(key, value)` in order (an empty value clears an entry), then advances
+    /// the poller's position. Writes are streamed rather than collected so a
+    /// full snapshot of a large table is not held twice in memory; whatever
+    /// makes the whole response unusable is checked before the first write.
+    pub fn apply(
+        &mut self,
+        r: RoutesResponse,
+        sink: &mut dyn FnMut(&str, &str),
+    ) -> Result<Update, PollError> {
         if r.epoch.is_empty()
             || r.epoch.len() > MAX_EPOCH_LEN
             || !r
@@ -242,7 +251,11 @@ impl Poller {
         }
 
         let mut skipped = Vec::new();
-        let mut writes = Vec::with_capacity(1 + r.upsert.len() + r.remove.len());
+        let mut writes = 0usize;
+        let mut write = |k: &str, v: &str| {
+            sink(k, v);
+            writes += 1;
+        };
 
         // Managers: id -> cluster, and the availability value, written first.
         let mut clusters: HashMap<&str, &str> = HashMap::with_capacity(r.managers.len());
@@ -267,7 +280,7 @@ impl Poller {
         if r.kind == RoutesKind::Full
             || self.managers_value.as_deref() != Some(managers_value.as_str())
         {
-            writes.push((MANAGERS_KEY.to_owned(), managers_value.clone()));
+            write(MANAGERS_KEY, &managers_value);
         }
 
         // Consumer entries.
@@ -302,10 +315,10 @@ impl Poller {
                 ));
                 continue;
             }
-            writes.push((
-                consumer_key(&e.consumer),
-                encode_entry(e.state, replica_clusters.iter().copied()),
-            ));
+            write(
+                &consumer_key(&e.consumer),
+                &encode_entry(e.state, replica_clusters.iter().copied()),
+            );
             upserted.insert(id_bytes(&e.consumer));
         }
         match r.kind {
@@ -314,12 +327,12 @@ impl Poller {
                 let mut stale: Vec<&[u8; 16]> = self.written.difference(&upserted).collect();
                 stale.sort_unstable();
                 for b in stale {
-                    writes.push((consumer_key(&ConsumerId::from_bytes(*b)), String::new()));
+                    write(&consumer_key(&ConsumerId::from_bytes(*b)), "");
                 }
             }
             RoutesKind::Delta => {
                 for id in &r.remove {
-                    writes.push((consumer_key(id), String::new()));
+                    write(&consumer_key(id), "");
                     removed.push(id_bytes(id));
                 }
             }
@@ -359,6 +372,54 @@ mod tests {
     use super::*;
     use prealloc_wire::{Availability, ConsumerState, ManagerRoute, RouteEntry};
     use proptest::prelude::*;
+
+    /// Test view of an update: the writes collected in order.
+    #[derive(Debug)]
+    struct Collected {
+        kind: RoutesKind,
+        writes: Vec<(String, String)>,
+        skipped: Vec<String>,
+    }
+
+    trait Collect {
+        fn apply_c(&mut self, r: RoutesResponse) -> Result<Collected, PollError>;
+        fn respond(
+            &mut self,
+            status: Option<u32>,
+            body: &[u8],
+            now: u64,
+        ) -> Result<Collected, PollError>;
+    }
+
+    impl Collect for Poller {
+        fn apply_c(&mut self, r: RoutesResponse) -> Result<Collected, PollError> {
+            let mut writes = Vec::new();
+            let u = self.apply(r, &mut |k, v| writes.push((k.to_owned(), v.to_owned())))?;
+            assert_eq!(u.writes, writes.len());
+            Ok(Collected {
+                kind: u.kind,
+                writes,
+                skipped: u.skipped,
+            })
+        }
+        fn respond(
+            &mut self,
+            status: Option<u32>,
+            body: &[u8],
+            now: u64,
+        ) -> Result<Collected, PollError> {
+            let mut writes = Vec::new();
+            let u = self.on_response(status, body, now, &mut |k, v| {
+                writes.push((k.to_owned(), v.to_owned()))
+            })?;
+            assert_eq!(u.writes, writes.len());
+            Ok(Collected {
+                kind: u.kind,
+                writes,
+                skipped: u.skipped,
+            })
+        }
+    }
 
     fn cfg() -> PollerConfig {
         PollerConfig {
@@ -449,7 +510,7 @@ mod tests {
             vec![],
         );
         let u = p
-            .on_response(Some(200), &serde_json::to_vec(&full).unwrap(), 0)
+            .respond(Some(200), &serde_json::to_vec(&full).unwrap(), 0)
             .unwrap();
         assert_eq!(
             u.writes,
@@ -459,6 +520,7 @@ mod tests {
                 w(&key(2), "1|r|manager_m1,manager_m2"),
             ]
         );
+        assert_eq!(u.kind, RoutesKind::Full);
         assert_eq!(p.position(), (5, Some("e1")));
         let next = p.poll_due(1).unwrap();
         assert!(next
@@ -474,7 +536,7 @@ mod tests {
             vec![id(2)],
         );
         let u = p
-            .on_response(Some(200), &serde_json::to_vec(&delta).unwrap(), 1)
+            .respond(Some(200), &serde_json::to_vec(&delta).unwrap(), 1)
             .unwrap();
         assert_eq!(
             u.writes,
@@ -487,7 +549,7 @@ mod tests {
         let mut un = resp("e1", 7, RoutesKind::Unchanged, vec![], vec![]);
         un.managers[1].availability = Availability::Down;
         let u = p
-            .on_response(Some(200), &serde_json::to_vec(&un).unwrap(), 2)
+            .respond(Some(200), &serde_json::to_vec(&un).unwrap(), 2)
             .unwrap();
         assert_eq!(
             u.writes,
@@ -498,7 +560,7 @@ mod tests {
     #[test]
     fn full_snapshot_clears_entries_it_no_longer_has() {
         let mut p = Poller::new(cfg());
-        p.apply(resp(
+        p.apply_c(resp(
             "e1",
             1,
             RoutesKind::Full,
@@ -508,7 +570,7 @@ mod tests {
         .unwrap();
         // New epoch (control plane database replaced): full snapshot with only 2 and 3.
         let u = p
-            .apply(resp(
+            .apply_c(resp(
                 "e2",
                 1,
                 RoutesKind::Full,
@@ -546,11 +608,11 @@ mod tests {
             resp("other", 5, RoutesKind::Unchanged, vec![], vec![]),
         ] {
             let mut p = Poller::new(cfg());
-            p.apply(resp("e1", 5, RoutesKind::Full, vec![], vec![]))
+            p.apply_c(resp("e1", 5, RoutesKind::Full, vec![], vec![]))
                 .unwrap();
             p.poll_due(0);
             let e = p
-                .on_response(Some(200), &serde_json::to_vec(&bad).unwrap(), 0)
+                .respond(Some(200), &serde_json::to_vec(&bad).unwrap(), 0)
                 .unwrap_err();
             assert!(matches!(e, PollError::Resync(_)), "{e}");
             assert_eq!(p.query().since, 0);
@@ -559,7 +621,7 @@ mod tests {
         // A delta before any full snapshot is out of sequence too.
         let mut p = Poller::new(cfg());
         assert!(matches!(
-            p.apply(resp("e1", 1, RoutesKind::Delta, vec![], vec![])),
+            p.apply_c(resp("e1", 1, RoutesKind::Delta, vec![], vec![])),
             Err(PollError::Resync(_))
         ));
     }
@@ -568,7 +630,7 @@ mod tests {
     fn entries_naming_unknown_managers_are_skipped_not_fatal() {
         let mut p = Poller::new(cfg());
         let u = p
-            .apply(resp(
+            .apply_c(resp(
                 "e1",
                 1,
                 RoutesKind::Full,
@@ -604,7 +666,7 @@ mod tests {
             location: "eu".into(),
             availability: Availability::Available,
         });
-        let u = p.apply(r).unwrap();
+        let u = p.apply_c(r).unwrap();
         assert_eq!(u.writes.len(), 1, "only the managers key: {:?}", u.writes);
         assert_eq!(u.skipped.len(), 2);
     }
@@ -612,7 +674,7 @@ mod tests {
     #[test]
     fn errors_keep_the_table_and_back_off_capped() {
         let mut p = Poller::new(cfg());
-        p.apply(resp(
+        p.apply_c(resp(
             "e1",
             3,
             RoutesKind::Full,
@@ -631,7 +693,7 @@ mod tests {
             (Some(200), &b"{}"[..]),
         ] {
             assert!(p.poll_due(now).is_some(), "poll due at {now}");
-            assert!(p.on_response(status, body, now).is_err());
+            assert!(p.respond(status, body, now).is_err());
             assert_eq!(p.position(), (3, Some("e1")), "last good position kept");
             assert_eq!(p.poll_due(now), None, "waits after an error");
             delays.push(p.backoff_ms());
@@ -645,7 +707,7 @@ mod tests {
         let ok = resp("e1", 3, RoutesKind::Unchanged, vec![], vec![]);
         now += 1000;
         assert!(p.poll_due(now).is_some());
-        p.on_response(Some(200), &serde_json::to_vec(&ok).unwrap(), now)
+        p.respond(Some(200), &serde_json::to_vec(&ok).unwrap(), now)
             .unwrap();
         assert!(
             p.poll_due(now).is_some(),
@@ -659,7 +721,7 @@ mod tests {
         fn applier_never_panics_on_bytes(body in proptest::collection::vec(any::<u8>(), 0..300)) {
             let mut p = Poller::new(cfg());
             p.poll_due(0);
-            let _ = p.on_response(Some(200), &body, 0);
+            let _ = p.respond(Some(200), &body, 0);
         }
 
         #[test]
@@ -672,7 +734,7 @@ mod tests {
             remove in proptest::collection::vec(any::<u8>(), 0..3),
         ) {
             let mut p = Poller::new(cfg());
-            let _ = p.apply(resp("e", 1, RoutesKind::Full, vec![], vec![]));
+            let _ = p.apply_c(resp("e", 1, RoutesKind::Full, vec![], vec![]));
             let r = RoutesResponse {
                 epoch,
                 version,
@@ -681,7 +743,7 @@ mod tests {
                 upsert: upsert.into_iter().map(|(n, reg, replicas)| RouteEntry { consumer: id(n), state: if reg { R } else { G }, replicas }).collect(),
                 remove: remove.into_iter().map(id).collect(),
             };
-            if let Ok(u) = p.apply(r) {
+            if let Ok(u) = p.apply_c(r) {
                 // Every written entry decodes and names only valid clusters.
                 for (k, v) in &u.writes {
                     if k == MANAGERS_KEY {

@@ -60,19 +60,22 @@ impl PollerRoot {
         let status = host::call_response_status();
         let body = host::call_response_body(body_size);
         let now = host::now_ms();
-        match self.poller.on_response(status, &body, now) {
-            Ok(update) => {
-                let mut failed = 0usize;
-                for (key, value) in &update.writes {
-                    if host::set_shared(key, value.as_bytes()).is_err() {
-                        failed += 1;
-                    }
+        let mut failed = 0usize;
+        let result = self
+            .poller
+            .on_response(status, &body, now, &mut |key, value| {
+                if host::set_shared(key, value.as_bytes()).is_err() {
+                    failed += 1;
                 }
+            });
+        drop(body);
+        match result {
+            Ok(update) => {
                 if failed > 0 {
                     self.metrics.inc(Counter::PollerErrors);
                     host::warn(&format!(
-                        "[prealloc poller {}] {failed} shared-data writes failed",
-                        self.id
+                        "[prealloc poller {}] {failed} of {} shared-data writes failed",
+                        self.id, update.writes
                     ));
                 }
                 for s in &update.skipped {
