@@ -1,6 +1,6 @@
 //! Sign-up through the filter with the real control plane: first manager, forwarded headers, cookie.
 
-use crate::support::{served_by, tally};
+use crate::support::served_by;
 use prealloc_e2e::client::Client;
 use prealloc_e2e::control_plane::{ControlPlane, ControlPlaneConfig, ManagerSpec};
 use prealloc_e2e::envoy::{Envoy, EnvoyConfig, EnvoyOptions, TEST_COOKIE_KEY, TEST_ENVOY_TOKEN};
@@ -96,10 +96,6 @@ async fn signup_lands_on_the_first_manager_and_sets_the_cookie() {
 
     let cookie = format!("prealloc={value}");
     let served = served_by(&mut c, &cookie, 6).await;
-    assert_eq!(
-        tally(&served).into_keys().collect::<Vec<_>>(),
-        [first.clone()],
-        "pinned: {served:?}"
-    );
+    assert!(served.iter().all(|s| *s == first), "pinned: {served:?}");
     assert_no_violations(ms.iter().chain([default.as_manager()]));
 }
