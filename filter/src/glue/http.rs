@@ -317,10 +317,16 @@ impl Http {
         let upgraded = decision::upgraded_claims(claims, entry, now.saturating_add(cfg.max_age_s));
         match cookie::sign_with_config(cfg, &upgraded) {
             Ok(value) => self.upgrade_cookie = Some(cookie::set_cookie_header(cfg, &value)),
-            Err(e) => host::warn(&format!(
-                "[prealloc http {}] cannot upgrade the cookie: {e}",
-                self.id
-            )),
+            // Happens on every request of such a consumer (e.g. more replicas than a
+            // cookie carries): keep it at debug, routing by the table still works.
+            Err(e) => {
+                if host::debug_enabled() {
+                    host::debug(&format!(
+                        "[prealloc http {}] not upgrading the cookie of {}: {e}",
+                        self.id, claims.consumer
+                    ));
+                }
+            }
         }
     }
 
