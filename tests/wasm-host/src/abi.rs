@@ -452,6 +452,10 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmData>) -> Result<()> {
                     return Ok(status::BAD_ARGUMENT);
                 }
             }
+            // Envoy refuses a call to a cluster it does not have.
+            if lock(&c.data().shared).unknown_clusters.contains(&upstream) {
+                return Ok(status::BAD_ARGUMENT);
+            }
             let (vm, context_id) = (c.data().vm, c.data().effective);
             let token = {
                 let mut shared = lock(&c.data().shared);

@@ -318,6 +318,12 @@ impl Host {
         inner.store.data_mut().call_response = None;
     }
 
+    /// Makes `cluster` unknown to this "Envoy": `proxy_http_call` to it
+    /// answers BadArgument, as Envoy does for a cluster it does not have.
+    pub fn remove_cluster(&self, cluster: &str) {
+        self.shared().unknown_clusters.push(cluster.to_owned());
+    }
+
     /// The value under `key` in shared data, `None` if never set.
     pub fn shared_data(&self, key: &str) -> Option<Vec<u8>> {
         self.shared().shared_data.get(key).map(|(v, _)| v.clone())

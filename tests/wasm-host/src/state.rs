@@ -126,6 +126,8 @@ pub(crate) struct Shared {
     pub properties: HashMap<Vec<String>, Vec<u8>>,
     pub log_level: u32,
     pub last_context_id: u32,
+    /// Clusters this "Envoy" does not have: http calls to them are refused.
+    pub unknown_clusters: Vec<String>,
     /// Print every log line to stderr as it happens (the test harness shows it on failure).
     pub echo_logs: bool,
 }
@@ -143,6 +145,7 @@ impl Shared {
             properties: HashMap::new(),
             log_level: 0,
             last_context_id: 0,
+            unknown_clusters: Vec::new(),
             echo_logs: true,
         }
     }

@@ -450,3 +450,22 @@ fn the_filter_routes_with_the_table_the_poller_writes() {
     assert_eq!(host.shared_data_str(&entry_key(&me)).as_deref(), Some(""));
     assert_even_over(&spread(&worker, &c, 4), &["manager_m1"]);
 }
+
+#[test]
+fn a_missing_control_plane_cluster_is_counted_and_retried_with_backoff() {
+    let host = Host::new();
+    host.remove_cluster("prealloc_control_plane");
+    let vm = host.new_vm();
+    assert!(vm.configure_plugin(&poller_json().to_string()));
+    for _ in 0..20 {
+        host.tick(&vm);
+    }
+    assert!(host.pending_http_calls().is_empty());
+    let errors = host.counter(ERRORS);
+    // 20 ticks of the poller's period with a 100..400 ms backoff: some retries, not one per tick.
+    let elapsed_ms = 20 * u64::from(vm.tick_period_ms());
+    assert!(
+        errors >= 2 && errors <= elapsed_ms / 100 + 1,
+        "{errors} dispatch errors over {elapsed_ms} ms"
+    );
+}

@@ -325,3 +325,22 @@ fn other_methods_and_paths_are_not_signups() {
     }
     assert!(host.pending_http_calls().is_empty());
 }
+
+#[test]
+fn a_missing_control_plane_cluster_gets_a_503_not_a_hang() {
+    let (host, vm) = signup_filter();
+    host.remove_cluster("prealloc_control_plane");
+    let mut s = vm.new_http_stream();
+    s.request_headers(
+        &[
+            (":method", "POST"),
+            (":path", "/signup"),
+            (":authority", "app.example"),
+        ],
+        true,
+    );
+    let reply = s.local_reply().expect("a local reply at once");
+    assert_eq!(reply.status, 503);
+    assert_eq!(error_of(&reply.body), "control_plane_unreachable");
+    assert!(host.pending_http_calls().is_empty());
+}
