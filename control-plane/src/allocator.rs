@@ -82,6 +82,9 @@ pub async fn provision(plane: Plane, id: u64, manager: usize) {
         if *core.stop.borrow() {
             return; // resumed after the restart: the row is still `provisioning`
         }
+        let Ok(permit) = core.provision_permits.acquire().await else {
+            return;
+        };
         let res = core
             .client
             .call(
@@ -93,6 +96,7 @@ pub async fn provision(plane: Plane, id: u64, manager: usize) {
                 timeout,
             )
             .await;
+        drop(permit);
         match res {
             Ok(_) => {
                 let _ =

@@ -194,7 +194,7 @@ pub struct ProvisioningConfig {
     pub retry_min_ms: u64,
     #[serde(default = "default_retry_max")]
     pub retry_max_ms: u64,
-    /// Provisioning calls in flight at once per pool.
+    /// Provisioning calls in flight at once (all pools together).
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
 }

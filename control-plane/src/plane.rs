@@ -47,6 +47,8 @@ pub struct Core {
     /// Active mode: consumers that need copies.
     pub replicate_tx: Option<mpsc::UnboundedSender<ConsumerId>>,
     pub client: ManagerClient,
+    /// Bounds provisioning calls in flight (`provisioning.concurrency`).
+    pub provision_permits: tokio::sync::Semaphore,
     pub stop: watch::Sender<bool>,
 }
 
@@ -141,6 +143,7 @@ impl ControlPlane {
         };
         let (stop, _) = watch::channel(false);
         let provisioning = registry.provisioning();
+        let config_concurrency = config.provisioning.concurrency;
         let core = Arc::new(Core {
             config,
             registry: Mutex::new(registry),
@@ -150,6 +153,7 @@ impl ControlPlane {
             expiry: Expiry::default(),
             replicate_tx,
             client: ManagerClient::default(),
+            provision_permits: tokio::sync::Semaphore::new(config_concurrency),
             stop,
         });
         core.expiry.push(in_grace, grace);

@@ -2,7 +2,7 @@
 //! Pure logic (no I/O): every mutation appends the [`Op`]s that make it durable.
 
 use crate::config::{Config, ReplicationTarget};
-use crate::store::{ConsumerRow, Op, ReplicaRow, ResourceRow, ResourceState, Snapshot};
+use crate::store::{Op, ReplicaRow, ResourceRow, ResourceState, Snapshot};
 use anyhow::anyhow;
 use prealloc_wire::{
     Availability, ConsumerId, ConsumerState, ManagerRoute, Registration, ResourceRef, RouteEntry,
@@ -251,18 +251,21 @@ impl Registry {
             );
         }
         for r in &snap.replicas {
-            let id = ConsumerId::parse(&r.consumer).map_err(|e| anyhow!("replica row: {e}"))?;
+            // Rows of a resource without a consumer are leftovers of nothing: skip them.
+            let Some(id) = reg
+                .resources
+                .get(&r.resource)
+                .and_then(|x| x.consumer.clone())
+            else {
+                continue;
+            };
             let &m = reg.manager_idx.get(&r.manager).ok_or_else(|| {
                 anyhow!(
                     "manager {:?} holds consumer data in the database but is missing from the config; add it back",
                     r.manager
                 )
             })?;
-            let first = reg
-                .consumers
-                .get(&id)
-                .map(|c| reg.resources[&c.resource].pool);
-            if let (Some(c), Some(_)) = (reg.consumers.get_mut(&id), first) {
+            if let Some(c) = reg.consumers.get_mut(&id) {
                 c.replicas.push((m, r.at_ms));
             }
         }
@@ -520,11 +523,6 @@ impl Registry {
             .expect("pool holds only known resources");
         r.state = ResourceState::Assigned;
         r.consumer = Some(consumer.clone());
-        ops.push(Op::SetResourceState {
-            id: rid,
-            state: ResourceState::Assigned,
-            consumer: Some(consumer.to_string()),
-        });
         let mut c = Consumer {
             resource: rid,
             replicas: vec![(m, now_ms)],
@@ -534,16 +532,14 @@ impl Registry {
         if self.target_reached(pool, &c.replicas) {
             c.registered_ms = Some(now_ms);
         }
-        ops.push(Op::PutConsumer(ConsumerRow {
-            id: consumer.to_string(),
+        ops.push(Op::Assign {
             resource: rid,
-            manager: self.managers[m].id.clone(),
-            registered: c.registered_ms.is_some(),
+            consumer: consumer.to_string(),
             created_ms: now_ms,
             registered_ms: c.registered_ms,
-        }));
+        });
         ops.push(Op::PutReplica(ReplicaRow {
-            consumer: consumer.to_string(),
+            resource: rid,
             manager: self.managers[m].id.clone(),
             at_ms: now_ms,
         }));
@@ -579,13 +575,8 @@ impl Registry {
         r.consumer = None;
         let (pool, member) = (r.pool, r.member);
         self.pools[pool].ready[member].push_back(c.resource);
-        ops.push(Op::SetResourceState {
-            id: c.resource,
-            state: ResourceState::Ready,
-            consumer: None,
-        });
-        ops.push(Op::DeleteConsumer {
-            id: consumer.to_string(),
+        ops.push(Op::Unassign {
+            resource: c.resource,
         });
         Some(pool)
     }
@@ -644,7 +635,7 @@ impl Registry {
         c.replicas = replicas;
         let lag_ms = now_ms.saturating_sub(c.created_ms);
         ops.push(Op::PutReplica(ReplicaRow {
-            consumer: consumer.to_string(),
+            resource: c.resource,
             manager: manager.to_owned(),
             at_ms: now_ms,
         }));
@@ -652,7 +643,7 @@ impl Registry {
         if became_registered {
             c.registered_ms = Some(now_ms);
             ops.push(Op::SetRegistered {
-                id: consumer.to_string(),
+                resource: c.resource,
                 registered_ms: now_ms,
             });
         }

@@ -48,7 +48,8 @@ pub struct ResourceRow {
     pub created_ms: u64,
 }
 
-/// A consumer row.
+/// A consumer, as loaded (consumers live in their resource's row: a registration
+/// then writes one row in place instead of inserting into a randomly keyed table).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConsumerRow {
     pub id: String,
@@ -59,10 +60,10 @@ pub struct ConsumerRow {
     pub registered_ms: Option<u64>,
 }
 
-/// One confirmed copy of a consumer's data.
+/// One confirmed copy of a consumer's data, keyed by the consumer's resource.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplicaRow {
-    pub consumer: String,
+    pub resource: u64,
     pub manager: String,
     pub at_ms: u64,
 }
@@ -87,14 +88,20 @@ pub enum Op {
     DeleteResource {
         id: u64,
     },
-    PutConsumer(ConsumerRow),
-    SetRegistered {
-        id: String,
-        registered_ms: u64,
+    /// Hands a ready resource to a new consumer.
+    Assign {
+        resource: u64,
+        consumer: String,
+        created_ms: u64,
+        registered_ms: Option<u64>,
     },
-    /// Removes the consumer and its replica rows.
-    DeleteConsumer {
-        id: String,
+    /// Gives the resource back (ready again) and drops its consumer's replica rows.
+    Unassign {
+        resource: u64,
+    },
+    SetRegistered {
+        resource: u64,
+        registered_ms: u64,
     },
     PutReplica(ReplicaRow),
 }

@@ -8,6 +8,9 @@ use std::path::{Path, PathBuf};
 /// Schema migrations, applied in order; the `migrations` table records which ran.
 const MIGRATIONS: &[(&str, &str)] = &[(
     "0001_initial",
+    // Consumers live in their resource's row and replicas are keyed by resource id:
+    // resource ids grow, so a registration touches pages at the end of the trees
+    // instead of random pages, which keeps each group commit small.
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
      CREATE TABLE manager_availability (
          manager TEXT PRIMARY KEY, availability TEXT NOT NULL) WITHOUT ROWID;
@@ -18,26 +21,74 @@ const MIGRATIONS: &[(&str, &str)] = &[(
          location TEXT NOT NULL,
          manager TEXT NOT NULL,
          state TEXT NOT NULL,
-         consumer TEXT,
-         created_ms INTEGER NOT NULL);
-     CREATE TABLE consumers (
-         id TEXT PRIMARY KEY,
-         resource INTEGER NOT NULL UNIQUE,
-         manager TEXT NOT NULL,
-         registered INTEGER NOT NULL,
          created_ms INTEGER NOT NULL,
-         registered_ms INTEGER) WITHOUT ROWID;
+         consumer TEXT,
+         consumer_created_ms INTEGER,
+         registered_ms INTEGER);
      CREATE TABLE replicas (
-         consumer TEXT NOT NULL,
+         resource INTEGER NOT NULL,
          manager TEXT NOT NULL,
          at_ms INTEGER NOT NULL,
-         PRIMARY KEY (consumer, manager)) WITHOUT ROWID;",
+         PRIMARY KEY (resource, manager)) WITHOUT ROWID;",
 )];
 
 /// A store in one SQLite file.
 pub struct SqliteStore {
     conn: Connection,
     path: PathBuf,
+    checkpointer: Option<Checkpointer>,
+}
+
+/// Checkpoints the WAL from its own connection, so the writer's commits only ever
+/// pay for appending to the WAL and one fsync, never for copying pages back.
+struct Checkpointer {
+    stop: std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    fn start(path: &Path) -> anyhow::Result<Checkpointer> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch("PRAGMA synchronous=FULL;")?;
+        let stop = std::sync::Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+        let s = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("prealloc-checkpoint".into())
+            .spawn(move || {
+                let (lock, cv) = &*s;
+                let mut stopped = lock.lock().unwrap_or_else(|p| p.into_inner());
+                loop {
+                    let (g, _) = cv
+                        .wait_timeout(stopped, std::time::Duration::from_millis(250))
+                        .unwrap_or_else(|p| p.into_inner());
+                    stopped = g;
+                    if *stopped {
+                        break;
+                    }
+                    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                    {
+                        tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
+                    }
+                }
+                let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+            })?;
+        Ok(Checkpointer {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        let (lock, cv) = &*self.stop;
+        *lock.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        cv.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl SqliteStore {
@@ -63,12 +114,17 @@ impl SqliteStore {
                 path.display()
             ));
         }
-        conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF;")?;
+        conn.execute_batch(
+            "PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF; PRAGMA wal_autocheckpoint=0;
+             PRAGMA cache_size=-65536; PRAGMA temp_store=MEMORY;",
+        )?;
         let mut store = SqliteStore {
             conn,
             path: path.to_owned(),
+            checkpointer: None,
         };
         store.migrate()?;
+        store.checkpointer = Some(Checkpointer::start(path)?);
         Ok(store)
     }
 
@@ -89,6 +145,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             conn,
             path: path.to_owned(),
+            checkpointer: None,
         })
     }
 
@@ -149,57 +206,46 @@ impl Store for SqliteStore {
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<Result<_, _>>()?;
         let mut st = c.prepare(
-            "SELECT id, resource_type, name, location, manager, state, consumer, created_ms
+            "SELECT id, resource_type, name, location, manager, state, consumer, created_ms,
+                    consumer_created_ms, registered_ms
              FROM resources ORDER BY id",
         )?;
-        let rows = st.query_map([], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, String>(4)?,
-                r.get::<_, String>(5)?,
-                r.get::<_, Option<String>>(6)?,
-                r.get::<_, i64>(7)?,
-            ))
-        })?;
-        for row in rows {
-            let (id, resource_type, name, location, manager, state, consumer, created) = row?;
+        let mut rows = st.query([])?;
+        while let Some(r) = rows.next()? {
+            let id = r.get::<_, i64>(0)? as u64;
+            let state: String = r.get(5)?;
             let state = ResourceState::parse(&state)
                 .ok_or_else(|| anyhow!("resource {id} has unknown state {state:?}"))?;
+            let consumer: Option<String> = r.get(6)?;
+            let manager: String = r.get(4)?;
+            if let Some(cid) = &consumer {
+                let registered_ms = r.get::<_, Option<i64>>(9)?.map(|v| v as u64);
+                snap.consumers.push(ConsumerRow {
+                    id: cid.clone(),
+                    resource: id,
+                    manager: manager.clone(),
+                    registered: registered_ms.is_some(),
+                    created_ms: r.get::<_, Option<i64>>(8)?.unwrap_or(0) as u64,
+                    registered_ms,
+                });
+            }
             snap.resources.push(ResourceRow {
-                id: id as u64,
-                resource_type,
-                name,
-                location,
+                id,
+                resource_type: r.get(1)?,
+                name: r.get(2)?,
+                location: r.get(3)?,
                 manager,
                 state,
                 consumer,
-                created_ms: created as u64,
+                created_ms: r.get::<_, i64>(7)? as u64,
             });
         }
-        let mut st = c.prepare(
-            "SELECT id, resource, manager, registered, created_ms, registered_ms FROM consumers",
-        )?;
-        snap.consumers = st
-            .query_map([], |r| {
-                Ok(ConsumerRow {
-                    id: r.get(0)?,
-                    resource: r.get::<_, i64>(1)? as u64,
-                    manager: r.get(2)?,
-                    registered: r.get::<_, i64>(3)? != 0,
-                    created_ms: r.get::<_, i64>(4)? as u64,
-                    registered_ms: r.get::<_, Option<i64>>(5)?.map(|v| v as u64),
-                })
-            })?
-            .collect::<Result<_, _>>()?;
         let mut st =
-            c.prepare("SELECT consumer, manager, at_ms FROM replicas ORDER BY consumer, at_ms")?;
+            c.prepare("SELECT resource, manager, at_ms FROM replicas ORDER BY resource, at_ms")?;
         snap.replicas = st
             .query_map([], |r| {
                 Ok(ReplicaRow {
-                    consumer: r.get(0)?,
+                    resource: r.get::<_, i64>(0)? as u64,
                     manager: r.get(1)?,
                     at_ms: r.get::<_, i64>(2)? as u64,
                 })
@@ -267,38 +313,48 @@ impl Store for SqliteStore {
                     tx.prepare_cached("DELETE FROM resources WHERE id = ?1")?
                         .execute(params![to_i64(*id)])?;
                 }
-                Op::PutConsumer(c) => {
-                    tx.prepare_cached(
-                        "INSERT INTO consumers
-                         (id, resource, manager, registered, created_ms, registered_ms)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                    )?
-                    .execute(params![
-                        c.id,
-                        to_i64(c.resource),
-                        c.manager,
-                        c.registered as i64,
-                        to_i64(c.created_ms),
-                        c.registered_ms.map(to_i64)
-                    ])?;
+                Op::Assign {
+                    resource,
+                    consumer,
+                    created_ms,
+                    registered_ms,
+                } => {
+                    let n = tx
+                        .prepare_cached(
+                            "UPDATE resources SET state = 'assigned', consumer = ?2,
+                             consumer_created_ms = ?3, registered_ms = ?4 WHERE id = ?1",
+                        )?
+                        .execute(params![
+                            to_i64(*resource),
+                            consumer,
+                            to_i64(*created_ms),
+                            registered_ms.map(to_i64)
+                        ])?;
+                    if n != 1 {
+                        return Err(anyhow!("resource {resource} is missing from the database"));
+                    }
                 }
-                Op::SetRegistered { id, registered_ms } => {
+                Op::Unassign { resource } => {
                     tx.prepare_cached(
-                        "UPDATE consumers SET registered = 1, registered_ms = ?2 WHERE id = ?1",
+                        "UPDATE resources SET state = 'ready', consumer = NULL,
+                         consumer_created_ms = NULL, registered_ms = NULL WHERE id = ?1",
                     )?
-                    .execute(params![id, to_i64(*registered_ms)])?;
+                    .execute(params![to_i64(*resource)])?;
+                    tx.prepare_cached("DELETE FROM replicas WHERE resource = ?1")?
+                        .execute(params![to_i64(*resource)])?;
                 }
-                Op::DeleteConsumer { id } => {
-                    tx.prepare_cached("DELETE FROM replicas WHERE consumer = ?1")?
-                        .execute([id])?;
-                    tx.prepare_cached("DELETE FROM consumers WHERE id = ?1")?
-                        .execute([id])?;
+                Op::SetRegistered {
+                    resource,
+                    registered_ms,
+                } => {
+                    tx.prepare_cached("UPDATE resources SET registered_ms = ?2 WHERE id = ?1")?
+                        .execute(params![to_i64(*resource), to_i64(*registered_ms)])?;
                 }
                 Op::PutReplica(r) => {
                     tx.prepare_cached(
-                        "INSERT OR IGNORE INTO replicas (consumer, manager, at_ms) VALUES (?1, ?2, ?3)",
+                        "INSERT OR IGNORE INTO replicas (resource, manager, at_ms) VALUES (?1, ?2, ?3)",
                     )?
-                    .execute(params![r.consumer, r.manager, to_i64(r.at_ms)])?;
+                    .execute(params![to_i64(r.resource), r.manager, to_i64(r.at_ms)])?;
                 }
             }
         }
