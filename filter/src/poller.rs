@@ -61,6 +61,10 @@ impl fmt::Display for PollError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             PollError::Transport(m) => write!(f, "routes poll failed: {m}"),
+            PollError::Status(s @ 502..=504) => write!(
+                f,
+                "routes poll answered HTTP {s} (Envoy's answer when the control plane cannot be reached or times out)"
+            ),
             PollError::Status(s) => write!(f, "routes poll answered HTTP {s}, expected 200"),
             PollError::Body(m) => write!(f, "routes response is not valid: {m}"),
             PollError::Resync(m) => write!(
@@ -714,6 +718,10 @@ mod tests {
             "long-poll loop: next poll at once"
         );
         assert_eq!(p.backoff_ms(), 100);
+        assert!(PollError::Status(503)
+            .to_string()
+            .contains("cannot be reached"));
+        assert!(PollError::Status(401).to_string().contains("expected 200"));
     }
 
     proptest! {
