@@ -30,12 +30,15 @@ fn example_config_parses_with_three_managers_in_one_location() {
 #[test]
 fn defaults_are_reported_mode_target_all_and_loopback() {
     let db = Db::new();
-    let mut s = Setup::default();
-    s.extra = String::new();
-    let text = s
+    let text = Setup::default()
         .toml(&db.path())
-        .replace("mode = \"reported\"\ntarget = \"all\"\n", "");
+        .replace("mode = \"reported\"\ntarget = \"all\"\n", "")
+        .replace("listen = \"127.0.0.1:0\"\n", "");
     let c = Config::parse(&text, Path::new("/")).unwrap();
+    assert_eq!(
+        c.listen.to_string(),
+        prealloc_control_plane::config::DEFAULT_LISTEN
+    );
     assert_eq!(c.replication.mode, ReplicationMode::Reported);
     assert_eq!(c.replication.target, ReplicationTarget::All);
 }
