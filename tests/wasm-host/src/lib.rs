@@ -340,6 +340,11 @@ impl Host {
         self.shared().set_shared(key, value.to_vec(), 0);
     }
 
+    /// Every successful shared-data write so far (by VMs and tests), oldest first.
+    pub fn shared_data_writes(&self) -> Vec<(String, Vec<u8>)> {
+        self.shared().shared_writes.clone()
+    }
+
     /// Every shared-data key that starts with `prefix`, sorted.
     pub fn shared_data_keys(&self, prefix: &str) -> Vec<String> {
         let mut keys: Vec<String> = self

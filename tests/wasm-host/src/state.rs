@@ -116,6 +116,8 @@ pub(crate) struct Metric {
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub shared_data: HashMap<String, (Vec<u8>, u32)>,
+    /// Every successful write, in order (the poller's write order is part of its contract).
+    pub shared_writes: Vec<(String, Vec<u8>)>,
     pub last_cas: u32,
     /// Metric id - 1 indexes this vector.
     pub metrics: Vec<Metric>,
@@ -136,6 +138,7 @@ impl Shared {
     pub fn new(now_nanos: u64) -> Self {
         Shared {
             shared_data: HashMap::new(),
+            shared_writes: Vec::new(),
             last_cas: 0,
             metrics: Vec::new(),
             now_nanos,
@@ -168,6 +171,7 @@ impl Shared {
             }
         }
         let next = self.next_cas();
+        self.shared_writes.push((key.to_owned(), value.clone()));
         self.shared_data.insert(key.to_owned(), (value, next));
         status::OK
     }

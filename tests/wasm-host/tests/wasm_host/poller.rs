@@ -469,3 +469,33 @@ fn a_missing_control_plane_cluster_is_counted_and_retried_with_backoff() {
         "{errors} dispatch errors over {elapsed_ms} ms"
     );
 }
+
+#[test]
+fn the_managers_are_written_before_the_entries_that_name_them() {
+    // ARCHITECTURE.md: a reader must never see an entry naming a manager whose availability is not written yet.
+    let (host, vm) = poller();
+    let (call, _) = next_poll(&host, &vm);
+    answer(
+        &host,
+        &call,
+        &full(
+            "e1",
+            2,
+            vec![entry(&consumer(1), ConsumerState::Registering, &["m3"])],
+        ),
+    );
+    let keys: Vec<String> = host
+        .shared_data_writes()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    let managers_at = keys
+        .iter()
+        .position(|k| k == MANAGERS_KEY)
+        .expect("managers written");
+    let entry_at = keys
+        .iter()
+        .position(|k| *k == entry_key(&consumer(1)))
+        .expect("entry written");
+    assert!(managers_at < entry_at, "write order: {keys:?}");
+}
