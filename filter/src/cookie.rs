@@ -209,7 +209,72 @@ fn consumer_bytes(id: &ConsumerId) -> [u8; 16] {
 }
 
 /// Verifies a cookie value with any of `keys` and decodes its claims.
+///
+/// The filter itself uses a [`Verifier`] built once from its configuration,
+/// which saves the per-key HMAC setup on every request.
 pub fn verify(value: &str, keys: &[&[u8]], now_unix_s: u64) -> Result<Claims, CookieError> {
+    verify_impl(value, now_unix_s, |payload, tag| {
+        keys.iter()
+            .any(|key| match HmacSha256::new_from_slice(key) {
+                Ok(mut m) => {
+                    m.update(payload);
+                    m.verify_truncated_left(tag).is_ok()
+                }
+                Err(_) => false,
+            })
+    })
+}
+
+/// Pre-keyed MACs of the configured keys: the HMAC key schedule (two SHA-256
+/// blocks per key) is computed once, and each request clones the state.
+#[derive(Clone)]
+pub struct Verifier {
+    macs: Vec<HmacSha256>,
+}
+
+impl fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Verifier({} keys)", self.macs.len())
+    }
+}
+
+impl Verifier {
+    pub fn new(keys: &[&[u8]]) -> Self {
+        Verifier {
+            macs: keys
+                .iter()
+                .filter_map(|k| HmacSha256::new_from_slice(k).ok())
+                .collect(),
+        }
+    }
+
+    pub fn from_config(cfg: &CookieConfig) -> Self {
+        Verifier {
+            macs: cfg
+                .keys
+                .iter()
+                .filter_map(|k| HmacSha256::new_from_slice(k).ok())
+                .collect(),
+        }
+    }
+
+    /// Same as [`verify`] with this verifier's keys.
+    pub fn verify(&self, value: &str, now_unix_s: u64) -> Result<Claims, CookieError> {
+        verify_impl(value, now_unix_s, |payload, tag| {
+            self.macs.iter().any(|m| {
+                let mut m = m.clone();
+                m.update(payload);
+                m.verify_truncated_left(tag).is_ok()
+            })
+        })
+    }
+}
+
+fn verify_impl(
+    value: &str,
+    now_unix_s: u64,
+    authentic: impl Fn(&[u8], &[u8]) -> bool,
+) -> Result<Claims, CookieError> {
     if value.is_empty() {
         return Err(CookieError::Missing);
     }
@@ -217,15 +282,15 @@ pub fn verify(value: &str, keys: &[&[u8]], now_unix_s: u64) -> Result<Claims, Co
         return Err(CookieError::Malformed);
     }
     let (payload_b64, mac_b64) = value.split_once('.').ok_or(CookieError::Malformed)?;
+    // 16 bytes are 22 base64url characters; anything else (including a second '.') is malformed.
+    if mac_b64.len() != 22 {
+        return Err(CookieError::Malformed);
+    }
     let mut payload_buf = [0u8; MAX_PAYLOAD_LEN];
     let n = URL_SAFE_NO_PAD
         .decode_slice(payload_b64, &mut payload_buf)
         .map_err(|_| CookieError::Malformed)?;
     let payload = payload_buf.get(..n).ok_or(CookieError::Malformed)?;
-    // 16 bytes are 22 base64url characters; anything else (including a second '.') is malformed.
-    if mac_b64.len() != 22 {
-        return Err(CookieError::Malformed);
-    }
     let mut tag = [0u8; MAC_LEN + 2];
     let tn = URL_SAFE_NO_PAD
         .decode_slice(mac_b64, &mut tag)
@@ -234,16 +299,7 @@ pub fn verify(value: &str, keys: &[&[u8]], now_unix_s: u64) -> Result<Claims, Co
     if tag.len() != MAC_LEN {
         return Err(CookieError::Malformed);
     }
-    let authentic = keys
-        .iter()
-        .any(|key| match HmacSha256::new_from_slice(key) {
-            Ok(mut m) => {
-                m.update(payload);
-                m.verify_truncated_left(tag).is_ok()
-            }
-            Err(_) => false,
-        });
-    if !authentic {
+    if !authentic(payload, tag) {
         return Err(CookieError::BadMac);
     }
     let claims = decode_payload(payload)?;
@@ -361,7 +417,7 @@ fn trim_ows(mut s: &[u8]) -> &[u8] {
 pub fn verify_first<'a, I>(
     cookie_headers: I,
     name: &'a str,
-    keys: &[&[u8]],
+    verifier: &Verifier,
     now_unix_s: u64,
 ) -> Result<Claims, CookieError>
 where
@@ -371,7 +427,7 @@ where
     let mut first_err = None;
     for value in cookie_values(cookie_headers, name).take(MAX_CANDIDATES) {
         let result = match std::str::from_utf8(value) {
-            Ok(v) => verify(v, keys, now_unix_s),
+            Ok(v) => verifier.verify(v, now_unix_s),
             Err(_) => Err(CookieError::Malformed),
         };
         match result {
@@ -597,7 +653,7 @@ mod tests {
         );
         let raw: &[u8] = b"prealloc=\xff";
         assert_eq!(
-            verify_first([raw], "prealloc", &[K1], NOW),
+            verify_first([raw], "prealloc", &Verifier::new(&[K1]), NOW),
             Err(CookieError::Malformed)
         );
     }
@@ -607,27 +663,27 @@ mod tests {
         let good = sign(&registering(), K1);
         let h = format!("prealloc=forged.AAAAAAAAAAAAAAAAAAAAAA; prealloc={good}");
         assert_eq!(
-            verify_first([h.as_bytes()], "prealloc", &[K1], NOW),
+            verify_first([h.as_bytes()], "prealloc", &Verifier::new(&[K1]), NOW),
             Ok(registering())
         );
         let bad = "prealloc=x; prealloc=y";
         assert_eq!(
-            verify_first([bad.as_bytes()], "prealloc", &[K1], NOW),
+            verify_first([bad.as_bytes()], "prealloc", &Verifier::new(&[K1]), NOW),
             Err(CookieError::Malformed)
         );
         assert_eq!(
-            verify_first([&b"other=1"[..]], "prealloc", &[K1], NOW),
+            verify_first([&b"other=1"[..]], "prealloc", &Verifier::new(&[K1]), NOW),
             Err(CookieError::Missing)
         );
         // An empty value counts as a missing cookie.
         assert_eq!(
-            verify_first([&b"prealloc="[..]], "prealloc", &[K1], NOW),
+            verify_first([&b"prealloc="[..]], "prealloc", &Verifier::new(&[K1]), NOW),
             Err(CookieError::Missing)
         );
         // Only the first MAX_CANDIDATES are tried.
         let many = format!("prealloc=a; prealloc=b; prealloc=c; prealloc=d; prealloc={good}");
         assert_eq!(
-            verify_first([many.as_bytes()], "prealloc", &[K1], NOW),
+            verify_first([many.as_bytes()], "prealloc", &Verifier::new(&[K1]), NOW),
             Err(CookieError::Malformed)
         );
     }
@@ -669,12 +725,12 @@ mod tests {
         ) {
             let n = cookie_values(headers.iter().map(Vec::as_slice), &name).count();
             prop_assert!(n <= headers.iter().flatten().filter(|&&b| b == b'=').count());
-            let _ = verify_first(headers.iter().map(Vec::as_slice), &name, &[K1], NOW);
+            let _ = verify_first(headers.iter().map(Vec::as_slice), &name, &Verifier::new(&[K1]), NOW);
         }
 
         #[test]
         fn parser_never_panics_on_cookie_shaped_text(h in "[a-z=;\" \t]{0,40}") {
-            let _ = verify_first([h.as_bytes()], "a", &[K1], NOW);
+            let _ = verify_first([h.as_bytes()], "a", &Verifier::new(&[K1]), NOW);
         }
 
         #[test]
@@ -708,7 +764,8 @@ mod tests {
                 replicas,
             };
             let v = sign(&c, K1);
-            prop_assert_eq!(verify(&v, &[K2, K1], NOW), Ok(c));
+            prop_assert_eq!(verify(&v, &[K2, K1], NOW), Ok(c.clone()));
+            prop_assert_eq!(Verifier::new(&[K2, K1]).verify(&v, NOW), Ok(c));
         }
 
         #[test]
@@ -723,6 +780,7 @@ mod tests {
             // The base64 decoder refuses non-canonical trailing bits, so even a
             // change in a last character's slack bits is caught.
             prop_assert!(verify(&tampered, &[K1], NOW).is_err(), "{} accepted", tampered);
+            prop_assert!(Verifier::new(&[K1]).verify(&tampered, NOW).is_err(), "{} accepted", tampered);
         }
     }
 }

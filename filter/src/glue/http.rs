@@ -8,8 +8,8 @@ use std::rc::Rc;
 
 use super::host;
 use super::metrics::Metrics;
-use crate::config::{FilterConfig, SignupConfig, MAX_KEYS};
-use crate::cookie::{self, Claims};
+use crate::config::{FilterConfig, SignupConfig};
+use crate::cookie::{self, Claims, Verifier};
 use crate::decision::{self, Decision};
 use crate::headers::{is_reserved, HeaderMap};
 use crate::metrics::Counter;
@@ -20,6 +20,8 @@ use prealloc_wire::{ConsumerId, Registration, HEADER_CONSUMER};
 /// Per-worker state shared by the root context and its HTTP contexts.
 pub struct FilterState {
     pub cfg: FilterConfig,
+    /// The cookie keys, pre-keyed once.
+    verifier: Verifier,
     /// Round-robin counter of this worker.
     rr: Cell<u64>,
     availability: RefCell<AvailabilityView>,
@@ -36,6 +38,7 @@ pub struct FilterState {
 impl FilterState {
     pub fn new(cfg: FilterConfig, metrics: Metrics) -> Self {
         FilterState {
+            verifier: Verifier::from_config(&cfg.cookie),
             cfg,
             rr: Cell::new(0),
             availability: RefCell::new(AvailabilityView::all_available()),
@@ -216,20 +219,14 @@ impl Http {
         }
 
         let now = host::now().as_secs();
-        let mut key_buf: [&[u8]; MAX_KEYS] = [&[]; MAX_KEYS];
-        let mut n_keys = 0;
-        for (slot, k) in key_buf.iter_mut().zip(cfg.cookie.keys.iter()) {
-            *slot = k.as_slice();
-            n_keys += 1;
-        }
-        let keys = key_buf.get(..n_keys).unwrap_or(&[]);
-        let claims = match cookie::verify_first(map.values("cookie"), &cfg.cookie.name, keys, now) {
-            Ok(c) => Some(c),
-            Err(e) => {
-                st.metrics.inc(Counter::cookie_rejected(e));
-                None
-            }
-        };
+        let claims =
+            match cookie::verify_first(map.values("cookie"), &cfg.cookie.name, &st.verifier, now) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    st.metrics.inc(Counter::cookie_rejected(e));
+                    None
+                }
+            };
 
         // One shared-data read, only for registering consumers.
         let entry_raw = match &claims {
