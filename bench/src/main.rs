@@ -25,6 +25,8 @@ struct Args {
     reps: usize,
     duration: Duration,
     warmup: Duration,
+    /// Length of the one-connection latency run that follows each throughput run.
+    latency_duration: Duration,
     connections: u32,
     small: usize,
     large: usize,
@@ -35,13 +37,15 @@ struct Args {
     load_cpu: Option<usize>,
     out: PathBuf,
     skip_load: bool,
+    /// Only these load cases (comma-separated names), e.g. for profiling one.
+    only: Option<Vec<String>>,
 }
 
 fn usage() -> ! {
     eprintln!(
-        "usage: prealloc-bench [--reps N] [--duration S] [--warmup S] [--connections N] \
+        "usage: prealloc-bench [--reps N] [--duration S] [--warmup S] [--latency-duration S] [--connections N] \
          [--small N] [--large N] [--changes N] [--cookies N] [--envoy-cpu C|none] \
-         [--load-cpu C|none] [--out DIR] [--skip-load]\n\
+         [--load-cpu C|none] [--out DIR] [--skip-load] [--only CASE,CASE]\n\
          Run it through bench/run.sh, which installs wrk and nginx, builds the .wasm and sets \
          PREALLOC_ENVOY / PREALLOC_WASM."
     );
@@ -53,6 +57,7 @@ fn parse_args() -> Args {
         reps: 3,
         duration: Duration::from_secs(10),
         warmup: Duration::from_secs(2),
+        latency_duration: Duration::from_secs(5),
         connections: 32,
         small: 1_000,
         large: 1_000_000,
@@ -62,6 +67,7 @@ fn parse_args() -> Args {
         load_cpu: Some(1),
         out: PathBuf::from("bench/results"),
         skip_load: false,
+        only: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -76,6 +82,7 @@ fn parse_args() -> Args {
             "--reps" => a.reps = num(&v) as usize,
             "--duration" => a.duration = Duration::from_secs(num(&v)),
             "--warmup" => a.warmup = Duration::from_secs(num(&v)),
+            "--latency-duration" => a.latency_duration = Duration::from_secs(num(&v)),
             "--connections" => a.connections = num(&v) as u32,
             "--small" => a.small = num(&v) as usize,
             "--large" => a.large = num(&v) as usize,
@@ -84,6 +91,7 @@ fn parse_args() -> Args {
             "--envoy-cpu" => a.envoy_cpu = cpu(&v),
             "--load-cpu" => a.load_cpu = cpu(&v),
             "--out" => a.out = PathBuf::from(v),
+            "--only" => a.only = Some(v.split(',').map(str::to_owned).collect()),
             _ => usage(),
         }
     }
@@ -167,7 +175,13 @@ fn envoy_opts() -> EnvoyOptions {
     }
 }
 
-fn prealloc_envoy(nginx: &procs::Nginx, stub: &RoutesStub) -> Envoy {
+/// Envoy's default `http.async_response_buffer_limit` (32 MiB): the largest
+/// response body an HTTP call (the poller's long-poll) may receive.
+const DEFAULT_ASYNC_LIMIT: u64 = 32 * 1024 * 1024;
+
+/// An Envoy from envoy/prealloc.yaml.tmpl; `async_limit` raises
+/// `http.async_response_buffer_limit` through a static runtime layer.
+fn prealloc_envoy(nginx: &procs::Nginx, stub: &RoutesStub, async_limit: Option<u64>) -> Envoy {
     let managers = (0..3)
         .map(|i| {
             (
@@ -184,7 +198,15 @@ fn prealloc_envoy(nginx: &procs::Nginx, stub: &RoutesStub) -> Envoy {
     // Production defaults but the key: availability refresh 100 ms, secure cookie attributes.
     cfg.filter = json!({ "cookie": { "keys": [COOKIE_KEY] } });
     cfg.poller = json!({ "token": TOKEN });
-    Envoy::start(&cfg, &envoy_opts())
+    cfg.wasm_path = prealloc_e2e::envoy::wasm_path();
+    let mut yaml = cfg.render();
+    if let Some(limit) = async_limit {
+        let _ = write!(
+            yaml,
+            "\nlayered_runtime:\n  layers:\n    - name: bench\n      static_layer:\n        http.async_response_buffer_limit: {limit}\n"
+        );
+    }
+    Envoy::start_yaml(&yaml, &envoy_opts())
 }
 
 fn manager_clusters(nginx: &procs::Nginx) -> String {
@@ -231,6 +253,8 @@ struct Case {
 #[derive(Clone)]
 struct Run {
     wrk: WrkResult,
+    /// One connection, one request at a time: latency without queueing.
+    lat: WrkResult,
     cpu_ns_per_req: f64,
     envoy_cpu_util: f64,
 }
@@ -317,11 +341,12 @@ fn main() {
 
     // ------------------------------------------------------------ small table
     let stub_small = filled_stub(args.small);
+    stub_small.forget_history();
     let probe_id = consumer(u64::MAX / 2);
     let clusters = manager_clusters(&nginx);
 
     eprintln!("bench: starting Envoys (prealloc 1k, none, stateful_session, lua)");
-    let mut targets = vec![Target::new("prealloc", prealloc_envoy(&nginx, &stub_small))];
+    let mut targets = vec![Target::new("prealloc", prealloc_envoy(&nginx, &stub_small, None))];
     wait_applied(&stub_small, &targets[0].envoy, Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("the prealloc Envoy never loaded the {}-entry table: {e}", args.small));
     targets.push(Target::new(
@@ -387,82 +412,101 @@ fn main() {
     ));
 
     // ------------------------------------------------------------- large table
+    // A new Envoy against a stub holding the large table. When the full snapshot
+    // does not fit Envoy's async-client response buffer (runtime key
+    // http.async_response_buffer_limit, 32 MiB by default), record the failure,
+    // confirm the largest size that fits the default, and measure the requested
+    // size again with the limit raised in Envoy's runtime.
     let mut large_note = json!(null);
     let mut large_target: Option<usize> = None;
     let mut large_stub: Option<RoutesStub> = None;
+    let mut attempts_log = Vec::new();
+    let mut attempts: std::collections::VecDeque<(usize, Option<u64>, bool)> =
+        std::collections::VecDeque::new();
     if args.large > 0 {
-        let mut size = args.large;
-        loop {
-            eprintln!("bench: filling a routes stub with {size} consumers");
-            let (body_bytes, serialize_ms) = snapshot_cost(size);
-            let stub = filled_stub(size);
-            eprintln!("bench: snapshot {body_bytes} bytes, serialized in {serialize_ms:.0} ms; starting a new Envoy against it");
-            let t0 = Instant::now();
-            let envoy = prealloc_envoy(&nginx, &stub);
-            let ready = t0.elapsed();
-            let outcome = wait_applied(&stub, &envoy, Duration::from_secs(120));
-            let target = Target::new("prealloc_large", envoy);
-            let rss = procs::rss_kib(target.pid);
-            match outcome {
-                Ok(applied) => {
-                    let polls = stub.polls();
-                    let full = polls.iter().find(|p| p.kind == Some(prealloc_wire::RoutesKind::Full) && p.status == 200);
-                    let arrived_ms = full
-                        .map(|p| p.arrived.duration_since(t0).as_secs_f64() * 1e3)
-                        .unwrap_or(f64::NAN);
-                    let poll_to_applied = full
-                        .map(|p| applied.duration_since(p.arrived).as_secs_f64() * 1e3)
-                        .unwrap_or(f64::NAN);
-                    let total = applied.duration_since(t0).as_secs_f64() * 1e3;
-                    let entries = target.envoy.stat("prealloc_poller_entries");
-                    large_note = json!({
-                        "size": size, "requested": args.large, "ok": true,
-                        "snapshot_body_bytes": body_bytes,
-                        "stub_serialize_ms_measured_apart": serialize_ms,
-                        "envoy_start_to_ready_ms": ready.as_secs_f64() * 1e3,
-                        "envoy_start_to_full_poll_ms": arrived_ms,
-                        "full_poll_to_applied_ms": poll_to_applied,
-                        "full_poll_to_applied_minus_serialize_ms": poll_to_applied - serialize_ms,
-                        "envoy_start_to_applied_ms": total,
-                        "poller_entries_gauge": entries,
-                        "envoy_rss_mib": rss as f64 / 1024.0,
-                    });
-                    eprintln!("bench: large table loaded: {large_note}");
+        attempts.push_back((args.large, None, true));
+    }
+    while let Some((size, limit, keep)) = attempts.pop_front() {
+        eprintln!("bench: filling a routes stub with {size} consumers (response buffer limit {limit:?})");
+        let (body_bytes, serialize_ms) = snapshot_cost(size);
+        let stub = filled_stub(size);
+        eprintln!("bench: snapshot {body_bytes} bytes, serialized in {serialize_ms:.0} ms; starting a new Envoy against it");
+        let t0 = Instant::now();
+        let envoy = prealloc_envoy(&nginx, &stub, limit);
+        let ready = t0.elapsed();
+        let outcome = wait_applied(&stub, &envoy, Duration::from_secs(120));
+        let target = Target::new("prealloc_large", envoy);
+        let rss = procs::rss_kib(target.pid);
+        let base = json!({
+            "size": size, "requested": args.large,
+            "http.async_response_buffer_limit": limit.map(|l| l.to_string()).unwrap_or_else(|| "default (32 MiB)".into()),
+            "snapshot_body_bytes": body_bytes,
+            "stub_serialize_ms_measured_apart": serialize_ms,
+            "envoy_start_to_ready_ms": ready.as_secs_f64() * 1e3,
+            "envoy_rss_mib": rss as f64 / 1024.0,
+        });
+        match outcome {
+            Ok(applied) => {
+                let polls = stub.polls();
+                let full = polls.iter().find(|p| p.kind == Some(prealloc_wire::RoutesKind::Full) && p.status == 200);
+                let arrived_ms = full
+                    .map(|p| p.arrived.duration_since(t0).as_secs_f64() * 1e3)
+                    .unwrap_or(f64::NAN);
+                let poll_to_applied = full
+                    .map(|p| applied.duration_since(p.arrived).as_secs_f64() * 1e3)
+                    .unwrap_or(f64::NAN);
+                let mut note = base.clone();
+                note["ok"] = json!(true);
+                note["envoy_start_to_full_poll_ms"] = json!(arrived_ms);
+                note["full_poll_to_applied_ms"] = json!(poll_to_applied);
+                note["full_poll_to_applied_minus_serialize_ms"] = json!(poll_to_applied - serialize_ms);
+                note["envoy_start_to_applied_ms"] = json!(applied.duration_since(t0).as_secs_f64() * 1e3);
+                note["poller_entries_gauge"] = json!(stat(&target.envoy, "prealloc_poller_entries"));
+                note["envoy_rss_mib_after_load"] = json!(procs::rss_kib(target.pid) as f64 / 1024.0);
+                eprintln!("bench: large table loaded: {note}");
+                attempts_log.push(note.clone());
+                if keep && large_target.is_none() {
+                    // The stub computes deltas by scanning its change history; the
+                    // fill's million-entry history would make every later delta
+                    // cost the stub milliseconds (its cost, not Envoy's).
+                    stub.forget_history();
+                    large_note = note;
                     targets.push(target);
                     large_target = Some(targets.len() - 1);
                     large_stub = Some(stub);
-                    break;
                 }
-                Err(e) => {
-                    let log: String = target
-                        .envoy
-                        .log()
-                        .lines()
-                        .filter(|l| l.contains("prealloc") || l.contains("wasm") || l.contains("buffer"))
-                        .take(20)
-                        .collect::<Vec<_>>()
-                        .join("\n");
-                    let fail = json!({
-                        "size": size, "ok": false, "error": e,
-                        "poller_errors": target.envoy.stat("prealloc_poller_errors"),
-                        "envoy_rss_mib": rss as f64 / 1024.0,
-                        "polls": stub.polls().iter().map(|p| json!({"status": p.status, "kind": format!("{:?}", p.kind)})).collect::<Vec<_>>(),
-                        "log": log,
-                    });
-                    eprintln!("bench: FAILED to load {size} consumers: {fail}");
-                    results["large_failures"]
-                        .as_array_mut()
-                        .map(|a| a.push(fail.clone()))
-                        .unwrap_or_else(|| results["large_failures"] = json!([fail]));
-                    drop(target);
-                    size /= 2;
-                    if size < args.small {
-                        break;
-                    }
+            }
+            Err(e) => {
+                let log: Vec<String> = target
+                    .envoy
+                    .log()
+                    .lines()
+                    .filter(|l| l.contains("prealloc") || l.contains("wasm") || l.contains("buffer"))
+                    .take(12)
+                    .map(str::to_owned)
+                    .collect();
+                let mut fail = base.clone();
+                fail["ok"] = json!(false);
+                fail["error"] = json!(e);
+                fail["poller_errors_counter"] = json!(stat(&target.envoy, "prealloc_poller_errors"));
+                fail["polls_answered"] = json!(stub.polls().iter().map(|p| format!("{} {:?}", p.status, p.kind)).collect::<Vec<_>>());
+                fail["envoy_log"] = json!(log);
+                eprintln!("bench: FAILED to load {size} consumers: {fail}");
+                attempts_log.push(fail);
+                drop(target);
+                if limit.is_none() && body_bytes as u64 > DEFAULT_ASYNC_LIMIT {
+                    let per_entry = body_bytes as f64 / size as f64;
+                    let fits = (DEFAULT_ASYNC_LIMIT as f64 * 0.97 / per_entry) as usize;
+                    attempts.push_back((fits / 1000 * 1000, None, false));
+                    let raised = (body_bytes as u64 * 2).next_power_of_two();
+                    attempts.push_back((size, Some(raised), true));
+                } else if size / 2 >= args.small && keep {
+                    attempts.push_back((size / 2, limit, true));
                 }
             }
         }
     }
+    results["large_attempts"] = json!(attempts_log);
     results["large_load"] = large_note.clone();
 
     // ---------------------------------------------------- routing checks
@@ -546,6 +590,10 @@ fn main() {
     if let (Some(li), Some(p)) = (large_target, table_large.clone()) {
         cases.push(Case { name: "prealloc_table_large", what: "prealloc filter, registering cookie, table hit (large table)", target: li, requests: p, counter: Some("prealloc_requests_table") });
     }
+    if let Some(only) = &args.only {
+        // "none" stays: every cost is against it.
+        cases.retain(|c| c.name == "none" || only.iter().any(|o| o == c.name));
+    }
     let wrk = WrkOptions {
         script: root.join("bench/wrk/cycle.lua"),
         connections: args.connections,
@@ -575,15 +623,19 @@ fn main() {
                     let grew = t.envoy.stat(name).saturating_sub(b);
                     assert!(grew >= w.requests, "{}: counter {name} grew by {grew}, fewer than the {} requests: the case did not take the path it claims", c.name, w.requests);
                 }
+                let one = WrkOptions { connections: 1, ..wrk.clone() };
+                let lat = procs::run_wrk(&one, &url, &c.requests, args.latency_duration).unwrap_or_else(|e| panic!("{}: {e}", c.name));
+                assert!(lat.errors == 0, "{} (one connection) had {} errors: {}", c.name, lat.errors, lat.raw);
                 let run = Run {
+                    lat,
                     cpu_ns_per_req: cpu as f64 / w.requests.max(1) as f64,
                     envoy_cpu_util: cpu as f64 / 1e9 / w.duration_s,
                     wrk: w,
                 };
                 eprintln!(
-                    "bench: rep {} {:<22} {:>9.0} req/s  p50 {:>5} us  p99 {:>6} us  envoy {:>6.1} us cpu/req ({:.0}% cpu)",
+                    "bench: rep {} {:<22} {:>7.0} req/s  p50 {:>5} us  p99 {:>6} us  envoy {:>6.1} us cpu/req ({:.0}% cpu) | c=1: p50 {} us p99 {} us",
                     rep + 1, c.name, run.wrk.rps(), run.wrk.p50_us, run.wrk.p99_us,
-                    run.cpu_ns_per_req / 1e3, run.envoy_cpu_util * 100.0
+                    run.cpu_ns_per_req / 1e3, run.envoy_cpu_util * 100.0, run.lat.p50_us, run.lat.p99_us
                 );
                 runs[ci].push(run);
             }
@@ -597,7 +649,7 @@ fn main() {
         let base_rps = med(0, &|r| r.wrk.rps());
         let base_cpu = med(0, &|r| r.cpu_ns_per_req);
         let _ = writeln!(report, "## Request path ({} x {} s per case, interleaved; wrk -t1 -c{}; Envoy --concurrency 1)\n", args.reps, args.duration.as_secs(), args.connections);
-        let _ = writeln!(report, "| case | req/s median (min–max) | p50 µs | p99 µs | throughput cost vs none | Envoy CPU µs/req | CPU cost vs none |");
+        let _ = writeln!(report, "| case | req/s median (min–max) | throughput cost vs none | Envoy CPU µs/req median (min–max) | CPU cost vs none | p50 / p99 µs at c={} | p50 / p99 µs at c=1 |", args.connections);
         let _ = writeln!(report, "|---|---|---|---|---|---|---|");
         for (ci, c) in cases.iter().enumerate() {
             let rps: Vec<f64> = runs[ci].iter().map(|r| r.wrk.rps()).collect();
@@ -606,13 +658,16 @@ fn main() {
             let p50 = med(ci, &|r| r.wrk.p50_us as f64);
             let p99 = med(ci, &|r| r.wrk.p99_us as f64);
             let cpu = med(ci, &|r| r.cpu_ns_per_req);
+            let (cpu_lo, cpu_hi) = min_max(&runs[ci].iter().map(|r| r.cpu_ns_per_req).collect::<Vec<_>>());
             let util = med(ci, &|r| r.envoy_cpu_util);
+            let l50 = med(ci, &|r| r.lat.p50_us as f64);
+            let l99 = med(ci, &|r| r.lat.p99_us as f64);
             let tcost = (1.0 - m / base_rps) * 100.0;
             let ccost = (cpu / base_cpu - 1.0) * 100.0;
             let _ = writeln!(
                 report,
-                "| {} | {:.0} ({:.0}–{:.0}) | {:.0} | {:.0} | {:+.1}% | {:.1} | {:+.1}% |",
-                c.name, m, lo, hi, p50, p99, tcost, cpu / 1e3, ccost
+                "| {} | {:.0} ({:.0}–{:.0}) | {:+.1}% | {:.1} ({:.1}–{:.1}) | {:+.1}% | {:.0} / {:.0} | {:.0} / {:.0} |",
+                c.name, m, lo, hi, tcost, cpu / 1e3, cpu_lo / 1e3, cpu_hi / 1e3, ccost, p50, p99, l50, l99
             );
             summary.push(json!({
                 "case": c.name, "what": c.what,
@@ -622,19 +677,33 @@ fn main() {
                 "envoy_cpu_us_per_req_median": cpu / 1e3,
                 "cpu_cost_pct_vs_none": ccost,
                 "envoy_cpu_utilisation_median": util,
+                "c1_p50_us_median": l50, "c1_p99_us_median": l99,
                 "runs": runs[ci].iter().map(|r| json!({
                     "rps": r.wrk.rps(), "p50_us": r.wrk.p50_us, "p90_us": r.wrk.p90_us, "p99_us": r.wrk.p99_us,
                     "mean_us": r.wrk.mean_us, "requests": r.wrk.requests,
                     "envoy_cpu_us_per_req": r.cpu_ns_per_req / 1e3, "envoy_cpu_util": r.envoy_cpu_util, "wrk": r.wrk.raw,
+                    "c1": r.lat.raw,
                 })).collect::<Vec<_>>(),
             }));
         }
         results["request_path"] = json!(summary);
+        let idx = |n: &str| cases.iter().position(|c| c.name == n);
+        if let (Some(a), Some(b)) = (idx("prealloc_table_1k"), idx("prealloc_table_large")) {
+            let rps_a = med(a, &|r| r.wrk.rps());
+            let rps_b = med(b, &|r| r.wrk.rps());
+            let cpu_a = med(a, &|r| r.cpu_ns_per_req);
+            let cpu_b = med(b, &|r| r.cpu_ns_per_req);
+            let scale = json!({
+                "large_size": large_note["size"],
+                "throughput_cost_pct_large_vs_1k": (1.0 - rps_b / rps_a) * 100.0,
+                "cpu_cost_pct_large_vs_1k": (cpu_b / cpu_a - 1.0) * 100.0,
+            });
+            let _ = writeln!(report, "\nTable hit, large ({}) vs 1k table: throughput {:+.1}%, Envoy CPU per request {:+.1}%", large_note["size"], (1.0 - rps_b / rps_a) * 100.0, (cpu_b / cpu_a - 1.0) * 100.0);
+            results["scale_request_cost"] = scale;
+        }
     }
     let _ = writeln!(report, "\n## Large table load\n\n{}\n", serde_json::to_string_pretty(&results["large_load"]).unwrap_or_default());
-    if let Some(f) = results.get("large_failures") {
-        let _ = writeln!(report, "FAILURES while loading the large table:\n\n{}\n", serde_json::to_string_pretty(f).unwrap_or_default());
-    }
+    let _ = writeln!(report, "All attempts (failures included):\n\n{}\n", serde_json::to_string_pretty(&results["large_attempts"]).unwrap_or_default());
 
     // ------------------------------------------------------------ propagation
     let mut prop = Vec::new();
@@ -661,6 +730,18 @@ fn main() {
     drop(nginx);
 }
 
+/// A wasm-defined stat, or `None` when admin does not answer in time: the poller
+/// shares Envoy's main thread with admin, so admin stalls while a big snapshot is applied.
+fn stat(envoy: &Envoy, name: &str) -> Option<u64> {
+    let (status, body) =
+        prealloc_e2e::client::blocking_get(envoy.admin_addr(), &format!("/stats?filter={name}"), Duration::from_secs(15)).ok()?;
+    if status != 200 {
+        return None;
+    }
+    body.lines()
+        .find_map(|l| l.split_once(": ").filter(|(k, _)| k.ends_with(name)).and_then(|(_, v)| v.trim().parse().ok()))
+}
+
 /// Waits until the Envoy's poller applied the stub's current version (its next
 /// long-poll asks for changes after it); returns when that poll arrived.
 fn wait_applied(stub: &RoutesStub, envoy: &Envoy, timeout: Duration) -> Result<Instant, String> {
@@ -673,17 +754,22 @@ fn wait_applied(stub: &RoutesStub, envoy: &Envoy, timeout: Duration) -> Result<I
         }
         if Instant::now() >= deadline {
             return Err(format!(
-                "poller did not apply version {version} within {timeout:?} (poller errors {}, entries gauge {})",
-                envoy.stat("prealloc_poller_errors"),
-                envoy.stat("prealloc_poller_entries")
+                "poller did not apply version {version} within {timeout:?} (poller errors {:?}, entries gauge {:?})",
+                stat(envoy, "prealloc_poller_errors"),
+                stat(envoy, "prealloc_poller_entries")
             ));
         }
         if Instant::now() >= next_stats {
             next_stats = Instant::now() + Duration::from_secs(1);
+            // A trapped poller never answers again: fail now, with the reason from the log.
+            if let Some(l) = envoy.log().lines().find(|l| {
+                l.contains("panicked") || l.contains("buffer size limit for async client")
+            }) {
+                std::thread::sleep(Duration::from_millis(500));
+                return Err(format!("poller failed: {}", l.trim()));
+            }
             eprintln!(
-                "bench: waiting for the table: entries gauge {}, poller errors {}, polls {}",
-                envoy.stat("prealloc_poller_entries"),
-                envoy.stat("prealloc_poller_errors"),
+                "bench: waiting for the table: polls answered {}",
                 stub.polls().len()
             );
         }
