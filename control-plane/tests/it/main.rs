@@ -2,6 +2,7 @@
 
 mod allocator_props;
 mod auth;
+mod cli;
 mod config;
 mod durability;
 mod provisioning;

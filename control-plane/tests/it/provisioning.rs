@@ -137,3 +137,56 @@ async fn capacity_is_never_exceeded_when_demand_outgrows_it() {
         .await;
     assert_eq!(s, hyper::StatusCode::SERVICE_UNAVAILABLE);
 }
+
+#[tokio::test]
+async fn calls_to_managers_carry_the_configured_token() {
+    let (ms, mut setup) = provisioned_setup(3).await;
+    setup.manager_token = Some("manager-secret-123".into());
+    let p = Plane::start(&setup).await;
+    p.wait_depth(3).await;
+    for m in &ms {
+        let seen = m.state.tokens_seen.lock().unwrap().clone();
+        assert!(!seen.is_empty());
+        assert!(
+            seen.iter()
+                .all(|t| t.as_deref() == Some("Bearer manager-secret-123")),
+            "{seen:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn unfinished_provisioning_resumes_after_a_restart() {
+    let (ms, setup) = provisioned_setup(6).await;
+    // Every first answer is far slower than the 300 ms timeout: reservations stay
+    // `provisioning` while the control plane stops.
+    for m in &ms {
+        m.state.provision_delay_ms.store(5_000, Ordering::SeqCst);
+    }
+    let p = Plane::start(&setup).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while p.pools().await[0]["provisioning"].as_u64().unwrap() < 6 {
+        assert!(Instant::now() < deadline, "reservations never made");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let db = p.stop().await;
+    for m in &ms {
+        m.state.provision_delay_ms.store(0, Ordering::SeqCst);
+    }
+    let p = Plane::start_on(&setup, db).await;
+    p.wait_depth(6).await;
+    let mut ids: Vec<u64> = ms
+        .iter()
+        .flat_map(|m| m.state.provisioned.lock().unwrap().clone())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(
+        ids,
+        (1..=6).collect::<Vec<u64>>(),
+        "the same six reservations were provisioned, no new ones"
+    );
+    for m in ["m1", "m2", "m3"] {
+        assert_eq!(used(&p, m).await, 2, "no capacity leaked on {m}");
+    }
+}

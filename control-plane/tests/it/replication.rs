@@ -259,3 +259,29 @@ async fn active_mode_skips_down_managers_until_they_come_back() {
         .await;
     assert!(ms[down].held(&c).is_some());
 }
+
+#[tokio::test]
+async fn active_copies_resume_after_a_restart() {
+    let mut ms = Vec::new();
+    for _ in 0..3 {
+        ms.push(TestManager::start().await);
+    }
+    let urls: Vec<String> = ms.iter().map(|m| m.url.clone()).collect();
+    let setup = Setup {
+        mode: "active",
+        ..Setup::with_managers(&urls)
+    };
+    let p = Plane::start(&setup).await;
+    p.wait_depth(10).await;
+    let reg = p.register().await;
+    let c = reg["consumer"].as_str().unwrap().to_owned();
+    let db = p.stop().await;
+    // The sign-up lands while the control plane is down.
+    ms[index(reg["manager"].as_str().unwrap())].hold(&c, b"while down");
+    let p = Plane::start_on(&setup, db).await;
+    p.wait_consumer(&c, "registered", |v| v["state"] == "registered")
+        .await;
+    assert!(ms
+        .iter()
+        .all(|m| m.held(&c).as_deref() == Some(&b"while down"[..])));
+}

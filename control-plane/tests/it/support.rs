@@ -28,6 +28,8 @@ pub struct Setup {
     pub grace_ms: u64,
     pub change_log: usize,
     pub extra: String,
+    /// Bearer token the control plane sends to every manager.
+    pub manager_token: Option<String>,
 }
 
 impl Default for Setup {
@@ -42,6 +44,7 @@ impl Default for Setup {
             grace_ms: 60_000,
             change_log: 1000,
             extra: String::new(),
+            manager_token: None,
         }
     }
 }
@@ -77,6 +80,9 @@ impl Setup {
                 "[[managers]]\nid = \"{id}\"\ncluster = \"manager_{id}\"\nlocation = \"eu\"\n\
                  admin_url = \"{url}\"\ncapacity = {{ mailbox = {cap} }}\nprovision = {provision}\n"
             ));
+            if let Some(t) = &self.manager_token {
+                s.push_str(&format!("token = \"{t}\"\n"));
+            }
         }
         s.push_str(&format!(
             "[[pools]]\nresource_type = \"mailbox\"\nlocation = \"eu\"\ntarget_depth = {}\n",
