@@ -80,6 +80,8 @@ pub struct ControlPlaneConfig {
     /// `None` = "all" managers of the location.
     pub replication_target: Option<usize>,
     pub grace_period_ms: u64,
+    /// More keys of the `[replication]` table (e.g. `retry_max_ms`).
+    pub replication_extra: toml::Table,
     pub envoy_token: String,
     pub admin_token: String,
     /// Raw TOML appended at the end (e.g. a `[push]` or `[provisioning]` table) for anything not modelled here.
@@ -95,6 +97,7 @@ impl ControlPlaneConfig {
             replication: Replication::Reported,
             replication_target: None,
             grace_period_ms: 60_000,
+            replication_extra: toml::Table::new(),
             envoy_token: TEST_ENVOY_TOKEN.to_owned(),
             admin_token: TEST_ADMIN_TOKEN.to_owned(),
             extra_toml: String::new(),
@@ -131,6 +134,9 @@ impl ControlPlaneConfig {
                 Some(n) => Value::Integer(n as i64),
             },
         );
+        for (k, v) in &self.replication_extra {
+            repl.insert(k.clone(), v.clone());
+        }
         root.insert("replication".into(), Value::Table(repl));
         let managers = self
             .managers
@@ -184,6 +190,7 @@ pub struct ControlPlane {
     addr: SocketAddr,
     dir: tempfile::TempDir,
     starts: u32,
+    keep_files: bool,
 }
 
 /// How long start-up may take (database open, first pre-allocation).
@@ -202,6 +209,7 @@ impl ControlPlane {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             dir,
             starts: 0,
+            keep_files: std::env::var_os("PREALLOC_KEEP_LOGS").is_some(),
         };
         cp.launch();
         cp
@@ -338,6 +346,16 @@ impl ControlPlane {
         &self.cfg
     }
 
+    /// Keeps the temp dir (config, database, log) when dropped, e.g. for the demo.
+    pub fn keep_files_on_drop(&mut self) {
+        self.keep_files = true;
+    }
+
+    /// The temp dir with the config, the database and the log.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
     pub fn database_path(&self) -> PathBuf {
         self.dir.path().join("prealloc.db")
     }
@@ -416,7 +434,7 @@ impl ControlPlane {
 impl Drop for ControlPlane {
     fn drop(&mut self) {
         self.kill9();
-        if std::env::var_os("PREALLOC_KEEP_LOGS").is_some() {
+        if self.keep_files {
             eprintln!("control plane files kept in {}", self.dir.path().display());
             let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("temp dir"));
             let _ = dir.keep();

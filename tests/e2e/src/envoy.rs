@@ -222,6 +222,7 @@ pub struct Envoy {
     listener: SocketAddr,
     admin: SocketAddr,
     dir: tempfile::TempDir,
+    keep_files: bool,
 }
 
 impl Envoy {
@@ -269,6 +270,7 @@ impl Envoy {
             listener: SocketAddr::from(([127, 0, 0, 1], 0)),
             admin: SocketAddr::from(([127, 0, 0, 1], 0)),
             dir,
+            keep_files: std::env::var_os("PREALLOC_KEEP_LOGS").is_some(),
         };
         envoy.wait_ready(&admin_file, opts.ready_timeout);
         envoy
@@ -333,6 +335,11 @@ impl Envoy {
 
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin
+    }
+
+    /// Keeps the temp dir (config and log) when dropped, e.g. for the demo.
+    pub fn keep_files_on_drop(&mut self) {
+        self.keep_files = true;
     }
 
     /// The temp dir with `envoy.yaml` and `envoy.log`.
@@ -422,7 +429,7 @@ impl Drop for Envoy {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        if std::env::var_os("PREALLOC_KEEP_LOGS").is_some() {
+        if self.keep_files {
             let kept = self.dir.path().to_path_buf();
             // Keep the directory for a post-mortem; the path is printed for the test output.
             eprintln!("Envoy files kept in {}", kept.display());

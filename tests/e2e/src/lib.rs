@@ -6,3 +6,4 @@ pub mod envoy;
 pub mod manager;
 pub mod routes_stub;
 pub mod server;
+pub mod story;

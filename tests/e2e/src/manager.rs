@@ -132,6 +132,8 @@ struct State {
     token: Option<String>,
     /// Whether this server takes sign-ups and holds data (false for the default backend).
     holds_data: bool,
+    /// Whether replication PUTs are stored (false: answered 503, so a test decides when copies land).
+    refuse_copies: bool,
 }
 
 /// A hyper server on 127.0.0.1 implementing the manager contract; stops when dropped.
@@ -222,6 +224,12 @@ impl TestManager {
     /// instead of serving it, or serves normally again with `None`.
     pub fn set_api_failure(&self, status: Option<u16>) {
         self.lock().api_status = status;
+    }
+
+    /// Stores replication PUTs (`true`, the default) or answers them 503 (`false`),
+    /// so an active-mode test decides when a copy can land here.
+    pub fn set_accept_copies(&self, accept: bool) {
+        self.lock().refuse_copies = !accept;
     }
 
     /// Requires `Authorization: Bearer <token>` on the manager API (401 otherwise).
@@ -539,6 +547,13 @@ fn api(
                     ),
                 }
             }
+            (RequestKind::Replication, "PUT") if st.refuse_copies => (
+                503,
+                json_reply(
+                    503,
+                    &json!({"manager": name, "error": "copies paused by the test"}),
+                ),
+            ),
             (RequestKind::Replication, "PUT") => {
                 let c = consumer.clone().unwrap_or_default();
                 st.data.insert(c, body.to_vec());

@@ -15,4 +15,6 @@ mod round_robin;
 mod routes_stub;
 mod signup;
 mod spoofing;
+mod story;
+mod story_load;
 mod upgrade;

@@ -1,0 +1,705 @@
+//! The whole prealloc story on real parts: a [`Stack`] (control plane, three managers, Envoys) and the one-consumer story that the suite and the demo share.
+//!
+//! [`run_story`] walks one consumer through sign-up, pinned requests,
+//! replication (active or reported), round-robin, the cookie upgrade, the
+//! entry leaving the routing table and balanced requests on the registered
+//! cookie. Each step checks what it claims and narrates it through `say`, so
+//! the demo prints the transcript and the tests assert the same steps. Every
+//! wait polls a readiness signal (control plane record, Envoy's applied routes
+//! version) with a deadline.
+
+use crate::client::{blocking_get, Client, Response};
+use crate::control_plane::{ControlPlane, ControlPlaneConfig, ManagerSpec, Replication};
+use crate::envoy::{Envoy, EnvoyConfig, EnvoyOptions, TEST_COOKIE_KEY};
+use crate::manager::{DefaultBackend, RecordedRequest, TestManager};
+use prealloc_filter::cookie::{verify, Claims};
+use prealloc_wire::{ConsumerId, ConsumerState};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// The managers of every stack, in order.
+pub const MANAGER_IDS: [&str; 3] = ["m1", "m2", "m3"];
+/// Path of sign-up requests (method POST).
+pub const SIGNUP_PATH: &str = "/signup";
+/// Name of the consumer cookie.
+pub const COOKIE_NAME: &str = "prealloc";
+/// How long a change may take to reach the control plane record or every Envoy.
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How to build a [`Stack`].
+#[derive(Debug, Clone)]
+pub struct StackOptions {
+    pub replication: Replication,
+    /// How long a registered consumer stays in the routing table.
+    pub grace_period_ms: u64,
+    /// Envoys sharing the one control plane.
+    pub envoys: usize,
+    pub envoy: EnvoyOptions,
+    /// Listener port of the first Envoy (0: a free one).
+    pub listen_port: u16,
+    /// Target depth of the `mailbox` pool.
+    pub pool_depth: u64,
+}
+
+impl StackOptions {
+    pub fn new(replication: Replication) -> StackOptions {
+        StackOptions {
+            replication,
+            grace_period_ms: 3000,
+            envoys: 1,
+            envoy: EnvoyOptions::default(),
+            listen_port: 0,
+            pool_depth: 20,
+        }
+    }
+}
+
+/// Control plane, three managers, the default backend and Envoys; all stop when dropped.
+pub struct Stack {
+    // Envoys first: dropped before the servers they route to.
+    pub envoys: Vec<Envoy>,
+    pub cp: ControlPlane,
+    pub managers: Vec<TestManager>,
+    pub default: DefaultBackend,
+    pub replication: Replication,
+}
+
+/// What the control plane says about a consumer.
+#[derive(Debug, Clone)]
+pub struct ConsumerView {
+    pub state: String,
+    /// Manager ids, first manager first.
+    pub replicas: Vec<String>,
+    pub in_routing_table: bool,
+}
+
+/// A consumer that signed up through Envoy.
+#[derive(Debug, Clone)]
+pub struct SignedUp {
+    pub consumer: ConsumerId,
+    /// Manager id of the first manager (the one that answered the sign-up).
+    pub first: String,
+    /// Resource name the manager was given.
+    pub resource: String,
+    /// `Cookie` header value, `prealloc=...`.
+    pub cookie: String,
+    pub claims: Claims,
+}
+
+impl Stack {
+    /// Starts managers `m1..m3`, the default backend, the control plane (fresh SQLite file) and the Envoys
+    /// (sign-up through the filter on `POST /signup`). Panics with the failing part's log when one does not start.
+    pub fn start(opts: &StackOptions) -> Stack {
+        let managers: Vec<TestManager> = MANAGER_IDS
+            .iter()
+            .map(|id| TestManager::start(id))
+            .collect();
+        let default = DefaultBackend::start();
+        let mut cfg = ControlPlaneConfig::new(
+            managers
+                .iter()
+                .map(|m| ManagerSpec::new(m.name(), &m.url()))
+                .collect(),
+        );
+        cfg.replication = opts.replication;
+        cfg.grace_period_ms = opts.grace_period_ms;
+        cfg.pools = vec![("mailbox".into(), "local".into(), opts.pool_depth)];
+        // Active copies refused by a test manager are retried quickly, so a copy lands soon after it is allowed.
+        cfg.replication_extra
+            .insert("retry_min_ms".into(), toml::Value::Integer(20));
+        cfg.replication_extra
+            .insert("retry_max_ms".into(), toml::Value::Integer(200));
+        let cp = ControlPlane::start(cfg);
+        let envoys = (0..opts.envoys)
+            .map(|i| {
+                let mut ec = EnvoyConfig::new(
+                    managers
+                        .iter()
+                        .map(|m| (m.name().to_owned(), m.addr().into()))
+                        .collect(),
+                    default.addr().into(),
+                    cp.addr().into(),
+                );
+                ec.filter["signup"] = json!({
+                    "path": SIGNUP_PATH,
+                    "token": cp.config().envoy_token,
+                    "resource_type": "mailbox",
+                });
+                if i == 0 {
+                    ec.listen_port = opts.listen_port;
+                }
+                Envoy::start(&ec, &opts.envoy)
+            })
+            .collect();
+        Stack {
+            envoys,
+            cp,
+            managers,
+            default,
+            replication: opts.replication,
+        }
+    }
+
+    pub fn manager(&self, id: &str) -> &TestManager {
+        self.managers
+            .iter()
+            .find(|m| m.name() == id)
+            .unwrap_or_else(|| panic!("no manager {id}"))
+    }
+
+    /// Every recording server: the managers and the default backend.
+    pub fn servers(&self) -> impl Iterator<Item = &TestManager> {
+        self.managers.iter().chain([self.default.as_manager()])
+    }
+
+    /// Requests that reached a server without the consumer's data, over every server.
+    pub fn violations(&self) -> Vec<RecordedRequest> {
+        self.servers().flat_map(|s| s.violations()).collect()
+    }
+
+    /// Panics listing every violation.
+    pub fn assert_no_violations(&self) {
+        crate::manager::assert_no_violations(self.servers());
+    }
+
+    /// The control plane's routes version (`/healthz`).
+    pub fn routes_version(&self) -> Result<u64, String> {
+        let (status, body) = blocking_get(self.cp.addr(), "/healthz", Duration::from_secs(2))
+            .map_err(|e| format!("control plane /healthz: {e}"))?;
+        let v: Value = serde_json::from_str(&body)
+            .map_err(|e| format!("control plane /healthz answered {status} {body}: {e}"))?;
+        v["version"]
+            .as_u64()
+            .ok_or_else(|| format!("control plane /healthz has no version: {body}"))
+    }
+
+    /// Waits until every Envoy's poller applied the control plane's current routes version,
+    /// i.e. every change committed so far is routed by every Envoy.
+    pub fn wait_envoys_caught_up(&self) -> Result<(), String> {
+        let want = self.routes_version()?;
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        for (i, e) in self.envoys.iter().enumerate() {
+            loop {
+                let have = e.stat("prealloc_poller_version");
+                if have >= want {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    return Err(format!(
+                        "Envoy #{i} applied routes version {have}, not the control plane's {want}, \
+                         within {STEP_TIMEOUT:?}; its log: {}",
+                        e.dir().join("envoy.log").display()
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        Ok(())
+    }
+
+    /// The control plane's record of a consumer.
+    pub async fn consumer(&self, c: &ConsumerId) -> Result<ConsumerView, String> {
+        let r = self
+            .cp
+            .admin("GET", &format!("/v1/consumers/{c}"), None)
+            .await;
+        if r.status != 200 {
+            return Err(format!(
+                "GET /v1/consumers/{c} answered {}: {}",
+                r.status,
+                r.text()
+            ));
+        }
+        let v = r.json();
+        Ok(ConsumerView {
+            state: v["state"].as_str().unwrap_or("?").to_owned(),
+            replicas: v["replicas"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|r| r["manager"].as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            in_routing_table: v["in_routing_table"].as_bool().unwrap_or(true),
+        })
+    }
+
+    /// Polls the consumer's record until `pred` holds.
+    pub async fn wait_consumer(
+        &self,
+        c: &ConsumerId,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&ConsumerView) -> bool,
+    ) -> Result<ConsumerView, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let v = self.consumer(c).await?;
+            if pred(&v) {
+                return Ok(v);
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "consumer {c}: {what} did not happen within {timeout:?} (control plane says {v:?}); \
+                     control plane log: {}",
+                    self.cp.log_path().display()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Signs up through Envoy on `client`, retrying while the pool is still filling (503), for up to `within`.
+    pub async fn sign_up(&self, client: &mut Client, within: Duration) -> Result<SignedUp, String> {
+        let deadline = Instant::now() + within;
+        let r = loop {
+            let r = client
+                .send(
+                    "POST",
+                    SIGNUP_PATH,
+                    &[("content-type", "application/json")],
+                    b"{\"name\":\"pat\"}",
+                )
+                .await
+                .map_err(|e| format!("sign-up request: {e}"))?;
+            if r.status != 503 {
+                break r;
+            }
+            if r.header("retry-after").is_none() {
+                return Err(format!("sign-up 503 without Retry-After: {}", r.text()));
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "sign-up kept answering 503 for {within:?}: {}",
+                    r.text()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        if !(200..300).contains(&r.status) {
+            return Err(format!("sign-up answered {}: {}", r.status, r.text()));
+        }
+        let first = r
+            .served_by()
+            .ok_or_else(|| format!("sign-up answer names no manager: {:?}", r.headers))?;
+        let (value, claims) = consumer_cookie(&r)?.ok_or_else(|| {
+            format!(
+                "sign-up answer has no {COOKIE_NAME} cookie: {:?}",
+                r.headers
+            )
+        })?;
+        if claims.state != ConsumerState::Registering || claims.replicas != [cluster(&first)] {
+            return Err(format!(
+                "sign-up cookie should say registering on {}, says {:?} {:?}",
+                cluster(&first),
+                claims.state,
+                claims.replicas
+            ));
+        }
+        let body = r.json();
+        Ok(SignedUp {
+            consumer: claims.consumer.clone(),
+            first,
+            resource: body["resource"].as_str().unwrap_or("?").to_owned(),
+            cookie: format!("{COOKIE_NAME}={value}"),
+            claims,
+        })
+    }
+}
+
+/// The Envoy cluster of a manager id.
+pub fn cluster(manager: &str) -> String {
+    format!("manager_{manager}")
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The consumer cookie a response sets, verified with the test key: `(value, claims)`.
+pub fn consumer_cookie(r: &Response) -> Result<Option<(String, Claims)>, String> {
+    let prefix = format!("{COOKIE_NAME}=");
+    let Some(set) = r
+        .header_all("set-cookie")
+        .into_iter()
+        .find(|v| v.starts_with(&prefix))
+    else {
+        return Ok(None);
+    };
+    let value = set[prefix.len()..]
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .to_owned();
+    let claims = verify(&value, &[TEST_COOKIE_KEY.as_bytes()], now_unix())
+        .map_err(|e| format!("cookie {set:?} does not verify: {e:?}"))?;
+    Ok(Some((value, claims)))
+}
+
+/// Where a batch of requests went.
+#[derive(Debug, Clone, Default)]
+pub struct Batch {
+    /// The serving manager of each request, in order.
+    pub served: Vec<String>,
+    /// A registered cookie set by one of the responses (`prealloc=...`, claims).
+    pub upgraded: Option<(String, Claims)>,
+}
+
+impl Batch {
+    pub fn tally(&self) -> BTreeMap<String, usize> {
+        tally(&self.served)
+    }
+}
+
+/// Sends `n` GETs with `cookie`; every answer must be a 200 from a harness server.
+pub async fn send_requests(client: &mut Client, cookie: &str, n: usize) -> Result<Batch, String> {
+    let mut b = Batch::default();
+    for i in 0..n {
+        let path = format!("/inbox/{i}");
+        let r = client
+            .send("GET", &path, &[("cookie", cookie)], b"")
+            .await
+            .map_err(|e| format!("GET {path}: {e}"))?;
+        let by = r.served_by().ok_or_else(|| {
+            format!(
+                "GET {path} answered {} by no manager: {}",
+                r.status,
+                r.text()
+            )
+        })?;
+        if r.status != 200 {
+            return Err(format!(
+                "GET {path} answered {} by {by}: {}",
+                r.status,
+                r.text()
+            ));
+        }
+        if let Some((v, c)) = consumer_cookie(&r)? {
+            b.upgraded = Some((format!("{COOKIE_NAME}={v}"), c));
+        }
+        b.served.push(by);
+    }
+    Ok(b)
+}
+
+/// How many times each name occurs.
+pub fn tally(names: &[String]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for n in names {
+        *m.entry(n.clone()).or_insert(0) += 1;
+    }
+    m
+}
+
+/// Largest minus smallest count over `over` (a name missing counts 0).
+pub fn spread(t: &BTreeMap<String, usize>, over: &[String]) -> usize {
+    let counts: Vec<usize> = over
+        .iter()
+        .map(|m| t.get(m).copied().unwrap_or(0))
+        .collect();
+    counts.iter().max().unwrap_or(&0) - counts.iter().min().unwrap_or(&0)
+}
+
+/// `m1 m1 m2` for a transcript line.
+pub fn compact(served: &[String]) -> String {
+    served.join(" ")
+}
+
+fn fmt_tally(t: &BTreeMap<String, usize>) -> String {
+    t.iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// How the story runs.
+#[derive(Debug, Clone)]
+pub struct StoryOptions {
+    /// Envoy (index into [`Stack::envoys`]) taking the sign-up.
+    pub signup_via: usize,
+    /// Envoy taking every later request.
+    pub continue_via: usize,
+    /// Requests per phase; a multiple of 6 makes every phase exactly even.
+    pub requests: usize,
+}
+
+impl Default for StoryOptions {
+    fn default() -> Self {
+        StoryOptions {
+            signup_via: 0,
+            continue_via: 0,
+            requests: 6,
+        }
+    }
+}
+
+/// What the story saw.
+#[derive(Debug, Clone)]
+pub struct StoryReport {
+    pub signed_up: SignedUp,
+    /// Replication order: first manager, then each copy.
+    pub order: Vec<String>,
+    /// `(phase, tally)` for every batch of requests.
+    pub phases: Vec<(String, BTreeMap<String, usize>)>,
+    /// The registered cookie the filter set.
+    pub registered_cookie: String,
+}
+
+/// One consumer, end to end (see the module docs). Fails on the first step that does not hold.
+pub async fn run_story(
+    stack: &Stack,
+    opts: &StoryOptions,
+    say: &mut dyn FnMut(String),
+) -> Result<StoryReport, String> {
+    let active = stack.replication == Replication::Active;
+    let n = opts.requests;
+    let via = opts.continue_via;
+    let envoy_name = |i: usize| {
+        if stack.envoys.len() > 1 {
+            format!("Envoy #{} ({})", i + 1, stack.envoys[i].addr())
+        } else {
+            format!("Envoy ({})", stack.envoys[i].addr())
+        }
+    };
+    if active {
+        // Copies are held back so every step of the story is observable, then let in one manager at a time.
+        for m in &stack.managers {
+            m.set_accept_copies(false);
+        }
+        say("replication mode: active (the control plane copies data with GET/PUT /prealloc/v1/consumers/{id}/data); \
+             managers refuse copies until the story lets them in".into());
+    } else {
+        say("replication mode: reported (each manager reports its copy: POST /v1/consumers/{id}/replicas)".into());
+    }
+
+    let mut signup_client = Client::new(stack.envoys[opts.signup_via].addr());
+    let su = stack.sign_up(&mut signup_client, STEP_TIMEOUT).await?;
+    say(format!(
+        "sign-up: POST {SIGNUP_PATH} via {} -> consumer {} on first manager {} (resource {})",
+        envoy_name(opts.signup_via),
+        su.consumer,
+        su.first,
+        su.resource
+    ));
+    say(format!(
+        "  cookie: {COOKIE_NAME}=<{} chars>, state registering, replicas [{}]",
+        su.cookie.len() - COOKIE_NAME.len() - 1,
+        su.claims.replicas.join(", ")
+    ));
+    let others: Vec<String> = MANAGER_IDS
+        .iter()
+        .filter(|m| **m != su.first)
+        .map(|m| m.to_string())
+        .collect();
+    let (second, third) = (others[0].clone(), others[1].clone());
+    let mut phases = Vec::new();
+    let mut client = Client::new(stack.envoys[via].addr());
+    stack.wait_envoys_caught_up()?;
+
+    // Pinned. In reported mode the second manager already holds a copy nobody reported:
+    // it must still get nothing.
+    if !active {
+        stack.manager(&second).hold(su.consumer.as_str());
+        say(format!("  {second} now holds a copy, not reported yet"));
+    }
+    let b = send_requests(&mut client, &su.cookie, n).await?;
+    say(format!(
+        "{n} requests via {}: {}  (pinned to the first manager)",
+        envoy_name(via),
+        compact(&b.served)
+    ));
+    if b.served.iter().any(|s| *s != su.first) {
+        return Err(format!(
+            "registering consumer not pinned to {}: {:?}",
+            su.first, b.served
+        ));
+    }
+    phases.push(("pinned".to_owned(), b.tally()));
+
+    // Copy to the second manager.
+    replicate(stack, &su, &second, active).await?;
+    let v = stack
+        .wait_consumer(
+            &su.consumer,
+            &format!("copy on {second}"),
+            STEP_TIMEOUT,
+            |v| v.replicas.len() >= 2,
+        )
+        .await?;
+    say(format!(
+        "replication: {second} holds a copy -> replicas [{}], 1 of 2 copies, {}",
+        v.replicas.join(", "),
+        v.state
+    ));
+    if v.replicas != [su.first.clone(), second.clone()] {
+        return Err(format!(
+            "replicas should be [{}, {second}]: {:?}",
+            su.first, v.replicas
+        ));
+    }
+    stack.wait_envoys_caught_up()?;
+    if !active {
+        stack.manager(&third).hold(su.consumer.as_str());
+        say(format!("  {third} now holds a copy, not reported yet"));
+    }
+    let b = send_requests(&mut client, &su.cookie, n).await?;
+    let t = b.tally();
+    say(format!(
+        "{n} requests: {}  (round-robin over 2 replicas: {})",
+        compact(&b.served),
+        fmt_tally(&t)
+    ));
+    let two = [su.first.clone(), second.clone()];
+    if t.keys().any(|k| !two.contains(k)) || spread(&t, &two) > 1 {
+        return Err(format!("expected an even split over {two:?}: {t:?}"));
+    }
+    phases.push(("two replicas".to_owned(), t));
+
+    // Copy to the third: the replication target ("all") is reached.
+    replicate(stack, &su, &third, active).await?;
+    let v = stack
+        .wait_consumer(&su.consumer, "registration", STEP_TIMEOUT, |v| {
+            v.state == "registered"
+        })
+        .await?;
+    say(format!(
+        "replication: {third} holds a copy -> replicas [{}], 2 of 2 copies: registered",
+        v.replicas.join(", ")
+    ));
+    stack.wait_envoys_caught_up()?;
+    let b = send_requests(&mut client, &su.cookie, n).await?;
+    let t = b.tally();
+    say(format!(
+        "{n} requests: {}  (round-robin over 3 replicas: {})",
+        compact(&b.served),
+        fmt_tally(&t)
+    ));
+    let all: Vec<String> = MANAGER_IDS.iter().map(|s| s.to_string()).collect();
+    if spread(&t, &all) > 1 {
+        return Err(format!("expected an even split over {all:?}: {t:?}"));
+    }
+    phases.push(("three replicas (table)".to_owned(), t));
+    let (registered_cookie, claims) = b.upgraded.ok_or_else(|| {
+        "no response upgraded the registering cookie after the consumer was registered".to_owned()
+    })?;
+    let want: Vec<String> = v.replicas.iter().map(|m| cluster(m)).collect();
+    if claims.state != ConsumerState::Registered || claims.replicas != want {
+        return Err(format!(
+            "upgraded cookie should say registered on {want:?}: {:?} {:?}",
+            claims.state, claims.replicas
+        ));
+    }
+    say(format!(
+        "cookie upgrade: the response set {COOKIE_NAME}=<{} chars>, state registered, replicas [{}]",
+        registered_cookie.len() - COOKIE_NAME.len() - 1,
+        claims.replicas.join(", ")
+    ));
+
+    // Grace period: the entry leaves the control plane's table and every Envoy's shared data.
+    let grace = Duration::from_millis(stack.cp.config().grace_period_ms);
+    say(format!("waiting for the grace period ({grace:?}) ..."));
+    stack
+        .wait_consumer(
+            &su.consumer,
+            "leaving the routing table",
+            grace + STEP_TIMEOUT,
+            |v| !v.in_routing_table,
+        )
+        .await?;
+    stack.wait_envoys_caught_up()?;
+    let entries: Vec<u64> = stack
+        .envoys
+        .iter()
+        .map(|e| e.stat("prealloc_poller_entries"))
+        .collect();
+    if entries.iter().any(|e| *e != 0) {
+        return Err(format!(
+            "the control plane dropped the entry but Envoys still hold entries: {entries:?}"
+        ));
+    }
+    say(format!(
+        "grace period over: the entry left the routing table (control plane: not in table; Envoy entries: {entries:?})"
+    ));
+
+    let cookie_routed_before = stack.envoys[via].stat("prealloc_requests_cookie");
+    let b = send_requests(&mut client, &registered_cookie, n).await?;
+    let t = b.tally();
+    say(format!(
+        "{n} requests with the registered cookie: {}  (balanced without the table: {})",
+        compact(&b.served),
+        fmt_tally(&t)
+    ));
+    if spread(&t, &all) > 1 {
+        return Err(format!(
+            "registered cookie: expected an even split over {all:?}: {t:?}"
+        ));
+    }
+    let cookie_routed = stack.envoys[via].stat("prealloc_requests_cookie") - cookie_routed_before;
+    if cookie_routed < n as u64 {
+        return Err(format!(
+            "Envoy counted {cookie_routed} cookie-routed requests, expected {n}"
+        ));
+    }
+    phases.push(("registered cookie".to_owned(), t));
+
+    // An old registering cookie, entry gone: the first manager, which always holds the data.
+    let b = send_requests(&mut client, &su.cookie, 3).await?;
+    say(format!(
+        "3 requests with the old registering cookie: {}  (no entry: first manager, still safe)",
+        compact(&b.served)
+    ));
+    if b.served.iter().any(|s| *s != su.first) {
+        return Err(format!(
+            "old cookie without entry should go to {}: {:?}",
+            su.first, b.served
+        ));
+    }
+
+    let violations = stack.violations();
+    let total: usize = stack.servers().map(|s| s.requests().len()).sum();
+    if !violations.is_empty() {
+        let list: Vec<String> = violations.iter().map(|r| format!("  {r}")).collect();
+        return Err(format!(
+            "{} of {total} requests reached a manager without the consumer's data:\n{}",
+            violations.len(),
+            list.join("\n")
+        ));
+    }
+    say(format!(
+        "invariant: 0 of {total} requests reached a manager without the consumer's data"
+    ));
+    Ok(StoryReport {
+        order: vec![su.first.clone(), second, third],
+        signed_up: su,
+        phases,
+        registered_cookie,
+    })
+}
+
+/// Makes `to` hold a copy: active mode lets the control plane's copy in; reported mode reports the copy
+/// the manager was seeded with.
+async fn replicate(stack: &Stack, su: &SignedUp, to: &str, active: bool) -> Result<(), String> {
+    if active {
+        stack.manager(to).set_accept_copies(true);
+        return Ok(());
+    }
+    if !stack.manager(to).holds(su.consumer.as_str()) {
+        return Err(format!(
+            "{to} was to be seeded with the data before the report"
+        ));
+    }
+    let r = stack.cp.report_replica(&su.consumer, to).await;
+    if r.status != 200 {
+        return Err(format!(
+            "reporting the copy on {to} answered {}: {}",
+            r.status,
+            r.text()
+        ));
+    }
+    Ok(())
+}
