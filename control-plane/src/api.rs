@@ -238,11 +238,30 @@ impl App {
             .wait_ms
             .unwrap_or(DEFAULT_WAIT_MS)
             .min(core.config.push.max_wait_ms);
-        let resp = core
+        let answer = core
             .routes
             .poll(&q, Duration::from_millis(wait), core.stop.subscribe())
             .await;
-        json(StatusCode::OK, &resp)
+        // A big snapshot is tens of megabytes: build it off the async workers.
+        let body = match &answer {
+            crate::routes::Answer::Full { entries, .. } if entries.len() > 10_000 => {
+                match tokio::task::spawn_blocking(move || answer.to_json()).await {
+                    Ok(b) => b,
+                    Err(e) => {
+                        return error(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "internal",
+                            format!("building the snapshot failed: {e}"),
+                        )
+                    }
+                }
+            }
+            _ => answer.to_json(),
+        };
+        let mut r = Response::new(Full::new(body));
+        r.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        r
     }
 
     async fn register<B>(&self, req: Request<B>) -> Resp

@@ -1,12 +1,13 @@
 //! The pushed routing table: committed entries, a bounded change log for deltas,
 //! and a watch channel that wakes long-polls when the version moves.
 
+use bytes::Bytes;
 use prealloc_wire::{
     ConsumerId, ManagerRoute, RouteEntry, RoutesKind, RoutesQuery, RoutesResponse,
 };
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
 /// One change to the table: a new value, or `None` for removal.
@@ -14,13 +15,68 @@ pub type Change = (ConsumerId, Option<RouteEntry>);
 
 struct Inner {
     version: u64,
-    entries: HashMap<ConsumerId, RouteEntry>,
+    /// Each entry kept as its JSON: a full snapshot of a million entries is then a
+    /// copy of reference counts under the lock and a concatenation outside it.
+    entries: HashMap<ConsumerId, Arc<[u8]>>,
     managers: Vec<ManagerRoute>,
     /// (version, changes that produced it), oldest first.
     log: VecDeque<(u64, Vec<Change>)>,
     log_changes: usize,
     /// Deltas can be answered for any `since >= base`.
     base: u64,
+}
+
+/// An answer to a routes query, ready to be written out.
+pub enum Answer {
+    /// A whole table: entries are JSON fragments.
+    Full {
+        epoch: String,
+        version: u64,
+        managers: Vec<ManagerRoute>,
+        entries: Vec<Arc<[u8]>>,
+    },
+    /// A delta or an unchanged answer.
+    Typed(RoutesResponse),
+}
+
+impl Answer {
+    pub fn kind(&self) -> RoutesKind {
+        match self {
+            Answer::Full { .. } => RoutesKind::Full,
+            Answer::Typed(r) => r.kind,
+        }
+    }
+
+    /// The JSON body of the answer (a `RoutesResponse`).
+    pub fn to_json(&self) -> Bytes {
+        match self {
+            Answer::Typed(r) => Bytes::from(serde_json::to_vec(r).unwrap_or_default()),
+            Answer::Full {
+                epoch,
+                version,
+                managers,
+                entries,
+            } => {
+                let size: usize = entries.iter().map(|e| e.len() + 1).sum();
+                let mut out = Vec::with_capacity(size + 256 + managers.len() * 96);
+                out.extend_from_slice(b"{\"epoch\":");
+                let _ = serde_json::to_writer(&mut out, epoch);
+                out.extend_from_slice(
+                    format!(",\"version\":{version},\"kind\":\"full\",\"managers\":").as_bytes(),
+                );
+                let _ = serde_json::to_writer(&mut out, managers);
+                out.extend_from_slice(b",\"upsert\":[");
+                for (i, e) in entries.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    out.extend_from_slice(e);
+                }
+                out.extend_from_slice(b"],\"remove\":[]}");
+                Bytes::from(out)
+            }
+        }
+    }
 }
 
 /// The routing table as pushed to Envoys. Only committed changes enter it.
@@ -30,6 +86,10 @@ pub struct Routes {
     inner: Mutex<Inner>,
     version_tx: watch::Sender<u64>,
     waiting: AtomicI64,
+}
+
+fn encode(e: &RouteEntry) -> Arc<[u8]> {
+    Arc::from(serde_json::to_vec(e).unwrap_or_default())
 }
 
 impl Routes {
@@ -48,7 +108,7 @@ impl Routes {
                 version,
                 entries: entries
                     .into_iter()
-                    .map(|e| (e.consumer.clone(), e))
+                    .map(|e| (e.consumer.clone(), encode(&e)))
                     .collect(),
                 managers,
                 log: VecDeque::new(),
@@ -80,10 +140,6 @@ impl Routes {
         self.lock().entries.contains_key(consumer)
     }
 
-    pub fn entry(&self, consumer: &ConsumerId) -> Option<RouteEntry> {
-        self.lock().entries.get(consumer).cloned()
-    }
-
     /// Pollers currently held.
     pub fn waiting(&self) -> i64 {
         self.waiting.load(Ordering::Relaxed)
@@ -95,12 +151,17 @@ impl Routes {
 
     /// Applies committed changes as `version` and wakes every waiting poller.
     pub fn publish(&self, version: u64, changes: Vec<Change>, managers: Option<Vec<ManagerRoute>>) {
+        // Encode before taking the lock: long-polls and snapshots wait on it.
+        let encoded: Vec<Option<Arc<[u8]>>> = changes
+            .iter()
+            .map(|(_, e)| e.as_ref().map(encode))
+            .collect();
         let mut g = self.lock();
         debug_assert!(version > g.version, "versions only grow");
-        for (id, e) in &changes {
+        for ((id, _), e) in changes.iter().zip(encoded) {
             match e {
                 Some(e) => {
-                    g.entries.insert(id.clone(), e.clone());
+                    g.entries.insert(id.clone(), e);
                 }
                 None => {
                     g.entries.remove(id);
@@ -123,22 +184,15 @@ impl Routes {
     }
 
     /// The answer to a query right now, or `None` when the caller should wait.
-    pub fn answer(&self, q: &RoutesQuery) -> Option<RoutesResponse> {
+    pub fn answer(&self, q: &RoutesQuery) -> Option<Answer> {
         let g = self.lock();
         let same_epoch = q.epoch.as_deref() == Some(self.epoch.as_str());
         if q.since == 0 || !same_epoch || q.since > g.version || q.since < g.base {
-            let mut upsert: Vec<RouteEntry> = g.entries.values().cloned().collect();
-            let managers = g.managers.clone();
-            let version = g.version;
-            drop(g);
-            upsert.sort_by(|a, b| a.consumer.cmp(&b.consumer));
-            return Some(RoutesResponse {
+            return Some(Answer::Full {
                 epoch: self.epoch.clone(),
-                version,
-                kind: RoutesKind::Full,
-                managers,
-                upsert,
-                remove: vec![],
+                version: g.version,
+                managers: g.managers.clone(),
+                entries: g.entries.values().cloned().collect(),
             });
         }
         if q.since == g.version {
@@ -165,14 +219,14 @@ impl Routes {
                 None => remove.push(id.clone()),
             }
         }
-        Some(RoutesResponse {
+        Some(Answer::Typed(RoutesResponse {
             epoch: self.epoch.clone(),
             version: g.version,
             kind: RoutesKind::Delta,
             managers: g.managers.clone(),
             upsert,
             remove,
-        })
+        }))
     }
 
     /// The answer after holding up to `wait` for a change (or until `stop` fires).
@@ -181,7 +235,7 @@ impl Routes {
         q: &RoutesQuery,
         wait: std::time::Duration,
         mut stop: watch::Receiver<bool>,
-    ) -> RoutesResponse {
+    ) -> Answer {
         // Subscribe before looking, so a change between the look and the wait still wakes us.
         let mut rx = self.version_tx.subscribe();
         if let Some(r) = self.answer(q) {
@@ -210,14 +264,14 @@ impl Routes {
         }
         self.answer(q).unwrap_or_else(|| {
             let g = self.lock();
-            RoutesResponse {
+            Answer::Typed(RoutesResponse {
                 epoch: self.epoch.clone(),
                 version: g.version,
                 kind: RoutesKind::Unchanged,
                 managers: g.managers.clone(),
                 upsert: vec![],
                 remove: vec![],
-            }
+            })
         })
     }
 }
