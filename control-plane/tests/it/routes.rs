@@ -99,6 +99,10 @@ async fn unknown_epoch_or_future_version_gets_a_full_snapshot() {
         .await;
     assert_eq!(r["kind"], "full");
     assert_eq!(ids(&r, "upsert"), vec![c.clone()]);
+    let typed: prealloc_wire::RoutesResponse =
+        serde_json::from_value(r.clone()).expect("a wire RoutesResponse");
+    assert_eq!(typed.upsert[0].consumer.as_str(), c);
+    assert_eq!(typed.managers.len(), 3);
     let r = p
         .routes(&format!(
             "since={}&epoch={epoch}&wait_ms=5000",
