@@ -562,6 +562,12 @@ pub async fn run_story(
 
     // Copy to the third: the replication target ("all") is reached.
     replicate(stack, &su, &third, active).await?;
+    if active {
+        // The story is done holding copies back: later consumers replicate freely.
+        for m in &stack.managers {
+            m.set_accept_copies(true);
+        }
+    }
     let v = stack
         .wait_consumer(&su.consumer, "registration", STEP_TIMEOUT, |v| {
             v.state == "registered"
