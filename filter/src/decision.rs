@@ -108,20 +108,35 @@ pub fn decide<'a>(
     }
 }
 
-/// The `rr`-th replica (modulo their number) among those not down, or `None` when all are down.
+/// The `rr`-th replica (modulo their number) among those not down, counted in
+/// name order, or `None` when all are down.
+///
+/// Name order, not list order: the worker's counter is shared by every
+/// consumer, and consumers with the same replica set list it in different
+/// orders (first manager first). Ranking by name maps each counter value to
+/// the same manager for all of them, so the worker's requests are spread
+/// evenly over a set however consumers interleave, and one consumer's
+/// consecutive requests cycle through its whole set. Allocation-free; O(n²)
+/// over a handful of replicas.
 pub fn pick<'a, I>(replicas: I, availability: &AvailabilityView, rr: u64) -> Option<&'a str>
 where
     I: Iterator<Item = &'a str> + Clone,
 {
-    let up = replicas
-        .clone()
-        .filter(|c| !availability.is_down(c))
-        .count() as u64;
-    if up == 0 {
+    let up = replicas.clone().filter(|c| !availability.is_down(c));
+    let n = up.clone().count() as u64;
+    if n == 0 {
         return None;
     }
-    let k = usize::try_from(rr % up).ok()?;
-    replicas.filter(|c| !availability.is_down(c)).nth(k)
+    let k = usize::try_from(rr % n).ok()?;
+    // Rank of each candidate by (name, position); exactly one has rank k.
+    up.clone().enumerate().find_map(|(i, c)| {
+        let rank = up
+            .clone()
+            .enumerate()
+            .filter(|&(j, d)| d < c || (d == c && j < i))
+            .count();
+        (rank == k).then_some(c)
+    })
 }
 
 /// The claims of the upgraded (registered) cookie: same consumer, the entry's
@@ -245,6 +260,8 @@ mod tests {
         check(Some((G, &["a"])), "1|r|a,b", &["a", "b"], RJ, 0, "503");
         // Registered cookie: its own replica set; the entry is not consulted.
         check(Some((R, &["a", "b", "c"])), "", &[], RJ, 2, "c Cookie");
+        check(Some((R, &["c", "a", "b"])), "", &[], RJ, 0, "a Cookie");
+        check(Some((G, &["b"])), "1|g|b,a", &[], RJ, 0, "a Table");
         check(Some((R, &["a", "b", "c"])), "1|g|z", &[], RJ, 0, "a Cookie");
         check(Some((R, &["a", "b", "c"])), "", &["a"], RJ, 0, "b Cookie");
         check(Some((R, &["a", "b"])), "", &["a", "b"], RJ, 0, "503");
@@ -275,8 +292,66 @@ mod tests {
             counts[set.iter().position(|s| *s == c).unwrap()] += 1;
         }
         assert_eq!(counts, [100, 0, 100, 100]);
+        // List order does not matter: ranks follow names.
+        let shuffled = ["c", "a", "d", "b"];
+        let got: Vec<&str> = (0..4)
+            .map(|rr| {
+                pick(
+                    shuffled.iter().copied(),
+                    &AvailabilityView::all_available(),
+                    rr,
+                )
+                .unwrap()
+            })
+            .collect();
+        assert_eq!(got, ["a", "b", "c", "d"]);
+        // Duplicates are ranked by position and never lose a candidate.
+        let dup = ["b", "a", "b"];
+        let got: Vec<&str> = (0..3)
+            .map(|rr| pick(dup.iter().copied(), &AvailabilityView::all_available(), rr).unwrap())
+            .collect();
+        assert_eq!(got, ["a", "b", "b"]);
         assert_eq!(pick(std::iter::empty(), &avail, 0), None);
         assert_eq!(pick(["a"].into_iter(), &avail, u64::MAX), Some("a"));
+    }
+
+    #[test]
+    fn interleaved_consumers_with_differently_ordered_sets_spread_evenly() {
+        // Three registered consumers, first managers a, b and c, same set.
+        let consumers = [
+            claims(R, &["manager_a", "manager_b", "manager_c"]),
+            claims(R, &["manager_b", "manager_c", "manager_a"]),
+            claims(R, &["manager_c", "manager_a", "manager_b"]),
+        ];
+        let avail = AvailabilityView::all_available();
+        let mut total = std::collections::BTreeMap::new();
+        // One worker's counter, requests of the consumers in turn.
+        for rr in 0..90u64 {
+            let who = (rr % 3) as usize;
+            let d = decide(Some(&consumers[who]), None, &avail, rr, RJ);
+            let Decision::Route { cluster, .. } = d else {
+                panic!("{d:?}")
+            };
+            *total.entry(cluster).or_insert(0) += 1;
+        }
+        assert_eq!(
+            total.values().copied().collect::<Vec<_>>(),
+            vec![30, 30, 30]
+        );
+        // (Strict alternation is the worst case for one consumer: with 3 consumers
+        // and 3 replicas each keeps landing on the same rank; the shared counter
+        // evens out the worker, not each consumer.) Consecutive requests of one
+        // consumer cycle through its set.
+        let mut seen = vec![];
+        for rr in 0..3 {
+            if let Decision::Route { cluster, .. } =
+                decide(Some(&consumers[1]), None, &avail, rr, RJ)
+            {
+                seen.push(cluster);
+            }
+        }
+        seen.sort_unstable();
+        assert_eq!(seen, ["manager_a", "manager_b", "manager_c"]);
     }
 
     #[test]
