@@ -204,8 +204,15 @@ async fn active_mode_waits_for_the_sign_up_and_retries_failed_copies() {
     let first = index(reg["manager"].as_str().unwrap());
     let second = (first + 1) % 3;
     ms[second].state.fail_put.store(2, Ordering::SeqCst);
-    // Not held anywhere yet: the copy waits (404 from the first manager).
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Not held anywhere yet: the first manager answers 404 and nothing is copied.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ms[first].state.gets.load(Ordering::SeqCst) < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the control plane never tried to read the data"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     assert_eq!(
         p.consumer(&c).await.1["replicas"].as_array().unwrap().len(),
         1

@@ -31,7 +31,6 @@ async fn register_report_and_long_poll_over_http() {
         full["epoch"].as_str().unwrap()
     );
     let poll = tokio::spawn(async move { http(addr, Method::GET, &q, Some(ENVOY), None).await });
-    tokio::time::sleep(Duration::from_millis(50)).await;
     let (s, reg) = http(
         addr,
         Method::POST,
@@ -71,7 +70,19 @@ async fn shutdown_releases_held_long_polls_at_once() {
         full["epoch"].as_str().unwrap()
     );
     let poll = tokio::spawn(async move { http(addr, Method::GET, &q, Some(ENVOY), None).await });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Shut down only once the poll is held.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, m) = http(addr, Method::GET, "/metrics", None, None).await;
+        if m.as_str()
+            .unwrap()
+            .contains("prealloc_routes_waiting_pollers 1")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "poll never held");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let t = Instant::now();
     server.shutdown().await;
     let (s, v) = poll.await.unwrap();
@@ -82,4 +93,28 @@ async fn shutdown_releases_held_long_polls_at_once() {
         "shutdown took {:?}",
         t.elapsed()
     );
+}
+
+#[tokio::test]
+async fn http2_prior_knowledge_is_served_too() {
+    use http_body_util::{BodyExt, Full};
+    let db = Db::new();
+    let server = Server::start(Setup::default().config(&db.path()))
+        .await
+        .expect("server starts");
+    let client: hyper_util::client::legacy::Client<_, Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+    let req = hyper::Request::get(format!("http://{}/v1/routes?since=0", server.addr()))
+        .header("authorization", format!("Bearer {ENVOY}"))
+        .body(Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let resp = client.request(req).await.expect("h2c answer");
+    assert_eq!(resp.version(), hyper::Version::HTTP_2);
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["kind"], "full");
+    server.shutdown().await;
 }

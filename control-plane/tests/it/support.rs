@@ -332,6 +332,8 @@ pub struct ManagerState {
     /// Provisioning answers after this many ms.
     pub provision_delay_ms: AtomicU32,
     pub puts: AtomicU32,
+    /// Data reads received (answered or 404).
+    pub gets: AtomicU32,
     pub tokens_seen: Mutex<Vec<Option<String>>>,
 }
 
@@ -426,8 +428,10 @@ async fn handle(
             reply(StatusCode::CREATED, Bytes::new())
         }
         (Method::GET, ["prealloc", "v1", "consumers", id, "data"]) => {
-            match st.data.lock().unwrap().get(*id) {
-                Some(d) => reply(StatusCode::OK, d.clone()),
+            st.gets.fetch_add(1, Ordering::SeqCst);
+            let held = st.data.lock().unwrap().get(*id).cloned();
+            match held {
+                Some(d) => reply(StatusCode::OK, d),
                 None => reply(StatusCode::NOT_FOUND, Bytes::new()),
             }
         }
