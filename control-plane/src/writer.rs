@@ -229,6 +229,7 @@ pub fn run(core: Arc<Core>, mut store: Box<dyn Store>, mut rx: mpsc::Receiver<Co
                             if changed {
                                 managers_changed = true;
                                 notify_all = true;
+                                tracing::info!(manager = %manager, availability = availability.as_str(), "availability changed");
                             }
                             let idx = reg.manager_index(&manager).expect("known manager");
                             replies.push(defer(reply, Ok(reg.manager_view(idx))));
