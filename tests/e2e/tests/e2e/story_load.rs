@@ -3,7 +3,10 @@
 use prealloc_e2e::client::Client;
 use prealloc_e2e::control_plane::Replication;
 use prealloc_e2e::envoy::EnvoyOptions;
-use prealloc_e2e::story::{send_requests, spread, tally, Stack, StackOptions, STEP_TIMEOUT};
+use prealloc_e2e::envoy::TEST_COOKIE_KEY;
+use prealloc_e2e::story::{send_requests, spread, tally, Batch, Stack, StackOptions, STEP_TIMEOUT};
+use prealloc_filter::cookie::verify;
+use prealloc_wire::ConsumerState;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -79,6 +82,13 @@ async fn hundreds_of_consumers_sign_up_and_send_requests_while_replication_runs(
         "[load] {CONSUMERS} sign-ups + {} requests in {phase1:?}; first managers {firsts:?}",
         CONSUMERS * EARLY_REQUESTS
     );
+    // Replication ran while they sent: early requests were routed pinned, by the table and by upgraded cookies.
+    let routed = stack.envoys[0].stats_matching("prealloc_requests_");
+    println!("[load] phase 1 routing (Envoy counters): {routed:?}");
+    assert!(
+        stack.envoys[0].stat("prealloc_requests_table") > 0,
+        "no request was routed by a replicated table entry: {routed:?}"
+    );
     stack.assert_no_violations();
 
     // Replication finishes: every consumer registered, every copy on every manager.
@@ -112,99 +122,84 @@ async fn hundreds_of_consumers_sign_up_and_send_requests_while_replication_runs(
         .wait_envoys_caught_up()
         .unwrap_or_else(|e| panic!("{e}"));
 
-    // Phase 2: every consumer, fully replicated, sends 3 requests concurrently.
-    let done = Arc::new(done);
-    let mut tasks = Vec::new();
-    for k in 0..CONCURRENCY {
-        let stack = stack.clone();
-        let done = done.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut out = Vec::new();
-            let mut c = Client::new(stack.envoys[0].addr());
-            for d in done.iter().skip(k).step_by(CONCURRENCY) {
-                let b = send_requests(&mut c, &d.cookie, 3)
-                    .await
-                    .unwrap_or_else(|e| panic!("{e}"));
-                out.push((d.consumer.clone(), b.served));
-            }
-            out
-        }));
-    }
-    // Each consumer's replica order (first manager first, then copies as they landed).
-    let r = stack
-        .cp
-        .admin(
-            "GET",
-            &format!("/v1/consumers?state=registered&limit={}", CONSUMERS + 10),
-            None,
-        )
-        .await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    let order: std::collections::HashMap<String, Vec<String>> = r
-        .json()
-        .as_array()
-        .expect("a list of consumer records")
-        .iter()
-        .map(|v| {
-            let id = v["consumer"].as_str().unwrap_or_default().to_owned();
-            let reps = v["replicas"].as_array().into_iter().flatten();
-            (
-                id,
-                reps.filter_map(|r| r["manager"].as_str().map(str::to_owned))
-                    .collect(),
-            )
-        })
-        .collect();
-    let mut served = Vec::new();
-    let mut positions = Vec::new();
-    let mut per_consumer_spread = std::collections::BTreeMap::<usize, usize>::new();
-    let all: Vec<String> = ["m1", "m2", "m3"].iter().map(|s| s.to_string()).collect();
-    for t in tasks {
-        for (consumer, s) in t.await.expect("a phase 2 task panicked") {
-            let reps = &order[&consumer];
-            for m in &s {
-                let i = reps
-                    .iter()
-                    .position(|r| r == m)
-                    .expect("served by one of its replicas");
-                positions.push(format!("replica #{i}"));
-            }
-            *per_consumer_spread
-                .entry(spread(&tally(&s), &all))
-                .or_insert(0) += 1;
-            served.extend(s);
+    // Phase 2: a warm-up request each upgrades the cookies still saying registering (the table says
+    // registered); then every consumer sends 3 requests concurrently, routed by its registered cookie.
+    let mut done = done;
+    for (i, b) in round(&stack, &done, 1).await {
+        if let Some((up, _)) = b.upgraded {
+            done[i].cookie = up;
         }
     }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    for d in &done {
+        let value = d
+            .cookie
+            .strip_prefix("prealloc=")
+            .expect("a prealloc cookie");
+        let claims = verify(value, &[TEST_COOKIE_KEY.as_bytes()], now).expect("cookie verifies");
+        assert_eq!(
+            claims.state,
+            ConsumerState::Registered,
+            "{} was not upgraded",
+            d.consumer
+        );
+        assert_eq!(claims.replicas.len(), 3, "{}", d.consumer);
+    }
+    let mut served = Vec::new();
+    let mut per_consumer_spread = std::collections::BTreeMap::<usize, usize>::new();
+    let all: Vec<String> = ["m1", "m2", "m3"].iter().map(|s| s.to_string()).collect();
+    for (_, b) in round(&stack, &done, 3).await {
+        let s = b.served;
+        *per_consumer_spread
+            .entry(spread(&tally(&s), &all))
+            .or_insert(0) += 1;
+        served.extend(s);
+    }
     let t = tally(&served);
-    let p = tally(&positions);
-    let pos: Vec<String> = (0..3).map(|i| format!("replica #{i}")).collect();
     println!(
-        "[load] phase 2: {} requests of registered consumers over {WORKERS} workers: by manager {t:?} \
-         (max-min {}), by position in the consumer's replica set {p:?} (max-min {}); \
+        "[load] phase 2: {} requests of registered consumers over {WORKERS} workers: {t:?} (max-min {}); \
          per-consumer max-min of its 3 requests -> consumers: {per_consumer_spread:?}; total {:?}",
         served.len(),
         spread(&t, &all),
-        spread(&p, &pos),
         started.elapsed()
     );
-    // One round-robin counter per worker picks the replica by position: exact to ±1 per worker.
+    // One round-robin counter per worker, picking by manager name: exact to ±1 per worker.
     assert!(
-        spread(&p, &pos) <= WORKERS as usize,
-        "uneven round-robin: {p:?}"
+        spread(&t, &all) <= WORKERS as usize,
+        "uneven round-robin: {t:?}"
     );
-    // By manager it depends on how the consumers' replica orders mix: within 10% of the mean.
-    let mean = served.len() / 3;
-    for m in &all {
-        let n = t.get(m).copied().unwrap_or(0);
-        assert!(
-            n.abs_diff(mean) * 10 <= mean,
-            "{m} got {n} of {}: {t:?}",
-            served.len()
-        );
-    }
     stack.assert_no_violations();
     let total: usize = stack.servers().map(|s| s.requests().len()).sum();
     println!(
         "[load] invariant: 0 of {total} requests reached a manager without the consumer's data"
     );
+}
+
+/// Every consumer sends `n` requests with its cookie, CONCURRENCY connections at a time; `(index, batch)`.
+async fn round(stack: &Arc<Stack>, done: &[Done], n: usize) -> Vec<(usize, Batch)> {
+    let cookies: Arc<Vec<String>> = Arc::new(done.iter().map(|d| d.cookie.clone()).collect());
+    let mut tasks = Vec::new();
+    for k in 0..CONCURRENCY {
+        let stack = stack.clone();
+        let cookies = cookies.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            let mut c = Client::new(stack.envoys[0].addr());
+            for i in (k..cookies.len()).step_by(CONCURRENCY) {
+                let b = send_requests(&mut c, &cookies[i], n)
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"));
+                out.push((i, b));
+            }
+            out
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.extend(t.await.expect("a request task panicked"));
+    }
+    out
 }
