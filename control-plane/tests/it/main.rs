@@ -10,5 +10,6 @@ mod registrations;
 mod replication;
 mod restart;
 mod routes;
+mod routes_props;
 mod socket;
 mod support;
