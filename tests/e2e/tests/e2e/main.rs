@@ -5,6 +5,7 @@ mod support;
 mod all_down;
 mod anonymous;
 mod control_plane;
+mod demo;
 mod envoy_harness;
 mod forged_cookie;
 mod harness;

@@ -124,7 +124,6 @@ async fn hundreds_of_consumers_sign_up_and_send_requests_while_replication_runs(
 
     // Phase 2: a warm-up request each upgrades the cookies still saying registering (the table says
     // registered); then every consumer sends 3 requests concurrently, routed by its registered cookie.
-    let mut done = done;
     for (i, b) in round(&stack, &done, 1).await {
         if let Some((up, _)) = b.upgraded {
             done[i].cookie = up;
