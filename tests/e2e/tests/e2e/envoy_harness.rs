@@ -102,9 +102,10 @@ fn docker_compose_config_is_the_rendered_template() {
     let host = "host.docker.internal";
     let mut cfg = EnvoyConfig::new(
         (1..=3)
-            .map(|i| (format!("m{i}"), Endpoint::new(host, 8080 + i)))
+            // The managers' ports of control-plane/examples/prealloc.toml (admin_url 9101..9103).
+            .map(|i| (format!("m{i}"), Endpoint::new(host, 9100 + i)))
             .collect(),
-        Endpoint::new(host, 8080),
+        Endpoint::new(host, 9100),
         Endpoint::new(host, 7070),
     );
     cfg.listen_address = "0.0.0.0".into();
@@ -117,6 +118,12 @@ fn docker_compose_config_is_the_rendered_template() {
         "when_all_down": "reject",
         "retry_after_s": 5,
         "availability_refresh_ms": 100,
+        // Sign-up through the filter, with tokens.envoy of control-plane/examples/prealloc.toml.
+        "signup": {
+            "path": "/signup",
+            "token": "envoy-demo-token-change-me",
+            "resource_type": "mailbox",
+        },
     });
     cfg.poller = serde_json::json!({
         "cluster": "prealloc_control_plane",
