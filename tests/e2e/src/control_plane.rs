@@ -199,6 +199,11 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 impl ControlPlane {
     /// Writes the config (listen `127.0.0.1:0`, database in a temp dir) and starts the binary.
     pub fn start(cfg: ControlPlaneConfig) -> ControlPlane {
+        Self::start_on(cfg, SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    /// Like [`ControlPlane::start`], listening on `listen` (port 0: a free one).
+    pub fn start_on(cfg: ControlPlaneConfig, listen: SocketAddr) -> ControlPlane {
         let dir = tempfile::Builder::new()
             .prefix("prealloc-cp-")
             .tempdir()
@@ -206,7 +211,7 @@ impl ControlPlane {
         let mut cp = ControlPlane {
             cfg,
             child: None,
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            addr: listen,
             dir,
             starts: 0,
             keep_files: std::env::var_os("PREALLOC_KEEP_LOGS").is_some(),

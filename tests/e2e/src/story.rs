@@ -40,6 +40,10 @@ pub struct StackOptions {
     pub listen_port: u16,
     /// Target depth of the `mailbox` pool.
     pub pool_depth: u64,
+    /// Control plane port (0: a free one).
+    pub control_plane_port: u16,
+    /// `(envoy, admin)` bearer tokens of the control plane; the test tokens by default.
+    pub tokens: (String, String),
 }
 
 impl StackOptions {
@@ -51,6 +55,11 @@ impl StackOptions {
             envoy: EnvoyOptions::default(),
             listen_port: 0,
             pool_depth: 20,
+            control_plane_port: 0,
+            tokens: (
+                crate::control_plane::TEST_ENVOY_TOKEN.to_owned(),
+                crate::control_plane::TEST_ADMIN_TOKEN.to_owned(),
+            ),
         }
     }
 }
@@ -110,7 +119,9 @@ impl Stack {
             .insert("retry_min_ms".into(), toml::Value::Integer(20));
         cfg.replication_extra
             .insert("retry_max_ms".into(), toml::Value::Integer(200));
-        let cp = ControlPlane::start(cfg);
+        cfg.envoy_token = opts.tokens.0.clone();
+        cfg.admin_token = opts.tokens.1.clone();
+        let cp = ControlPlane::start_on(cfg, ([127, 0, 0, 1], opts.control_plane_port).into());
         let envoys = (0..opts.envoys)
             .map(|i| {
                 let mut ec = EnvoyConfig::new(
@@ -126,6 +137,7 @@ impl Stack {
                     "token": cp.config().envoy_token,
                     "resource_type": "mailbox",
                 });
+                ec.poller["token"] = json!(cp.config().envoy_token);
                 if i == 0 {
                     ec.listen_port = opts.listen_port;
                 }

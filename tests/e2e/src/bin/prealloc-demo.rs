@@ -29,6 +29,10 @@ demo sets them).
 ";
 
 const DEFAULT_PORT: u16 = 10000;
+/// The control plane's port and tokens of control-plane/examples/prealloc.toml, so its README's curl examples work.
+const CONTROL_PLANE_PORT: u16 = 7070;
+const ENVOY_TOKEN: &str = "envoy-demo-token-change-me";
+const ADMIN_TOKEN: &str = "admin-demo-token-change-me";
 /// Registered consumers stay this long in the routing table (short, so the story shows them leaving).
 const GRACE_MS: u64 = 3000;
 
@@ -125,6 +129,15 @@ fn run(args: Args) -> ExitCode {
     let mut opts = StackOptions::new(args.mode);
     opts.grace_period_ms = GRACE_MS;
     opts.listen_port = port;
+    opts.tokens = (ENVOY_TOKEN.to_owned(), ADMIN_TOKEN.to_owned());
+    opts.control_plane_port = match (
+        args.port,
+        TcpListener::bind(("127.0.0.1", CONTROL_PLANE_PORT)),
+    ) {
+        // --port 0 (as in tests): no fixed ports at all.
+        (Some(0), _) | (_, Err(_)) => 0,
+        (_, Ok(_)) => CONTROL_PLANE_PORT,
+    };
     let mut stack = Stack::start(&opts);
     let envoy = stack.envoys[0].addr();
     println!(
