@@ -244,10 +244,11 @@ async fn watch(stack: &Stack) {
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     loop {
-        tokio::select! {
-            _ = &mut ctrl_c => return,
-            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-        }
+        // On Ctrl-C, print what arrived since the last round, then stop.
+        let stop = tokio::select! {
+            _ = &mut ctrl_c => true,
+            _ = tokio::time::sleep(Duration::from_millis(100)) => false,
+        };
         // New requests of every server, merged in arrival order.
         let mut fresh = Vec::new();
         for (i, s) in stack.servers().enumerate() {
@@ -277,6 +278,9 @@ async fn watch(stack: &Stack) {
                 }
             };
             println!("{:<7} <- {what} -> {}", r.manager, r.status);
+        }
+        if stop {
+            return;
         }
     }
 }
