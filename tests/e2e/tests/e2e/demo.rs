@@ -4,12 +4,22 @@ use std::process::Command;
 
 #[test]
 fn demo_once_tells_the_whole_story_and_exits_zero() {
-    for mode in ["active", "reported"] {
-        let out = Command::new(env!("CARGO_BIN_EXE_prealloc-demo"))
-            // Port 0: parallel tests (and a demo someone is running) may hold 10000.
-            .args(["--once", "--port", "0", "--mode", mode])
-            .output()
-            .expect("run prealloc-demo");
+    // Both modes at once: each demo takes free ports.
+    let runs: Vec<_> = ["active", "reported"]
+        .into_iter()
+        .map(|mode| {
+            let child = Command::new(env!("CARGO_BIN_EXE_prealloc-demo"))
+                // Port 0: parallel tests (and a demo someone is running) may hold 10000.
+                .args(["--once", "--port", "0", "--mode", mode])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("start prealloc-demo");
+            (mode, child)
+        })
+        .collect();
+    for (mode, child) in runs {
+        let out = child.wait_with_output().expect("run prealloc-demo");
         let stdout = String::from_utf8_lossy(&out.stdout);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(
