@@ -15,7 +15,9 @@ use crate::headers::{is_reserved, HeaderMap};
 use crate::metrics::Counter;
 use crate::signup::{self, GiveBackResult, GiveBacks, LocalReply, RegistrationOutcome};
 use crate::table::{self, AvailabilityView, MANAGERS_KEY};
-use prealloc_wire::{ConsumerId, Registration, HEADER_CONSUMER};
+use prealloc_wire::{
+    ConsumerId, Registration, HEADER_CONSUMER, HEADER_RESOURCE, HEADER_RESOURCE_TYPE,
+};
 
 /// Per-worker state shared by the root context and its HTTP contexts.
 pub struct FilterState {
@@ -181,16 +183,22 @@ impl Http {
     fn route(&mut self) -> Action {
         let st = Rc::clone(&self.st);
         let cfg = &st.cfg;
-        let Some(raw) = host::header_map_raw(MapType::HttpRequestHeaders) else {
+        let raw = host::header_map_raw(MapType::HttpRequestHeaders);
+        let Some(map) = raw.as_deref().and_then(HeaderMap::parse) else {
+            // Without the header list the reserved headers cannot be enumerated;
+            // remove every one prealloc defines by name, so a client still cannot
+            // pick a cluster, and route as anonymous.
+            for name in [
+                &cfg.route_header[..],
+                HEADER_CONSUMER,
+                HEADER_RESOURCE,
+                HEADER_RESOURCE_TYPE,
+            ] {
+                host::remove_header(MapType::HttpRequestHeaders, name);
+            }
+            host::clear_route_cache();
             host::warn(&format!(
-                "[prealloc http {}] cannot read request headers; routing as anonymous",
-                self.id
-            ));
-            return Action::Continue;
-        };
-        let Some(map) = HeaderMap::parse(&raw) else {
-            host::warn(&format!(
-                "[prealloc http {}] request header map is malformed; routing as anonymous",
+                "[prealloc http {}] cannot read the request headers; routing as anonymous",
                 self.id
             ));
             return Action::Continue;
