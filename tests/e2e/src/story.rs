@@ -5,15 +5,16 @@
 //! entry leaving the routing table and balanced requests on the registered
 //! cookie. Each step checks what it claims and narrates it through `say`, so
 //! the demo prints the transcript and the tests assert the same steps. Every
-//! wait polls a readiness signal (control plane record, Envoy's applied routes
-//! version) with a deadline.
+//! wait polls a readiness signal with a deadline: the control plane's pushed
+//! table (`GET /v1/routes`) shows the change, then every Envoy's
+//! `prealloc_poller_version` reaches that table's version.
 
 use crate::client::{blocking_get, Client, Response};
 use crate::control_plane::{ControlPlane, ControlPlaneConfig, ManagerSpec, Replication};
 use crate::envoy::{Envoy, EnvoyConfig, EnvoyOptions, TEST_COOKIE_KEY};
 use crate::manager::{DefaultBackend, RecordedRequest, TestManager};
 use prealloc_filter::cookie::{verify, Claims};
-use prealloc_wire::{ConsumerId, ConsumerState};
+use prealloc_wire::{ConsumerId, ConsumerState, RouteEntry, RoutesResponse};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -187,7 +188,8 @@ impl Stack {
     }
 
     /// Waits until every Envoy's poller applied the control plane's current routes version,
-    /// i.e. every change committed so far is routed by every Envoy.
+    /// i.e. every route change published so far is routed by every Envoy. A change seen in a
+    /// consumer record may not be published yet: wait for it with [`Stack::wait_routed`].
     pub fn wait_envoys_caught_up(&self) -> Result<(), String> {
         let want = self.routes_version()?;
         let deadline = Instant::now() + STEP_TIMEOUT;
@@ -208,6 +210,96 @@ impl Stack {
             }
         }
         Ok(())
+    }
+
+    /// The control plane's pushed routing table now: a full `GET /v1/routes` snapshot.
+    pub async fn routes(&self) -> Result<RoutesResponse, String> {
+        let auth = format!("Bearer {}", self.cp.config().envoy_token);
+        let r = Client::new(self.cp.addr())
+            .send(
+                "GET",
+                "/v1/routes?since=0",
+                &[("authorization", &auth)],
+                b"",
+            )
+            .await
+            .map_err(|e| format!("GET /v1/routes: {e}"))?;
+        if r.status != 200 {
+            return Err(format!(
+                "GET /v1/routes answered {}: {}",
+                r.status,
+                r.text()
+            ));
+        }
+        serde_json::from_slice(&r.body).map_err(|e| {
+            format!(
+                "GET /v1/routes is not a routes response ({e}): {}",
+                r.text()
+            )
+        })
+    }
+
+    /// Waits until the pushed table satisfies `pred`, then until every Envoy applied that table's version.
+    ///
+    /// The table, not the consumer record, is the signal: the control plane's records
+    /// can show a change before its route change is published (see the e2e README).
+    pub async fn wait_table(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&RoutesResponse) -> bool,
+    ) -> Result<RoutesResponse, String> {
+        let deadline = Instant::now() + timeout;
+        let table = loop {
+            let t = self.routes().await?;
+            if pred(&t) {
+                break t;
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "the pushed routing table did not show {what} within {timeout:?} (version {}, {} entries); \
+                     control plane log: {}",
+                    t.version,
+                    t.upsert.len(),
+                    self.cp.log_path().display()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        for (i, e) in self.envoys.iter().enumerate() {
+            loop {
+                let have = e.stat("prealloc_poller_version");
+                if have >= table.version {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    return Err(format!(
+                        "Envoy #{i} applied routes version {have}, not {} ({what}), within {STEP_TIMEOUT:?}; \
+                         its log: {}",
+                        table.version,
+                        e.dir().join("envoy.log").display()
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        Ok(table)
+    }
+
+    /// [`Stack::wait_table`] on one consumer's entry (`None`: no entry).
+    pub async fn wait_routed(
+        &self,
+        c: &ConsumerId,
+        what: &str,
+        pred: impl Fn(Option<&RouteEntry>) -> bool,
+    ) -> Result<(), String> {
+        let grace = Duration::from_millis(self.cp.config().grace_period_ms);
+        self.wait_table(what, grace + STEP_TIMEOUT, |t| {
+            pred(t.upsert.iter().find(|e| e.consumer == *c))
+        })
+        .await
+        .map(|_| ())
     }
 
     /// The control plane's record of a consumer.
@@ -511,7 +603,9 @@ pub async fn run_story(
     let (second, third) = (others[0].clone(), others[1].clone());
     let mut phases = Vec::new();
     let mut client = Client::new(stack.envoys[via].addr());
-    stack.wait_envoys_caught_up()?;
+    stack
+        .wait_routed(&su.consumer, "the new consumer's entry", |e| e.is_some())
+        .await?;
 
     // Pinned. In reported mode the second manager already holds a copy nobody reported:
     // it must still get nothing.
@@ -554,7 +648,11 @@ pub async fn run_story(
             su.first, v.replicas
         ));
     }
-    stack.wait_envoys_caught_up()?;
+    stack
+        .wait_routed(&su.consumer, "two replicas", |e| {
+            e.is_some_and(|e| e.replicas.len() == 2)
+        })
+        .await?;
     if !active {
         stack.manager(&third).hold(su.consumer.as_str());
         say(format!("  {third} now holds a copy, not reported yet"));
@@ -589,7 +687,11 @@ pub async fn run_story(
         "replication: {third} holds a copy -> replicas [{}], 2 of 2 copies: registered",
         v.replicas.join(", ")
     ));
-    stack.wait_envoys_caught_up()?;
+    stack
+        .wait_routed(&su.consumer, "the registered entry", |e| {
+            e.is_some_and(|e| e.state == ConsumerState::Registered && e.replicas.len() == 3)
+        })
+        .await?;
     let b = send_requests(&mut client, &su.cookie, n).await?;
     let t = b.tally();
     say(format!(
@@ -629,7 +731,9 @@ pub async fn run_story(
             |v| !v.in_routing_table,
         )
         .await?;
-    stack.wait_envoys_caught_up()?;
+    stack
+        .wait_routed(&su.consumer, "the entry leaving", |e| e.is_none())
+        .await?;
     let entries: Vec<u64> = stack
         .envoys
         .iter()

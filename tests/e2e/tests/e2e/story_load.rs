@@ -118,8 +118,15 @@ async fn hundreds_of_consumers_sign_up_and_send_requests_while_replication_runs(
             );
         }
     }
+    // Every consumer registered in the pushed table (records can run ahead of it), applied by Envoy.
     stack
-        .wait_envoys_caught_up()
+        .wait_table("every consumer registered", STEP_TIMEOUT, |t| {
+            t.upsert.len() == CONSUMERS
+                && t.upsert
+                    .iter()
+                    .all(|e| e.state == ConsumerState::Registered)
+        })
+        .await
         .unwrap_or_else(|e| panic!("{e}"));
 
     // Phase 2: a warm-up request each upgrades the cookies still saying registering (the table says
