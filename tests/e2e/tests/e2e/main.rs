@@ -15,6 +15,7 @@ mod propagation;
 mod round_robin;
 mod routes_stub;
 mod signup;
+mod signup_failures;
 mod spoofing;
 mod story;
 mod story_load;
