@@ -95,7 +95,11 @@ fn map_mut(data: &mut VmData, map_type: i32) -> Option<&mut Vec<Header>> {
     match map_type {
         MAP_REQUEST_HEADERS => context(data)?.request_headers.as_mut(),
         MAP_RESPONSE_HEADERS => context(data)?.response_headers.as_mut(),
-        MAP_HTTP_CALL_RESPONSE_HEADERS => data.call_response.as_mut().map(|r| &mut r.headers),
+        MAP_HTTP_CALL_RESPONSE_HEADERS => data
+            .call_response
+            .as_mut()
+            .filter(|r| !r.no_response)
+            .map(|r| &mut r.headers),
         MAP_HTTP_CALL_RESPONSE_TRAILERS => data.call_response.as_mut().map(|r| &mut r.trailers),
         _ => None,
     }
@@ -231,9 +235,12 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmData>) -> Result<()> {
          -> Result<i32> {
             let key = read_str(&mut c, kptr, klen, "header name")?;
             // Envoy answers the first value only when a header is repeated.
-            let value = map_mut(c.data_mut(), map_type)
-                .and_then(|m| first_value_bytes(m, &key).map(<[u8]>::to_vec));
-            match value {
+            // A map that does not exist (e.g. the headers of an HTTP call that got
+            // no response) is BadArgument in Envoy, not NotFound.
+            let Some(map) = map_mut(c.data_mut(), map_type) else {
+                return Ok(status::BAD_ARGUMENT);
+            };
+            match first_value_bytes(map, &key).map(<[u8]>::to_vec) {
                 Some(v) => {
                     copy_out(&mut c, &v, ptr_ptr, size_ptr)?;
                     Ok(status::OK)
@@ -661,6 +668,7 @@ pub(crate) fn trap_unknown_imports(
 /// Sets the response an http call callback can read.
 pub(crate) fn call_response(headers: Vec<Header>, body: Vec<u8>) -> CallResponse {
     CallResponse {
+        no_response: false,
         headers,
         body,
         trailers: Vec::new(),

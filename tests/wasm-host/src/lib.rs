@@ -295,10 +295,20 @@ impl Host {
     /// Fails a pending http call (reset, timeout, no healthy upstream): Envoy
     /// then calls back with no headers and no body.
     pub fn fail_http_call(&self, token: u32) {
-        self.deliver_call(token, Vec::new(), Vec::new());
+        self.deliver_call_response(token, Vec::new(), Vec::new(), true);
     }
 
     fn deliver_call(&self, token: u32, headers: Vec<state::Header>, body: Vec<u8>) {
+        self.deliver_call_response(token, headers, body, false);
+    }
+
+    fn deliver_call_response(
+        &self,
+        token: u32,
+        headers: Vec<state::Header>,
+        body: Vec<u8>,
+        no_response: bool,
+    ) {
         let call = {
             let mut shared = self.shared();
             let pending: Vec<u32> = shared.pending_calls.keys().copied().collect();
@@ -309,7 +319,9 @@ impl Host {
         let inner = self.vm_inner(call.vm);
         let mut inner = inner.lock().unwrap_or_else(|e| e.into_inner());
         let (n_headers, n_body) = (headers.len() as i32, body.len() as i32);
-        inner.store.data_mut().call_response = Some(abi::call_response(headers, body));
+        let mut response = abi::call_response(headers, body);
+        response.no_response = no_response;
+        inner.store.data_mut().call_response = Some(response);
         inner.call::<(i32, i32, i32, i32, i32), ()>(
             call.context_id,
             "proxy_on_http_call_response",

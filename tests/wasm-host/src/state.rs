@@ -212,6 +212,9 @@ pub(crate) struct ContextState {
 /// The response of an http call while its callback runs.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct CallResponse {
+    /// The call failed (connection failure, timeout, reset): Envoy then has no
+    /// response header map at all.
+    pub no_response: bool,
     pub headers: Vec<Header>,
     pub body: Vec<u8>,
     pub trailers: Vec<Header>,
