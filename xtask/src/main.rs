@@ -87,8 +87,8 @@ struct Tools {
 
 fn setup() -> Result<Tools, String> {
     // The wasm target: rustup knows whether it is there.
-    let installed = output(Command::new("rustup").args(["target", "list", "--installed"]))
-        .unwrap_or_default();
+    let installed =
+        output(Command::new("rustup").args(["target", "list", "--installed"])).unwrap_or_default();
     if !installed.lines().any(|l| l.trim() == WASM_TARGET) {
         run(Command::new("rustup").args(["target", "add", WASM_TARGET]))?;
     }
@@ -171,8 +171,24 @@ fn test(extra: &[String]) -> Result<(), String> {
 
 fn demo(extra: &[String]) -> Result<(), String> {
     let envs = build_all()?;
-    run(cargo()
-        .args(["run", "--quiet", "--package", "prealloc-e2e", "--bin", "prealloc-demo", "--"])
-        .args(extra)
-        .envs(envs))
+    run(cargo().args([
+        "build",
+        "--quiet",
+        "--package",
+        "prealloc-e2e",
+        "--bin",
+        "prealloc-demo",
+    ]))?;
+    let mut cmd = Command::new(root().join("target/debug/prealloc-demo"));
+    cmd.args(extra).envs(envs);
+    // Become the demo (Unix exec), so Ctrl-C reaches it alone and the shell
+    // prompt comes back only after it has stopped every child it started.
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::CommandExt;
+        let err = cmd.exec();
+        Err(format!("could not start the demo: {err}"))
+    }
+    #[cfg(not(unix))]
+    run(&mut cmd)
 }
