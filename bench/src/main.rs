@@ -77,7 +77,13 @@ fn parse_args() -> Args {
         }
         let Some(v) = it.next() else { usage() };
         let num = |v: &str| v.parse::<u64>().unwrap_or_else(|_| usage());
-        let cpu = |v: &str| if v == "none" { None } else { Some(num(v) as usize) };
+        let cpu = |v: &str| {
+            if v == "none" {
+                None
+            } else {
+                Some(num(v) as usize)
+            }
+        };
         match flag.as_str() {
             "--reps" => a.reps = num(&v) as usize,
             "--duration" => a.duration = Duration::from_secs(num(&v)),
@@ -134,7 +140,11 @@ fn cookie(id: &ConsumerId, state: ConsumerState, replicas: &[&str]) -> String {
 /// A routes stub holding `n` registering consumers, each replicated on m1 and m2.
 fn filled_stub(n: usize) -> RoutesStub {
     let stub = RoutesStub::start(TOKEN);
-    stub.set_managers(vec![manager_route("m1"), manager_route("m2"), manager_route("m3")]);
+    stub.set_managers(vec![
+        manager_route("m1"),
+        manager_route("m2"),
+        manager_route("m3"),
+    ]);
     stub.upsert_all(entries(n));
     stub
 }
@@ -157,12 +167,18 @@ fn snapshot_cost(n: usize) -> (usize, f64) {
         epoch: "stub-0123456789abcdef".into(),
         version: 3,
         kind: prealloc_wire::RoutesKind::Full,
-        managers: vec![manager_route("m1"), manager_route("m2"), manager_route("m3")],
+        managers: vec![
+            manager_route("m1"),
+            manager_route("m2"),
+            manager_route("m3"),
+        ],
         upsert: entries(n),
         remove: Vec::new(),
     };
     let t = Instant::now();
-    let text = serde_json::to_value(&r).map(|v| v.to_string()).unwrap_or_default();
+    let text = serde_json::to_value(&r)
+        .map(|v| v.to_string())
+        .unwrap_or_default();
     (text.len(), t.elapsed().as_secs_f64() * 1e3)
 }
 
@@ -246,7 +262,10 @@ impl Target {
                 .status()
                 .map(|s| s.success())
                 .unwrap_or(false);
-            assert!(ok, "cannot pin the {name} Envoy (pid {pid}) to CPU {c} with taskset");
+            assert!(
+                ok,
+                "cannot pin the {name} Envoy (pid {pid}) to CPU {c} with taskset"
+            );
         }
         Target { envoy, pid }
     }
@@ -286,7 +305,9 @@ fn median(v: &[f64]) -> f64 {
 
 fn min_max(v: &[f64]) -> (f64, f64) {
     v.iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| (a.min(*x), b.max(*x)))
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| {
+            (a.min(*x), b.max(*x))
+        })
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -310,7 +331,11 @@ fn main() {
     let args = parse_args();
     let root = prealloc_e2e::envoy::workspace_root();
     let bench_dir = root.join("envoy/bench");
-    let out_dir = if args.out.is_absolute() { args.out.clone() } else { root.join(&args.out) };
+    let out_dir = if args.out.is_absolute() {
+        args.out.clone()
+    } else {
+        root.join(&args.out)
+    };
     std::fs::create_dir_all(&out_dir).expect("create the results directory");
     let work = tempfile::Builder::new()
         .prefix("prealloc-bench-")
@@ -320,6 +345,28 @@ fn main() {
     let stamp = sh("date -u +%Y-%m-%dT%H:%M:%SZ");
     let mut report = String::new();
     let mut results = json!({ "date": stamp });
+
+    // ------------------------------------------------- native cookie check cost
+    // The filter's MAC check compiled natively: a lower bound for its share of
+    // the request path (the .wasm runs the same code under V8).
+    let native_verify_ns = {
+        let verifier = prealloc_filter::cookie::Verifier::new(&[COOKIE_KEY.as_bytes()]);
+        let values: Vec<String> = (0..1000u64)
+            .map(|i| cookie(&consumer(i), ConsumerState::Registering, &["manager_m1"]))
+            .collect();
+        let now = unix_now();
+        let t = Instant::now();
+        let mut ok = 0usize;
+        for _ in 0..100 {
+            for v in &values {
+                ok += usize::from(verifier.verify(v, now).is_ok());
+            }
+        }
+        assert_eq!(ok, 100_000, "native cookie verification failed");
+        t.elapsed().as_nanos() as f64 / 100_000.0
+    };
+    eprintln!("bench: native cookie verify {native_verify_ns:.0} ns");
+    results["native_cookie_verify_ns"] = json!(native_verify_ns);
 
     // ---------------------------------------------------------------- machine
     let machine = json!({
@@ -338,6 +385,10 @@ fn main() {
     });
     let _ = writeln!(report, "# prealloc benchmark run {stamp}\n");
     let _ = writeln!(report, "machine: {}\n", machine);
+    let _ = writeln!(
+        report,
+        "native (not wasm) cookie verification: {native_verify_ns:.0} ns per cookie\n"
+    );
     eprintln!("bench: machine {machine}");
     results["machine"] = machine;
     results["args"] = json!({
@@ -357,13 +408,24 @@ fn main() {
     let clusters = manager_clusters(&nginx);
 
     eprintln!("bench: starting Envoys (prealloc 1k, none, stateful_session, lua)");
-    let mut targets = vec![Target::new("prealloc", prealloc_envoy(&nginx, &stub_small, None), args.envoy_cpu)];
-    wait_applied(&stub_small, &targets[0].envoy, Duration::from_secs(30))
-        .unwrap_or_else(|e| panic!("the prealloc Envoy never loaded the {}-entry table: {e}", args.small));
+    let mut targets = vec![Target::new(
+        "prealloc",
+        prealloc_envoy(&nginx, &stub_small, None),
+        args.envoy_cpu,
+    )];
+    wait_applied(&stub_small, &targets[0].envoy, Duration::from_secs(30)).unwrap_or_else(|e| {
+        panic!(
+            "the prealloc Envoy never loaded the {}-entry table: {e}",
+            args.small
+        )
+    });
     targets.push(Target::new(
         "none",
         Envoy::start_yaml(
-            &procs::render(&read(&bench_dir.join("none.yaml.tmpl")), &[("CLUSTERS", clusters.clone())]),
+            &procs::render(
+                &read(&bench_dir.join("none.yaml.tmpl")),
+                &[("CLUSTERS", clusters.clone())],
+            ),
             &envoy_opts(),
         ),
         args.envoy_cpu,
@@ -386,7 +448,11 @@ fn main() {
     // The Lua table holds the same consumers as the small routing table.
     let mut lua_routes = String::with_capacity(args.small * 60);
     for i in 0..args.small as u64 {
-        let _ = writeln!(lua_routes, "routes[\"{}\"] = {{\"manager_m1\", \"manager_m2\"}}", consumer(i));
+        let _ = writeln!(
+            lua_routes,
+            "routes[\"{}\"] = {{\"manager_m1\", \"manager_m2\"}}",
+            consumer(i)
+        );
     }
     let lua_path = work.path().join("lookup.lua");
     std::fs::write(
@@ -399,7 +465,10 @@ fn main() {
         Envoy::start_yaml(
             &procs::render(
                 &read(&bench_dir.join("lua.yaml.tmpl")),
-                &[("CLUSTERS", clusters.clone()), ("LUA_PATH", lua_path.display().to_string())],
+                &[
+                    ("CLUSTERS", clusters.clone()),
+                    ("LUA_PATH", lua_path.display().to_string()),
+                ],
             ),
             &envoy_opts(),
         ),
@@ -408,7 +477,9 @@ fn main() {
 
     let noop_wasm = std::env::var_os("PREALLOC_BENCH_NOOP_WASM")
         .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target/wasm32-wasip1/release/prealloc_bench_noop_filter.wasm"));
+        .unwrap_or_else(|| {
+            root.join("target/wasm32-wasip1/release/prealloc_bench_noop_filter.wasm")
+        });
     assert!(
         noop_wasm.is_file(),
         "{} not found: build it with `cargo build --release --target wasm32-wasip1 --manifest-path bench/noop-filter/Cargo.toml` (bench/run.sh does), or set PREALLOC_BENCH_NOOP_WASM",
@@ -419,7 +490,10 @@ fn main() {
         Envoy::start_yaml(
             &procs::render(
                 &read(&bench_dir.join("noop_wasm.yaml.tmpl")),
-                &[("CLUSTERS", clusters.clone()), ("WASM_PATH", noop_wasm.display().to_string())],
+                &[
+                    ("CLUSTERS", clusters.clone()),
+                    ("WASM_PATH", noop_wasm.display().to_string()),
+                ],
             ),
             &envoy_opts(),
         ),
@@ -442,7 +516,9 @@ fn main() {
         attempts.push_back((args.large, None, true));
     }
     while let Some((size, limit, keep)) = attempts.pop_front() {
-        eprintln!("bench: filling a routes stub with {size} consumers (response buffer limit {limit:?})");
+        eprintln!(
+            "bench: filling a routes stub with {size} consumers (response buffer limit {limit:?})"
+        );
         let (body_bytes, serialize_ms) = snapshot_cost(size);
         let stub = filled_stub(size);
         eprintln!("bench: snapshot {body_bytes} bytes, serialized in {serialize_ms:.0} ms; starting a new Envoy against it");
@@ -466,7 +542,9 @@ fn main() {
         match outcome {
             Ok(applied) => {
                 let polls = stub.polls();
-                let full = polls.iter().find(|p| p.kind == Some(prealloc_wire::RoutesKind::Full) && p.status == 200);
+                let full = polls
+                    .iter()
+                    .find(|p| p.kind == Some(prealloc_wire::RoutesKind::Full) && p.status == 200);
                 let arrived_ms = full
                     .map(|p| p.arrived.duration_since(t0).as_secs_f64() * 1e3)
                     .unwrap_or(f64::NAN);
@@ -477,10 +555,14 @@ fn main() {
                 note["ok"] = json!(true);
                 note["envoy_start_to_full_poll_ms"] = json!(arrived_ms);
                 note["full_poll_to_applied_ms"] = json!(poll_to_applied);
-                note["full_poll_to_applied_minus_serialize_ms"] = json!(poll_to_applied - serialize_ms);
-                note["envoy_start_to_applied_ms"] = json!(applied.duration_since(t0).as_secs_f64() * 1e3);
-                note["poller_entries_gauge"] = json!(stat(&target.envoy, "prealloc_poller_entries"));
-                note["envoy_rss_mib_after_load"] = json!(procs::rss_kib(target.pid) as f64 / 1024.0);
+                note["full_poll_to_applied_minus_serialize_ms"] =
+                    json!(poll_to_applied - serialize_ms);
+                note["envoy_start_to_applied_ms"] =
+                    json!(applied.duration_since(t0).as_secs_f64() * 1e3);
+                note["poller_entries_gauge"] =
+                    json!(stat(&target.envoy, "prealloc_poller_entries"));
+                note["envoy_rss_mib_after_load"] =
+                    json!(procs::rss_kib(target.pid) as f64 / 1024.0);
                 eprintln!("bench: large table loaded: {note}");
                 attempts_log.push(note.clone());
                 if keep && large_target.is_none() {
@@ -499,15 +581,22 @@ fn main() {
                     .envoy
                     .log()
                     .lines()
-                    .filter(|l| l.contains("prealloc") || l.contains("wasm") || l.contains("buffer"))
+                    .filter(|l| {
+                        l.contains("prealloc") || l.contains("wasm") || l.contains("buffer")
+                    })
                     .take(12)
                     .map(str::to_owned)
                     .collect();
                 let mut fail = base.clone();
                 fail["ok"] = json!(false);
                 fail["error"] = json!(e);
-                fail["poller_errors_counter"] = json!(stat(&target.envoy, "prealloc_poller_errors"));
-                fail["polls_answered"] = json!(stub.polls().iter().map(|p| format!("{} {:?}", p.status, p.kind)).collect::<Vec<_>>());
+                fail["poller_errors_counter"] =
+                    json!(stat(&target.envoy, "prealloc_poller_errors"));
+                fail["polls_answered"] = json!(stub
+                    .polls()
+                    .iter()
+                    .map(|p| format!("{} {:?}", p.status, p.kind))
+                    .collect::<Vec<_>>());
                 fail["envoy_log"] = json!(log);
                 eprintln!("bench: FAILED to load {size} consumers: {fail}");
                 attempts_log.push(fail);
@@ -534,23 +623,50 @@ fn main() {
         p
     };
     let n_cookies = args.cookies.max(1);
-    let small_ids: Vec<ConsumerId> = (0..n_cookies.min(args.small) as u64).map(consumer).collect();
+    let small_ids: Vec<ConsumerId> = (0..n_cookies.min(args.small) as u64)
+        .map(consumer)
+        .collect();
     let anon = lines("anon", vec![String::new()]);
     let registered = lines(
         "registered",
         (0..n_cookies as u64)
-            .map(|i| format!("Cookie: prealloc={}", cookie(&consumer(10_000_000 + i), ConsumerState::Registered, &["manager_m1", "manager_m2"])))
+            .map(|i| {
+                format!(
+                    "Cookie: prealloc={}",
+                    cookie(
+                        &consumer(10_000_000 + i),
+                        ConsumerState::Registered,
+                        &["manager_m1", "manager_m2"]
+                    )
+                )
+            })
             .collect(),
     );
     let table_small = lines(
         "table_small",
-        small_ids.iter().map(|id| format!("Cookie: prealloc={}", cookie(id, ConsumerState::Registering, &["manager_m1"]))).collect(),
+        small_ids
+            .iter()
+            .map(|id| {
+                format!(
+                    "Cookie: prealloc={}",
+                    cookie(id, ConsumerState::Registering, &["manager_m1"])
+                )
+            })
+            .collect(),
     );
-    let lua_req = lines("lua", small_ids.iter().map(|id| format!("Cookie: prealloc={id}")).collect());
+    let lua_req = lines(
+        "lua",
+        small_ids
+            .iter()
+            .map(|id| format!("Cookie: prealloc={id}"))
+            .collect(),
+    );
 
     // Stateful session: Envoy issues the cookie on a first request; every later one carries it.
     let ss_addr = targets[2].envoy.addr();
-    let first = Probe::new(ss_addr).get(&[]).expect("stateful_session first request");
+    let first = Probe::new(ss_addr)
+        .get(&[])
+        .expect("stateful_session first request");
     let ss_cookie = first
         .set_cookie
         .iter()
@@ -562,22 +678,86 @@ fn main() {
 
     let mut checks = Vec::new();
     let mut check = |what: &str, addr, headers: &[(&str, &str)], want: &[&str]| {
-        let a = Probe::new(addr).get(headers).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let a = Probe::new(addr)
+            .get(headers)
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
         let ok = a.status == 200 && want.contains(&a.body.as_str());
-        checks.push(json!({"check": what, "status": a.status, "body": a.body, "expected": want, "ok": ok}));
-        assert!(ok, "routing check {what} failed: status {} body {:?}, expected one of {want:?}", a.status, a.body);
+        checks.push(
+            json!({"check": what, "status": a.status, "body": a.body, "expected": want, "ok": ok}),
+        );
+        assert!(
+            ok,
+            "routing check {what} failed: status {} body {:?}, expected one of {want:?}",
+            a.status, a.body
+        );
     };
-    let first_line = |p: &Path| read(p).lines().next().unwrap_or("").trim_start_matches("Cookie: ").to_owned();
-    let (reg_c, tab_c, lua_c) = (first_line(&registered), first_line(&table_small), first_line(&lua_req));
-    check("none -> default", targets[1].envoy.addr(), &[], &["default"]);
-    check("prealloc anonymous -> default", targets[0].envoy.addr(), &[], &["default"]);
-    check("prealloc spoofed header -> default", targets[0].envoy.addr(), &[("x-prealloc-cluster", "manager_m3")], &["default"]);
-    check("prealloc registered -> m1|m2", targets[0].envoy.addr(), &[("Cookie", &reg_c)], &["m1", "m2"]);
-    check("prealloc table hit -> m1|m2", targets[0].envoy.addr(), &[("Cookie", &tab_c)], &["m1", "m2"]);
-    check("lua table hit -> m1|m2", targets[3].envoy.addr(), &[("Cookie", &lua_c)], &["m1", "m2"]);
-    check("noop wasm -> default", targets[4].envoy.addr(), &[], &["default"]);
-    check("lua spoofed header -> default", targets[3].envoy.addr(), &[("x-prealloc-cluster", "manager_m3")], &["default"]);
-    check("stateful_session pinned", ss_addr, &[("Cookie", &ss_cookie)], &[first.body.as_str()]);
+    let first_line = |p: &Path| {
+        read(p)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .trim_start_matches("Cookie: ")
+            .to_owned()
+    };
+    let (reg_c, tab_c, lua_c) = (
+        first_line(&registered),
+        first_line(&table_small),
+        first_line(&lua_req),
+    );
+    check(
+        "none -> default",
+        targets[1].envoy.addr(),
+        &[],
+        &["default"],
+    );
+    check(
+        "prealloc anonymous -> default",
+        targets[0].envoy.addr(),
+        &[],
+        &["default"],
+    );
+    check(
+        "prealloc spoofed header -> default",
+        targets[0].envoy.addr(),
+        &[("x-prealloc-cluster", "manager_m3")],
+        &["default"],
+    );
+    check(
+        "prealloc registered -> m1|m2",
+        targets[0].envoy.addr(),
+        &[("Cookie", &reg_c)],
+        &["m1", "m2"],
+    );
+    check(
+        "prealloc table hit -> m1|m2",
+        targets[0].envoy.addr(),
+        &[("Cookie", &tab_c)],
+        &["m1", "m2"],
+    );
+    check(
+        "lua table hit -> m1|m2",
+        targets[3].envoy.addr(),
+        &[("Cookie", &lua_c)],
+        &["m1", "m2"],
+    );
+    check(
+        "noop wasm -> default",
+        targets[4].envoy.addr(),
+        &[],
+        &["default"],
+    );
+    check(
+        "lua spoofed header -> default",
+        targets[3].envoy.addr(),
+        &[("x-prealloc-cluster", "manager_m3")],
+        &["default"],
+    );
+    check(
+        "stateful_session pinned",
+        ss_addr,
+        &[("Cookie", &ss_cookie)],
+        &[first.body.as_str()],
+    );
     let mut table_large = None;
     if let Some(li) = large_target {
         let size = large_note["size"].as_u64().unwrap_or(0);
@@ -586,27 +766,89 @@ fn main() {
         let p = lines(
             "table_large",
             (0..n_cookies as u64)
-                .map(|i| format!("Cookie: prealloc={}", cookie(&consumer((i * step) % size), ConsumerState::Registering, &["manager_m1"])))
+                .map(|i| {
+                    format!(
+                        "Cookie: prealloc={}",
+                        cookie(
+                            &consumer((i * step) % size),
+                            ConsumerState::Registering,
+                            &["manager_m1"]
+                        )
+                    )
+                })
                 .collect(),
         );
         let c = first_line(&p);
-        check("prealloc large table hit -> m1|m2", targets[li].envoy.addr(), &[("Cookie", &c)], &["m1", "m2"]);
+        check(
+            "prealloc large table hit -> m1|m2",
+            targets[li].envoy.addr(),
+            &[("Cookie", &c)],
+            &["m1", "m2"],
+        );
         table_large = Some(p);
     }
     results["routing_checks"] = json!(checks);
 
     // ------------------------------------------------------------ load cases
     let mut cases = vec![
-        Case { name: "none", what: "Envoy, router only (no filter)", target: 1, requests: anon.clone(), counter: None },
-        Case { name: "noop_wasm", what: "empty proxy-wasm filter (same SDK and runtime): the wasm floor", target: 4, requests: anon.clone(), counter: None },
-        Case { name: "prealloc_anonymous", what: "prealloc filter, no cookie", target: 0, requests: anon.clone(), counter: Some("prealloc_requests_anonymous") },
-        Case { name: "prealloc_registered", what: "prealloc filter, registered cookie (MAC, no table read)", target: 0, requests: registered.clone(), counter: Some("prealloc_requests_cookie") },
-        Case { name: "prealloc_table_1k", what: "prealloc filter, registering cookie, table hit (1k table)", target: 0, requests: table_small.clone(), counter: Some("prealloc_requests_table") },
-        Case { name: "stateful_session", what: "Envoy stateful_session cookie filter", target: 2, requests: ss_req.clone(), counter: None },
-        Case { name: "lua", what: "Lua filter: cookie -> table -> route header -> clearRouteCache", target: 3, requests: lua_req.clone(), counter: None },
+        Case {
+            name: "none",
+            what: "Envoy, router only (no filter)",
+            target: 1,
+            requests: anon.clone(),
+            counter: None,
+        },
+        Case {
+            name: "noop_wasm",
+            what: "empty proxy-wasm filter (same SDK and runtime): the wasm floor",
+            target: 4,
+            requests: anon.clone(),
+            counter: None,
+        },
+        Case {
+            name: "prealloc_anonymous",
+            what: "prealloc filter, no cookie",
+            target: 0,
+            requests: anon.clone(),
+            counter: Some("prealloc_requests_anonymous"),
+        },
+        Case {
+            name: "prealloc_registered",
+            what: "prealloc filter, registered cookie (MAC, no table read)",
+            target: 0,
+            requests: registered.clone(),
+            counter: Some("prealloc_requests_cookie"),
+        },
+        Case {
+            name: "prealloc_table_1k",
+            what: "prealloc filter, registering cookie, table hit (1k table)",
+            target: 0,
+            requests: table_small.clone(),
+            counter: Some("prealloc_requests_table"),
+        },
+        Case {
+            name: "stateful_session",
+            what: "Envoy stateful_session cookie filter",
+            target: 2,
+            requests: ss_req.clone(),
+            counter: None,
+        },
+        Case {
+            name: "lua",
+            what: "Lua filter: cookie -> table -> route header -> clearRouteCache",
+            target: 3,
+            requests: lua_req.clone(),
+            counter: None,
+        },
     ];
     if let (Some(li), Some(p)) = (large_target, table_large.clone()) {
-        cases.push(Case { name: "prealloc_table_large", what: "prealloc filter, registering cookie, table hit (large table)", target: li, requests: p, counter: Some("prealloc_requests_table") });
+        cases.push(Case {
+            name: "prealloc_table_large",
+            what: "prealloc filter, registering cookie, table hit (large table)",
+            target: li,
+            requests: p,
+            counter: Some("prealloc_requests_table"),
+        });
     }
     if let Some(only) = &args.only {
         // "none" stays: every cost is against it.
@@ -622,8 +864,15 @@ fn main() {
         for c in &cases {
             let url = format!("http://{}/", targets[c.target].envoy.addr());
             eprintln!("bench: warm-up {} ({:?})", c.name, args.warmup);
-            let w = procs::run_wrk(&wrk, &url, &c.requests, args.warmup).unwrap_or_else(|e| panic!("{}: {e}", c.name));
-            assert!(w.errors == 0, "warm-up of {} had {} errors: {}", c.name, w.errors, w.raw);
+            let w = procs::run_wrk(&wrk, &url, &c.requests, args.warmup)
+                .unwrap_or_else(|e| panic!("{}: {e}", c.name));
+            assert!(
+                w.errors == 0,
+                "warm-up of {} had {} errors: {}",
+                c.name,
+                w.errors,
+                w.raw
+            );
         }
         for rep in 0..args.reps {
             // Rotate the order each repetition so no case always runs first or last.
@@ -634,16 +883,33 @@ fn main() {
                 let url = format!("http://{}/", t.envoy.addr());
                 let before = c.counter.map(|n| t.envoy.stat(n));
                 let cpu0 = procs::cpu_ns(t.pid);
-                let w = procs::run_wrk(&wrk, &url, &c.requests, args.duration).unwrap_or_else(|e| panic!("{}: {e}", c.name));
+                let w = procs::run_wrk(&wrk, &url, &c.requests, args.duration)
+                    .unwrap_or_else(|e| panic!("{}: {e}", c.name));
                 let cpu = procs::cpu_ns(t.pid).saturating_sub(cpu0);
-                assert!(w.errors == 0, "{} had {} errors (non-2xx or socket): {}", c.name, w.errors, w.raw);
+                assert!(
+                    w.errors == 0,
+                    "{} had {} errors (non-2xx or socket): {}",
+                    c.name,
+                    w.errors,
+                    w.raw
+                );
                 if let (Some(name), Some(b)) = (c.counter, before) {
                     let grew = t.envoy.stat(name).saturating_sub(b);
                     assert!(grew >= w.requests, "{}: counter {name} grew by {grew}, fewer than the {} requests: the case did not take the path it claims", c.name, w.requests);
                 }
-                let one = WrkOptions { connections: 1, ..wrk.clone() };
-                let lat = procs::run_wrk(&one, &url, &c.requests, args.latency_duration).unwrap_or_else(|e| panic!("{}: {e}", c.name));
-                assert!(lat.errors == 0, "{} (one connection) had {} errors: {}", c.name, lat.errors, lat.raw);
+                let one = WrkOptions {
+                    connections: 1,
+                    ..wrk.clone()
+                };
+                let lat = procs::run_wrk(&one, &url, &c.requests, args.latency_duration)
+                    .unwrap_or_else(|e| panic!("{}: {e}", c.name));
+                assert!(
+                    lat.errors == 0,
+                    "{} (one connection) had {} errors: {}",
+                    c.name,
+                    lat.errors,
+                    lat.raw
+                );
                 let run = Run {
                     lat,
                     cpu_ns_per_req: cpu as f64 / w.requests.max(1) as f64,
@@ -662,7 +928,8 @@ fn main() {
 
     // Summaries and costs against "none".
     let mut summary = Vec::new();
-    let med = |ci: usize, f: &dyn Fn(&Run) -> f64| median(&runs[ci].iter().map(f).collect::<Vec<_>>());
+    let med =
+        |ci: usize, f: &dyn Fn(&Run) -> f64| median(&runs[ci].iter().map(f).collect::<Vec<_>>());
     if !args.skip_load {
         let base_rps = med(0, &|r| r.wrk.rps());
         let base_cpu = med(0, &|r| r.cpu_ns_per_req);
@@ -676,7 +943,12 @@ fn main() {
             let p50 = med(ci, &|r| r.wrk.p50_us as f64);
             let p99 = med(ci, &|r| r.wrk.p99_us as f64);
             let cpu = med(ci, &|r| r.cpu_ns_per_req);
-            let (cpu_lo, cpu_hi) = min_max(&runs[ci].iter().map(|r| r.cpu_ns_per_req).collect::<Vec<_>>());
+            let (cpu_lo, cpu_hi) = min_max(
+                &runs[ci]
+                    .iter()
+                    .map(|r| r.cpu_ns_per_req)
+                    .collect::<Vec<_>>(),
+            );
             let util = med(ci, &|r| r.envoy_cpu_util);
             let l50 = med(ci, &|r| r.lat.p50_us as f64);
             let l99 = med(ci, &|r| r.lat.p99_us as f64);
@@ -720,8 +992,16 @@ fn main() {
             results["scale_request_cost"] = scale;
         }
     }
-    let _ = writeln!(report, "\n## Large table load\n\n{}\n", serde_json::to_string_pretty(&results["large_load"]).unwrap_or_default());
-    let _ = writeln!(report, "All attempts (failures included):\n\n{}\n", serde_json::to_string_pretty(&results["large_attempts"]).unwrap_or_default());
+    let _ = writeln!(
+        report,
+        "\n## Large table load\n\n{}\n",
+        serde_json::to_string_pretty(&results["large_load"]).unwrap_or_default()
+    );
+    let _ = writeln!(
+        report,
+        "All attempts (failures included):\n\n{}\n",
+        serde_json::to_string_pretty(&results["large_attempts"]).unwrap_or_default()
+    );
 
     // ------------------------------------------------------------ propagation
     let mut prop = Vec::new();
@@ -731,16 +1011,29 @@ fn main() {
     }
     for (label, ti, stub) in prop_targets {
         let p = propagation(stub, &targets[ti].envoy, &probe_id, args.changes);
-        let _ = writeln!(report, "## Propagation ({label})\n\n{}\n", serde_json::to_string_pretty(&p).unwrap_or_default());
+        let _ = writeln!(
+            report,
+            "## Propagation ({label})\n\n{}\n",
+            serde_json::to_string_pretty(&p).unwrap_or_default()
+        );
         prop.push(json!({"table": label, "result": p}));
     }
     results["propagation"] = json!(prop);
 
     results["loadavg_end"] = json!(sh("cat /proc/loadavg"));
     results["wall_s"] = json!(started.elapsed().as_secs_f64());
-    let _ = writeln!(report, "loadavg at end: {}; wall time {:.0} s", results["loadavg_end"], started.elapsed().as_secs_f64());
+    let _ = writeln!(
+        report,
+        "loadavg at end: {}; wall time {:.0} s",
+        results["loadavg_end"],
+        started.elapsed().as_secs_f64()
+    );
     let base = out_dir.join(stamp.replace(':', ""));
-    std::fs::write(base.with_extension("json"), serde_json::to_string_pretty(&results).unwrap_or_default()).expect("write results json");
+    std::fs::write(
+        base.with_extension("json"),
+        serde_json::to_string_pretty(&results).unwrap_or_default(),
+    )
+    .expect("write results json");
     std::fs::write(base.with_extension("md"), &report).expect("write results md");
     println!("{report}");
     eprintln!("bench: results in {}.{{json,md}}", base.display());
@@ -751,13 +1044,20 @@ fn main() {
 /// A wasm-defined stat, or `None` when admin does not answer in time: the poller
 /// shares Envoy's main thread with admin, so admin stalls while a big snapshot is applied.
 fn stat(envoy: &Envoy, name: &str) -> Option<u64> {
-    let (status, body) =
-        prealloc_e2e::client::blocking_get(envoy.admin_addr(), &format!("/stats?filter={name}"), Duration::from_secs(15)).ok()?;
+    let (status, body) = prealloc_e2e::client::blocking_get(
+        envoy.admin_addr(),
+        &format!("/stats?filter={name}"),
+        Duration::from_secs(15),
+    )
+    .ok()?;
     if status != 200 {
         return None;
     }
-    body.lines()
-        .find_map(|l| l.split_once(": ").filter(|(k, _)| k.ends_with(name)).and_then(|(_, v)| v.trim().parse().ok()))
+    body.lines().find_map(|l| {
+        l.split_once(": ")
+            .filter(|(k, _)| k.ends_with(name))
+            .and_then(|(_, v)| v.trim().parse().ok())
+    })
 }
 
 /// Waits until the Envoy's poller applied the stub's current version (its next
@@ -837,7 +1137,9 @@ fn propagation(stub: &RoutesStub, envoy: &Envoy, id: &ConsumerId, changes: usize
             applied_ms.push(ap.saturating_duration_since(ch).as_secs_f64() * 1e3);
         }
         // 5–25 ms between changes, so most changes find the long-poll held (the steady state).
-        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         std::thread::sleep(Duration::from_millis(5 + (seed >> 33) % 21));
     }
     let sorted = |mut v: Vec<f64>| {

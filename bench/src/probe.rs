@@ -34,7 +34,8 @@ impl Probe {
 
     fn try_get(&mut self, headers: &[(&str, &str)]) -> Result<Answer, String> {
         if self.conn.is_none() {
-            let s = TcpStream::connect(self.addr).map_err(|e| format!("connect {}: {e}", self.addr))?;
+            let s =
+                TcpStream::connect(self.addr).map_err(|e| format!("connect {}: {e}", self.addr))?;
             s.set_nodelay(true).map_err(|e| e.to_string())?;
             s.set_read_timeout(Some(Duration::from_secs(5)))
                 .map_err(|e| e.to_string())?;
@@ -53,7 +54,8 @@ impl Probe {
             .write_all(req.as_bytes())
             .map_err(|e| format!("write: {e}"))?;
         let mut line = String::new();
-        conn.read_line(&mut line).map_err(|e| format!("read: {e}"))?;
+        conn.read_line(&mut line)
+            .map_err(|e| format!("read: {e}"))?;
         let status: u16 = line
             .split_whitespace()
             .nth(1)
@@ -63,7 +65,8 @@ impl Probe {
         let mut set_cookie = Vec::new();
         loop {
             line.clear();
-            conn.read_line(&mut line).map_err(|e| format!("read: {e}"))?;
+            conn.read_line(&mut line)
+                .map_err(|e| format!("read: {e}"))?;
             let l = line.trim_end();
             if l.is_empty() {
                 break;
@@ -78,7 +81,8 @@ impl Probe {
             }
         }
         let mut body = vec![0u8; len];
-        conn.read_exact(&mut body).map_err(|e| format!("read body: {e}"))?;
+        conn.read_exact(&mut body)
+            .map_err(|e| format!("read body: {e}"))?;
         Ok(Answer {
             status,
             set_cookie,
