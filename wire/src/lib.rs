@@ -81,7 +81,10 @@ impl ConsumerId {
         if s.len() != CONSUMER_ID_LEN {
             return Err(ConsumerIdError::Length(s.len()));
         }
-        if !s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        if !s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
             return Err(ConsumerIdError::Alphabet);
         }
         // 22 chars carry 132 bits; the last char's low 4 bits must be zero for a
@@ -382,7 +385,11 @@ mod tests {
 
     #[test]
     fn routes_query_path() {
-        let q = RoutesQuery { since: 4, epoch: Some("e".into()), wait_ms: Some(100) };
+        let q = RoutesQuery {
+            since: 4,
+            epoch: Some("e".into()),
+            wait_ms: Some(100),
+        };
         assert_eq!(q.to_path(), "/v1/routes?since=4&epoch=e&wait_ms=100");
     }
 }
