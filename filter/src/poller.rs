@@ -189,7 +189,9 @@ impl Poller {
     ) -> Result<Update, PollError> {
         let result = match status {
             None => Err(PollError::Transport(
-                "no HTTP response (connection failure or timeout)".into(),
+                "no HTTP response (connection failure, timeout, or a full snapshot larger \
+                 than Envoy's http.async_response_buffer_limit, see envoy/README.md)"
+                    .into(),
             )),
             Some(200) => serde_json::from_slice::<RoutesResponse>(body)
                 .map_err(|e| PollError::Body(e.to_string()))
