@@ -1,9 +1,9 @@
 //! Pre-allocation: one task per pool keeps it at its target depth; reservations that
 //! need provisioning are provisioned with timeout and backoff, or given back.
 
+use crate::command::{Abandon, Provisioned, Reserve};
 use crate::manager_client::backoff;
-use crate::plane::Plane;
-use crate::writer::{self, Command};
+use crate::state::Plane;
 use bytes::Bytes;
 use hyper::Method;
 use std::sync::atomic::Ordering;
@@ -25,13 +25,7 @@ pub async fn run_pool(plane: Plane, pool: usize) {
         let deficit = core.registry().deficit(pool);
         if deficit > 0 {
             let count = deficit.min(RESERVE_CHUNK) as usize;
-            match writer::call(&plane.writer, |reply| Command::Reserve {
-                pool,
-                count,
-                reply,
-            })
-            .await
-            {
+            match plane.writer.call(Reserve { pool, count }).await {
                 Ok(got) if !got.is_empty() => {
                     for r in got {
                         if r.needs_provisioning {
@@ -99,8 +93,7 @@ pub async fn provision(plane: Plane, id: u64, manager: usize) {
         drop(permit);
         match res {
             Ok(_) => {
-                let _ =
-                    writer::call(&plane.writer, |reply| Command::Provisioned { id, reply }).await;
+                let _ = plane.writer.call(Provisioned { id }).await;
                 tracing::debug!(resource = id, manager = %manager_id, "provisioned");
                 return;
             }
@@ -119,5 +112,5 @@ pub async fn provision(plane: Plane, id: u64, manager: usize) {
         .provision_abandoned
         .fetch_add(1, Ordering::Relaxed);
     tracing::warn!(resource = id, manager = %manager_id, "giving the reservation back after {} attempts", cfg.attempts);
-    let _ = writer::call(&plane.writer, |reply| Command::Abandon { id, reply }).await;
+    let _ = plane.writer.call(Abandon { id }).await;
 }

@@ -1,8 +1,8 @@
 //! The HTTP API: routing, bearer-token checks, JSON in and out, error bodies.
 
-use crate::plane::Plane;
+use crate::command::{Refusal, Register, Release, Replica, SetAvailability};
 use crate::registry::{ConsumerRecord, RegisterError};
-use crate::writer::{self, Command, Refusal};
+use crate::state::Plane;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Body;
@@ -28,11 +28,113 @@ pub struct App {
     plane: Plane,
 }
 
-/// Which token an endpoint needs.
+/// Who may call an endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Role {
+enum Access {
+    /// No token: liveness and metrics.
+    Open,
+    /// The envoy token (or the admin token).
     Envoy,
+    /// The admin token.
     Admin,
+}
+
+/// The endpoints, each routed by exactly one line of [`ROUTES`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    Healthz,
+    Metrics,
+    Routes,
+    Register,
+    Release,
+    Replica,
+    Consumer,
+    Consumers,
+    Managers,
+    Manager,
+    Availability,
+    Pools,
+}
+
+/// The API, declared once: method, path (`*` is one segment, handed to the
+/// endpoint), who may call it, and the endpoint. Routing, the `Allow` header of
+/// 405 answers and the token check all read this table.
+const ROUTES: &[(Method, &str, Access, Endpoint)] = &[
+    (Method::GET, "healthz", Access::Open, Endpoint::Healthz),
+    (Method::GET, "metrics", Access::Open, Endpoint::Metrics),
+    (Method::GET, "v1/routes", Access::Envoy, Endpoint::Routes),
+    (
+        Method::POST,
+        "v1/registrations",
+        Access::Envoy,
+        Endpoint::Register,
+    ),
+    (
+        Method::DELETE,
+        "v1/registrations/*",
+        Access::Envoy,
+        Endpoint::Release,
+    ),
+    (
+        Method::POST,
+        "v1/consumers/*/replicas",
+        Access::Admin,
+        Endpoint::Replica,
+    ),
+    (
+        Method::GET,
+        "v1/consumers/*",
+        Access::Admin,
+        Endpoint::Consumer,
+    ),
+    (
+        Method::GET,
+        "v1/consumers",
+        Access::Admin,
+        Endpoint::Consumers,
+    ),
+    (
+        Method::GET,
+        "v1/managers",
+        Access::Admin,
+        Endpoint::Managers,
+    ),
+    (
+        Method::GET,
+        "v1/managers/*",
+        Access::Admin,
+        Endpoint::Manager,
+    ),
+    (
+        Method::PUT,
+        "v1/managers/*/availability",
+        Access::Admin,
+        Endpoint::Availability,
+    ),
+    (Method::GET, "v1/pools", Access::Admin, Endpoint::Pools),
+];
+
+/// Matches path segments against a [`ROUTES`] pattern; `Some(arg)` on a match,
+/// `arg` being the segment under `*` (empty without one).
+fn match_path<'p>(pattern: &str, segs: &[&'p str]) -> Option<&'p str> {
+    let mut arg = "";
+    let mut pat = pattern.split('/');
+    for &seg in segs {
+        match pat.next()? {
+            "*" if !seg.is_empty() => arg = seg,
+            p if p == seg => {}
+            _ => return None,
+        }
+    }
+    pat.next().is_none().then_some(arg)
+}
+
+/// The token of an `Authorization: Bearer <token>` value; the scheme is
+/// case-insensitive (RFC 7235).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 type Resp = Response<Full<Bytes>>;
@@ -75,10 +177,11 @@ impl App {
 
     // The error is the finished response; boxing it would only add an allocation.
     #[allow(clippy::result_large_err)]
-    fn authorize<B>(&self, req: &Request<B>, role: Role) -> Result<(), Resp> {
-        let need = match role {
-            Role::Envoy => "the envoy token (tokens.envoy) or the admin token",
-            Role::Admin => "the admin token (tokens.admin)",
+    fn authorize<B>(&self, req: &Request<B>, access: Access) -> Result<(), Resp> {
+        let need = match access {
+            Access::Open => return Ok(()),
+            Access::Envoy => "the envoy token (tokens.envoy) or the admin token",
+            Access::Admin => "the admin token (tokens.admin)",
         };
         let unauthorized = |code: &str, msg: String| {
             let mut r = error(StatusCode::UNAUTHORIZED, code, msg);
@@ -96,16 +199,7 @@ impl App {
                 ),
             ));
         };
-        let token = h
-            .to_str()
-            .ok()
-            .and_then(|s| {
-                s.strip_prefix("Bearer ")
-                    .or_else(|| s.strip_prefix("bearer "))
-            })
-            .map(str::trim)
-            .filter(|t| !t.is_empty());
-        let Some(token) = token else {
+        let Some(token) = h.to_str().ok().and_then(bearer_token) else {
             return Err(unauthorized(
                 "malformed_token",
                 format!("the Authorization header is not `Bearer <token>`; send {need}"),
@@ -114,9 +208,9 @@ impl App {
         let tokens = &self.plane.core.config.tokens;
         let is_admin = ct_eq(token.as_bytes(), tokens.admin.as_bytes());
         let is_envoy = ct_eq(token.as_bytes(), tokens.envoy.as_bytes());
-        match (role, is_admin, is_envoy) {
-            (_, true, _) | (Role::Envoy, _, true) => Ok(()),
-            (Role::Admin, false, true) => Err(error(
+        match (access, is_admin, is_envoy) {
+            (_, true, _) | (Access::Envoy, _, true) => Ok(()),
+            (Access::Admin, false, true) => Err(error(
                 StatusCode::FORBIDDEN,
                 "wrong_token",
                 "the envoy token cannot use this endpoint; it needs the admin token (tokens.admin)",
@@ -138,80 +232,57 @@ impl App {
         let path = req.uri().path().to_owned();
         let method = req.method().clone();
         let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
-        let resp = match (segs.as_slice(), &method) {
-            (["healthz"], &Method::GET) => json(
-                StatusCode::OK,
-                &serde_json::json!({"status": "ok", "epoch": self.plane.core.routes.epoch(), "version": self.plane.core.routes.version()}),
-            ),
-            (["metrics"], &Method::GET) => self.metrics(),
-            (["v1", "routes"], &Method::GET) => match self.authorize(&req, Role::Envoy) {
-                Ok(()) => self.routes(&req).await,
+        let route = ROUTES.iter().find_map(|(m, pattern, access, endpoint)| {
+            let arg = (*m == method)
+                .then(|| match_path(pattern, &segs))
+                .flatten()?;
+            Some((*access, *endpoint, arg.to_owned()))
+        });
+        let resp = match route {
+            Some((access, endpoint, arg)) => match self.authorize(&req, access) {
+                Ok(()) => self.dispatch(endpoint, &arg, req).await,
                 Err(r) => r,
             },
-            (["v1", "registrations"], &Method::POST) => match self.authorize(&req, Role::Envoy) {
-                Ok(()) => self.register(req).await,
-                Err(r) => r,
-            },
-            (["v1", "registrations", id], &Method::DELETE) => {
-                match self.authorize(&req, Role::Envoy) {
-                    Ok(()) => self.release(id).await,
-                    Err(r) => r,
-                }
-            }
-            (["v1", "consumers", id, "replicas"], &Method::POST) => {
-                let id = id.to_string();
-                match self.authorize(&req, Role::Admin) {
-                    Ok(()) => self.replica(&id, req).await,
-                    Err(r) => r,
-                }
-            }
-            (["v1", "consumers", id], &Method::GET) => match self.authorize(&req, Role::Admin) {
-                Ok(()) => self.consumer(id),
-                Err(r) => r,
-            },
-            (["v1", "consumers"], &Method::GET) => match self.authorize(&req, Role::Admin) {
-                Ok(()) => self.consumers(&req),
-                Err(r) => r,
-            },
-            (["v1", "managers"], &Method::GET) => match self.authorize(&req, Role::Admin) {
-                Ok(()) => self.managers(None),
-                Err(r) => r,
-            },
-            (["v1", "managers", id], &Method::GET) => match self.authorize(&req, Role::Admin) {
-                Ok(()) => self.managers(Some(id)),
-                Err(r) => r,
-            },
-            (["v1", "managers", id, "availability"], &Method::PUT) => {
-                let id = id.to_string();
-                match self.authorize(&req, Role::Admin) {
-                    Ok(()) => self.availability(&id, req).await,
-                    Err(r) => r,
-                }
-            }
-            (["v1", "pools"], &Method::GET) => match self.authorize(&req, Role::Admin) {
-                Ok(()) => self.pools(),
-                Err(r) => r,
-            },
-            (segs, _) => match allowed(segs) {
-                Some(allow) => {
-                    let mut r = error(
-                        StatusCode::METHOD_NOT_ALLOWED,
-                        "method_not_allowed",
-                        format!("{method} is not allowed on {path}; use {allow}"),
-                    );
-                    r.headers_mut()
-                        .insert(ALLOW, HeaderValue::from_static(allow));
-                    r
-                }
-                None => error(
-                    StatusCode::NOT_FOUND,
-                    "not_found",
-                    format!("no endpoint {path}; see the API reference in control-plane/README.md"),
-                ),
-            },
+            None => not_routed(&method, &path, &segs),
         };
         tracing::debug!(%method, %path, status = resp.status().as_u16(), "request");
         resp
+    }
+
+    async fn dispatch<B>(&self, endpoint: Endpoint, arg: &str, req: Request<B>) -> Resp
+    where
+        B: Body,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        match endpoint {
+            Endpoint::Healthz => self.healthz(),
+            Endpoint::Metrics => self.metrics(),
+            Endpoint::Routes => self.routes(&req).await,
+            Endpoint::Register => self.register(req).await,
+            Endpoint::Release => self.release(arg).await,
+            Endpoint::Replica => self.replica(arg, req).await,
+            Endpoint::Consumer => self.consumer(arg),
+            Endpoint::Consumers => self.consumers(&req),
+            Endpoint::Managers => self.managers(None),
+            Endpoint::Manager => self.managers(Some(arg)),
+            Endpoint::Availability => self.availability(arg, req).await,
+            Endpoint::Pools => self.pools(),
+        }
+    }
+
+    /// Liveness: fails once the writer thread died (no write can succeed then).
+    fn healthz(&self) -> Resp {
+        let core = &self.plane.core;
+        match self.plane.writer.failure() {
+            None => json(
+                StatusCode::OK,
+                &serde_json::json!({"status": "ok", "epoch": core.routes.epoch(), "version": core.routes.version()}),
+            ),
+            Some(why) => json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &serde_json::json!({"status": "failed", "error": "writer_failed", "message": format!("{why}; restart the control plane")}),
+            ),
+        }
     }
 
     fn metrics(&self) -> Resp {
@@ -273,12 +344,14 @@ impl App {
             Ok(b) => b,
             Err(r) => return r,
         };
-        let r = writer::call(&self.plane.writer, |reply| Command::Register {
-            resource_type: body.resource_type,
-            location: body.location,
-            reply,
-        })
-        .await;
+        let r = self
+            .plane
+            .writer
+            .call(Register {
+                resource_type: body.resource_type,
+                location: body.location,
+            })
+            .await;
         match r {
             Ok(reg) => json(StatusCode::CREATED, &reg),
             Err(e) => refusal(e),
@@ -290,12 +363,7 @@ impl App {
             Ok(c) => c,
             Err(e) => return error(StatusCode::BAD_REQUEST, "bad_consumer_id", e.to_string()),
         };
-        match writer::call(&self.plane.writer, |reply| Command::Release {
-            consumer,
-            reply,
-        })
-        .await
-        {
+        match self.plane.writer.call(Release { consumer }).await {
             Ok(()) => {
                 let mut r = Response::new(Full::new(Bytes::new()));
                 *r.status_mut() = StatusCode::NO_CONTENT;
@@ -319,13 +387,7 @@ impl App {
             Err(r) => return r,
         };
         let manager = body.manager;
-        match writer::call(&self.plane.writer, |reply| Command::Replica {
-            consumer,
-            manager,
-            reply,
-        })
-        .await
-        {
+        match self.plane.writer.call(Replica { consumer, manager }).await {
             Ok(ack) => json(StatusCode::OK, &ack),
             Err(e) => refusal(e),
         }
@@ -429,13 +491,11 @@ impl App {
         };
         let manager = id.to_owned();
         let availability = body.availability;
-        match writer::call(&self.plane.writer, |reply| Command::Availability {
+        let write = SetAvailability {
             manager,
             availability,
-            reply,
-        })
-        .await
-        {
+        };
+        match self.plane.writer.call(write).await {
             Ok(view) => json(StatusCode::OK, &view),
             Err(Refusal::UnknownManager(m)) => error(
                 StatusCode::NOT_FOUND,
@@ -447,21 +507,30 @@ impl App {
     }
 }
 
-fn allowed(segs: &[&str]) -> Option<&'static str> {
-    match segs {
-        ["healthz"]
-        | ["metrics"]
-        | ["v1", "routes"]
-        | ["v1", "consumers"]
-        | ["v1", "consumers", _]
-        | ["v1", "managers"]
-        | ["v1", "managers", _]
-        | ["v1", "pools"] => Some("GET"),
-        ["v1", "registrations"] | ["v1", "consumers", _, "replicas"] => Some("POST"),
-        ["v1", "registrations", _] => Some("DELETE"),
-        ["v1", "managers", _, "availability"] => Some("PUT"),
-        _ => None,
+/// 405 with `Allow` when the path exists with other methods, else 404.
+fn not_routed(method: &Method, path: &str, segs: &[&str]) -> Resp {
+    let allow: Vec<&str> = ROUTES
+        .iter()
+        .filter(|(_, pattern, _, _)| match_path(pattern, segs).is_some())
+        .map(|(m, _, _, _)| m.as_str())
+        .collect();
+    if allow.is_empty() {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no endpoint {path}; see the API reference in control-plane/README.md"),
+        );
     }
+    let allow = allow.join(", ");
+    let mut r = error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{method} is not allowed on {path}; use {allow}"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&allow) {
+        r.headers_mut().insert(ALLOW, v);
+    }
+    r
 }
 
 fn refusal(e: Refusal) -> Resp {
@@ -497,6 +566,11 @@ fn refusal(e: Refusal) -> Resp {
         ),
         Refusal::Storage(m) => {
             let mut r = error(StatusCode::SERVICE_UNAVAILABLE, "storage_failed", m);
+            r.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            r
+        }
+        Refusal::WriterFailed(m) => {
+            let mut r = error(StatusCode::SERVICE_UNAVAILABLE, "writer_failed", format!("{m}; this control plane takes no more writes until it is restarted"));
             r.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
             r
         }

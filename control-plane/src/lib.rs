@@ -1,9 +1,18 @@
 //! prealloc control plane: pre-allocation, registration, replication tracking and
 //! the routes push, as a library (tests drive [`App`] without a socket) and a binary.
 
+// Layers, bottom up (a module imports only modules of the layers below it;
+// `tests/it/layering.rs` checks it):
+// 1. config, store, registry (pure domain), routes, metrics, manager_client
+// 2. batch (one group commit being built), command (the writes), state (shared core)
+// 3. writer, allocator, replicator, expiry, api
+// 4. plane (wiring), server
 pub mod allocator;
 pub mod api;
+pub mod batch;
+pub mod command;
 pub mod config;
+pub mod expiry;
 pub mod manager_client;
 pub mod metrics;
 pub mod plane;
@@ -11,6 +20,7 @@ pub mod registry;
 pub mod replicator;
 pub mod routes;
 pub mod server;
+pub mod state;
 pub mod store;
 pub mod writer;
 

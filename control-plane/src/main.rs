@@ -112,8 +112,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 tracing::info!(%addr, "listening");
                 // Printed on stdout so launchers can learn the port when listen ends in :0.
                 println!("listening on {addr}");
-                prealloc_control_plane::server::serve(cp, listener, shutdown_signal()).await;
-                Ok::<_, anyhow::Error>(())
+                prealloc_control_plane::server::serve(cp, listener, shutdown_signal()).await
             })
         }
         Cmd::CheckConfig { config } => {

@@ -112,6 +112,8 @@ pub struct Reserved {
 #[derive(Debug, Clone)]
 pub struct Registry {
     target: ReplicationTarget,
+    /// How long a registered consumer stays in the routing table (`grace_period_ms`).
+    grace_ms: u64,
     managers: Vec<Manager>,
     manager_idx: HashMap<String, usize>,
     pools: Vec<Pool>,
@@ -146,6 +148,7 @@ impl Registry {
             .collect();
         let mut reg = Registry {
             target: config.replication.target,
+            grace_ms: config.grace_period_ms,
             managers,
             manager_idx,
             pools: Vec::new(),
@@ -703,18 +706,58 @@ impl Registry {
             .collect()
     }
 
-    /// Consumers still registering, and registered ones with their registration time.
-    pub fn consumers_by_state(&self) -> (Vec<ConsumerId>, Vec<(ConsumerId, u64)>) {
-        let mut registering = Vec::new();
-        let mut registered = Vec::new();
-        for (id, c) in &self.consumers {
-            match c.registered_ms {
-                None => registering.push(id.clone()),
-                Some(t) => registered.push((id.clone(), t)),
-            }
+    /// The route window: a consumer belongs in the pushed routing table while it
+    /// is registering, and for `grace_period_ms` after it became registered
+    /// (Envoys then upgrade its cookie; afterwards the cookie alone routes it).
+    pub fn in_route_window(&self, consumer: &ConsumerId, now_ms: u64) -> bool {
+        match self.consumers.get(consumer) {
+            None => false,
+            Some(c) => match c.registered_ms {
+                None => true,
+                Some(at) => at.saturating_add(self.grace_ms) > now_ms,
+            },
         }
-        registered.sort_by_key(|&(_, t)| t);
-        (registering, registered)
+    }
+
+    /// When a registered consumer leaves the route window; `None` while it is
+    /// registering (or unknown).
+    pub fn route_window_end(&self, consumer: &ConsumerId) -> Option<u64> {
+        let at = self.consumers.get(consumer)?.registered_ms?;
+        Some(at.saturating_add(self.grace_ms))
+    }
+
+    /// Whether a consumer must leave the routing table at `now_ms`: registered,
+    /// and its grace period is over. Unknown consumers were removed when given back.
+    pub fn route_window_over(&self, consumer: &ConsumerId, now_ms: u64) -> bool {
+        self.route_window_end(consumer)
+            .is_some_and(|end| end <= now_ms)
+    }
+
+    /// The routing table at `now_ms` (every consumer in its route window), and
+    /// when each registered one among them leaves it, earliest first.
+    pub fn route_window(&self, now_ms: u64) -> (Vec<RouteEntry>, Vec<(u64, ConsumerId)>) {
+        let mut entries = Vec::new();
+        let mut leaving = Vec::new();
+        for id in self.consumers.keys() {
+            if !self.in_route_window(id, now_ms) {
+                continue;
+            }
+            if let Some(end) = self.route_window_end(id) {
+                leaving.push((end, id.clone()));
+            }
+            entries.extend(self.route_entry(id));
+        }
+        leaving.sort();
+        (entries, leaving)
+    }
+
+    /// Consumers still registering (active replication resumes them at start).
+    pub fn registering(&self) -> Vec<ConsumerId> {
+        self.consumers
+            .iter()
+            .filter(|(_, c)| c.registered_ms.is_none())
+            .map(|(id, _)| id.clone())
+            .collect()
     }
 
     /// Resources waiting for their manager to provision them: (id, manager index).

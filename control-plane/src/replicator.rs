@@ -1,9 +1,9 @@
 //! Active replication: copies each registering consumer's data from a manager that
 //! holds it to the managers that still need it, and records every confirmed copy.
 
+use crate::command::{Refusal, Replica};
 use crate::manager_client::{backoff, BaseUrl, CallError};
-use crate::plane::Plane;
-use crate::writer::{self, Command, Refusal};
+use crate::state::Plane;
 use bytes::Bytes;
 use hyper::{Method, StatusCode};
 use prealloc_wire::ConsumerId;
@@ -60,12 +60,13 @@ async fn replicate(plane: Plane, consumer: ConsumerId, permits: Arc<Semaphore>) 
                                 core.metrics.copies.fetch_add(1, Ordering::Relaxed);
                                 let manager = target.clone();
                                 let c = consumer.clone();
-                                match writer::call(&plane.writer, |reply| Command::Replica {
-                                    consumer: c,
-                                    manager,
-                                    reply,
-                                })
-                                .await
+                                match plane
+                                    .writer
+                                    .call(Replica {
+                                        consumer: c,
+                                        manager,
+                                    })
+                                    .await
                                 {
                                     Ok(_) => progressed = true,
                                     Err(Refusal::UnknownConsumer) => return,

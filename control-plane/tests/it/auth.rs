@@ -94,3 +94,36 @@ fn constant_time_compare_is_equality() {
     assert!(!ct_eq(b"", b"a"));
     assert!(ct_eq(b"", b""));
 }
+
+#[tokio::test]
+async fn the_bearer_scheme_is_case_insensitive() {
+    let p = Plane::start(&Setup::default()).await;
+    for value in [
+        format!("Bearer {ADMIN}"),
+        format!("bearer {ADMIN}"),
+        format!("BEARER {ADMIN}"),
+        format!("bEaReR  {ADMIN}"),
+    ] {
+        let req = hyper::Request::builder()
+            .uri("/v1/pools")
+            .header("authorization", &value)
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        let resp = p.app.handle(req).await;
+        assert_eq!(resp.status(), StatusCode::OK, "{value:?}");
+    }
+    for value in [
+        "Bearer",
+        "Bearer ",
+        "Bearerx y",
+        format!("Token {ADMIN}").as_str(),
+    ] {
+        let req = hyper::Request::builder()
+            .uri("/v1/pools")
+            .header("authorization", value)
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        let resp = p.app.handle(req).await;
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{value:?}");
+    }
+}

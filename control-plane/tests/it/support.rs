@@ -6,6 +6,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use prealloc_control_plane::store::{Faults, FaultyStore, SqliteStore};
 use prealloc_control_plane::{App, Config, ControlPlane};
 use serde_json::Value;
 use std::collections::HashMap;
@@ -135,6 +136,23 @@ impl Plane {
             app,
             db,
         }
+    }
+
+    /// Starts on a real SQLite database behind fault toggles.
+    pub async fn start_faulty(setup: &Setup) -> (Plane, Arc<Faults>) {
+        let db = Db::new();
+        let sqlite = SqliteStore::open(&db.path()).expect("database opens");
+        let (store, faults) = FaultyStore::new(sqlite);
+        let cp = ControlPlane::start_with_store(setup.config(&db.path()), Box::new(store))
+            .await
+            .expect("control plane starts");
+        let app = cp.app();
+        let plane = Plane {
+            cp: Some(cp),
+            app,
+            db,
+        };
+        (plane, faults)
     }
 
     /// Stops gracefully and hands back the database for a restart.

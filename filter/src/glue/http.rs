@@ -476,6 +476,7 @@ impl Context for Http {
         body_size: usize,
         _trailers: usize,
     ) {
+        super::panic::enter("on_http_call_response", self.id);
         if matches!(self.signup, Signup::Registering { token: t } if t == token) {
             self.on_registration(body_size);
         }
@@ -484,6 +485,7 @@ impl Context for Http {
 
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        super::panic::enter("on_http_request_headers", self.id);
         self.route()
     }
 
@@ -504,6 +506,7 @@ impl HttpContext for Http {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        super::panic::enter("on_http_response_headers", self.id);
         if matches!(self.signup, Signup::Forwarded(_)) {
             if let Signup::Forwarded(reg) = std::mem::replace(&mut self.signup, Signup::Replied) {
                 self.on_signup_response(reg);

@@ -3,6 +3,7 @@
 mod host;
 mod http;
 mod metrics;
+mod panic;
 mod poller;
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -16,6 +17,8 @@ use poller::PollerRoot;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Trace);
+    // After set_log_level, which installs the SDK's own hook (message only).
+    panic::install();
     proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
         Box::new(Root { id: context_id, role: Role::Unconfigured })
     });
@@ -41,6 +44,7 @@ impl Context for Root {
         body_size: usize,
         _trailers: usize,
     ) {
+        panic::enter("root on_http_call_response", self.id);
         match &mut self.role {
             Role::Poller(p) => p.on_response(token, body_size),
             Role::Filter(s) => s.on_giveback_response(token),
@@ -51,6 +55,7 @@ impl Context for Root {
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
+        panic::enter("on_configure", self.id);
         let Some(bytes) = host::plugin_configuration() else {
             host::log(
                 LogLevel::Error,
@@ -91,6 +96,7 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
+        panic::enter("on_tick", self.id);
         match &mut self.role {
             Role::Filter(s) => {
                 s.refresh_availability();

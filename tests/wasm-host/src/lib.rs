@@ -531,6 +531,28 @@ impl VmInner {
         }
     }
 
+    /// Like [`VmInner::call`], but a trap is returned instead of panicking.
+    fn try_call<P: WasmParams, R: WasmResults>(
+        &mut self,
+        context: u32,
+        name: &str,
+        params: P,
+    ) -> Result<R, String> {
+        if let Some(earlier) = &self.trapped {
+            return Err(format!("the VM trapped earlier:\n{earlier}"));
+        }
+        self.store.data_mut().effective = context;
+        let func = self
+            .instance
+            .get_typed_func::<P, R>(&mut self.store, name)
+            .map_err(|e| format!("no export {name} with that signature: {e:#}"))?;
+        func.call(&mut self.store, params).map_err(|e| {
+            let msg = self.trap_report(name, context, &e);
+            self.trapped = Some(msg.clone());
+            msg
+        })
+    }
+
     fn trap_report(&self, name: &str, context: u32, e: &wasmtime::Error) -> String {
         let logs: Vec<String> = lock(&self.store.data().shared)
             .logs
@@ -612,6 +634,15 @@ impl Vm {
 
     /// The module's imports this host does not emulate, as `module::name`;
     /// calling one traps the VM with a message naming it.
+    /// Calls a three-argument export (`proxy_on_request_headers` and its kin) as
+    /// a host breaking the ABI would, e.g. for a context that was never created.
+    /// A trap is returned, not panicked (and poisons the VM, as in Envoy).
+    pub fn try_call_export(&self, name: &str, params: (i32, i32, i32)) -> Result<i32, String> {
+        let mut inner = self.lock();
+        let context = params.0 as u32;
+        inner.try_call::<(i32, i32, i32), i32>(context, name, params)
+    }
+
     pub fn unemulated_imports(&self) -> Vec<String> {
         self.lock().unemulated.clone()
     }

@@ -6,6 +6,7 @@ mod all_down;
 mod anonymous;
 mod control_plane;
 mod demo;
+mod docs;
 mod envoy_harness;
 mod forged_cookie;
 mod harness;

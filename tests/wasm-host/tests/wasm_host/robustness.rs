@@ -163,3 +163,33 @@ fn garbage_control_plane_answers_never_trap_the_poller() {
         assert!(v.is_empty() || v == "1|g|manager_m1", "{key} = {v:?}");
     }
 }
+
+/// No input of ours reaches a panic; the SDK's own checks can, when a host
+/// breaks the ABI (here: request headers for a context that was never created).
+/// The panic hook then names the panic and the last callback at critical level.
+#[test]
+fn a_trap_is_logged_at_critical_level_with_where_it_happened() {
+    let (host, vm) = filter();
+    let mut s = vm.new_http_stream();
+    s.request_headers(&[(":method", "GET"), (":path", "/")], true);
+    let last = s.id();
+    s.finish();
+    let trap = vm
+        .try_call_export("proxy_on_request_headers", (999_999, 0, 1))
+        .expect_err("an unknown context traps in the SDK");
+    assert!(trap.contains("999999"), "{trap}");
+    let critical: Vec<String> = host
+        .logs()
+        .into_iter()
+        .filter(|l| l.level == 5)
+        .map(|l| l.message)
+        .collect();
+    assert_eq!(critical.len(), 1, "one critical line: {critical:?}");
+    let line = &critical[0];
+    assert!(line.contains("[prealloc] panic"), "{line}");
+    assert!(line.contains("invalid context_id"), "{line}");
+    assert!(
+        line.contains(&format!("on_http_request_headers of context {last}")),
+        "{line}"
+    );
+}

@@ -1,0 +1,99 @@
+//! The state shared by the API, the writer and the background tasks, and the
+//! [`Plane`] handle they all hold. Wiring it together is `plane.rs`'s job.
+
+use crate::command::Writer;
+use crate::config::Config;
+use crate::manager_client::ManagerClient;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::routes::Routes;
+use prealloc_wire::ConsumerId;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::sync::{mpsc, watch, Notify};
+
+/// Registered consumers waiting for their grace period to end, earliest first.
+#[derive(Default)]
+pub struct Expiry {
+    queue: Mutex<VecDeque<(u64, ConsumerId)>>,
+    pub notify: Notify,
+}
+
+impl Expiry {
+    /// Queues consumers with the time each leaves the routing table.
+    pub fn push(&self, leaving: impl IntoIterator<Item = (u64, ConsumerId)>) {
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        q.extend(leaving);
+        drop(q);
+        self.notify.notify_one();
+    }
+
+    /// Takes the consumers due at `now_ms`; also says when the next one is due.
+    pub fn take_due(&self, now_ms: u64) -> (Vec<ConsumerId>, Option<u64>) {
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let mut due = Vec::new();
+        while let Some((at, _)) = q.front() {
+            if *at > now_ms {
+                break;
+            }
+            due.extend(q.pop_front().map(|(_, c)| c));
+        }
+        (due, q.front().map(|(at, _)| *at))
+    }
+}
+
+/// State shared by the API, the writer and the background tasks.
+pub struct Core {
+    pub config: Config,
+    registry: Mutex<Registry>,
+    pub routes: Routes,
+    pub metrics: Metrics,
+    /// One per pool: wakes its allocator when depth or eligibility changed.
+    pub pool_notify: Vec<Notify>,
+    pub expiry: Expiry,
+    /// Active mode: consumers that need copies.
+    pub replicate_tx: Option<mpsc::UnboundedSender<ConsumerId>>,
+    pub client: ManagerClient,
+    /// Bounds provisioning calls in flight (`provisioning.concurrency`).
+    pub provision_permits: tokio::sync::Semaphore,
+    /// Flipped once at shutdown: background tasks end, long-polls answer.
+    pub stop: watch::Sender<bool>,
+    /// Set, with the reason, if the writer thread dies.
+    pub writer_failure: watch::Sender<Option<String>>,
+}
+
+impl Core {
+    pub fn new(config: Config, registry: Registry, routes: Routes) -> Core {
+        let pools = registry.pools().len();
+        let permits = config.provisioning.concurrency;
+        Core {
+            config,
+            registry: Mutex::new(registry),
+            routes,
+            metrics: Metrics::default(),
+            pool_notify: (0..pools).map(|_| Notify::new()).collect(),
+            expiry: Expiry::default(),
+            replicate_tx: None,
+            client: ManagerClient::default(),
+            provision_permits: tokio::sync::Semaphore::new(permits),
+            stop: watch::channel(false).0,
+            writer_failure: watch::channel(None).0,
+        }
+    }
+
+    pub fn registry(&self) -> MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Replaces the in-memory state (after a failed commit, from the store).
+    pub fn replace_registry(&self, fresh: Registry) {
+        *self.registry() = fresh;
+    }
+}
+
+/// A cheap handle: the shared core and the writer's queue.
+#[derive(Clone)]
+pub struct Plane {
+    pub core: Arc<Core>,
+    pub writer: Writer,
+}

@@ -1,0 +1,70 @@
+//! A store wrapper with fault toggles (in the spirit of raft-rs's `MemStorage`):
+//! tests flip a switch and every failure path above the store seam becomes a
+//! plain test against a real database underneath.
+
+use super::{Op, Snapshot, Store};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// The switches of a [`FaultyStore`], shared with the test that holds them.
+#[derive(Debug, Default)]
+pub struct Faults {
+    /// `commit` fails (nothing is written).
+    pub fail_commits: AtomicBool,
+    /// `commit` panics (the writer thread dies).
+    pub panic_on_commit: AtomicBool,
+    /// Commits that reached the inner store.
+    pub commits: AtomicU64,
+    /// Commits refused by `fail_commits`.
+    pub failed_commits: AtomicU64,
+    /// Calls of `load`.
+    pub loads: AtomicU64,
+}
+
+impl Faults {
+    pub fn set_fail_commits(&self, on: bool) {
+        self.fail_commits.store(on, Ordering::SeqCst);
+    }
+
+    pub fn set_panic_on_commit(&self, on: bool) {
+        self.panic_on_commit.store(on, Ordering::SeqCst);
+    }
+}
+
+/// Wraps a store; each toggle in [`Faults`] injects one failure.
+pub struct FaultyStore<S> {
+    inner: S,
+    faults: Arc<Faults>,
+}
+
+impl<S: Store> FaultyStore<S> {
+    pub fn new(inner: S) -> (FaultyStore<S>, Arc<Faults>) {
+        let faults = Arc::new(Faults::default());
+        (
+            FaultyStore {
+                inner,
+                faults: faults.clone(),
+            },
+            faults,
+        )
+    }
+}
+
+impl<S: Store> Store for FaultyStore<S> {
+    fn load(&mut self) -> anyhow::Result<Snapshot> {
+        self.faults.loads.fetch_add(1, Ordering::SeqCst);
+        self.inner.load()
+    }
+
+    fn commit(&mut self, ops: &[Op]) -> anyhow::Result<()> {
+        if self.faults.panic_on_commit.load(Ordering::SeqCst) {
+            panic!("injected panic in commit ({} ops)", ops.len());
+        }
+        if self.faults.fail_commits.load(Ordering::SeqCst) {
+            self.faults.failed_commits.fetch_add(1, Ordering::SeqCst);
+            anyhow::bail!("injected failure: disk I/O error");
+        }
+        self.faults.commits.fetch_add(1, Ordering::SeqCst);
+        self.inner.commit(ops)
+    }
+}
