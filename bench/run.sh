@@ -22,7 +22,7 @@ if [ ! -x "$root/.tools/venv/bin/envoy" ] || ! rustup target list --installed | 
   cargo xtask setup
 fi
 # What `cargo xtask build-wasm` runs; cargo rebuilds only what changed.
-cargo build --package prealloc-filter --target wasm32-wasip1 --release
+cargo build --package prealloc-filter-wasm --target wasm32-wasip1 --release
 export CARGO_TARGET_DIR="$root/target"
 cargo build --release --manifest-path bench/Cargo.toml
 # The empty proxy-wasm filter of the noop_wasm baseline.

@@ -9,7 +9,7 @@ mod procs;
 
 use prealloc_e2e::envoy::{Endpoint, Envoy, EnvoyConfig, EnvoyOptions};
 use prealloc_e2e::routes_stub::{manager_route, RoutesStub};
-use prealloc_filter::cookie::{sign, Claims};
+use prealloc_filter_core::cookie::{sign, Claims};
 use prealloc_wire::{ConsumerId, ConsumerState, RouteEntry};
 use probe::Probe;
 use procs::{WrkOptions, WrkResult};
@@ -350,7 +350,7 @@ fn main() {
     // The filter's MAC check compiled natively: a lower bound for its share of
     // the request path (the .wasm runs the same code under V8).
     let native_verify_ns = {
-        let verifier = prealloc_filter::cookie::Verifier::new(&[COOKIE_KEY.as_bytes()]);
+        let verifier = prealloc_filter_core::cookie::Verifier::new(&[COOKIE_KEY.as_bytes()]);
         let values: Vec<String> = (0..1000u64)
             .map(|i| cookie(&consumer(i), ConsumerState::Registering, &["manager_m1"]))
             .collect();

@@ -158,7 +158,7 @@ fn build_wasm() -> Result<PathBuf, String> {
     run(cargo().args([
         "build",
         "--package",
-        "prealloc-filter",
+        "prealloc-filter-wasm",
         "--target",
         WASM_TARGET,
         "--release",
@@ -215,7 +215,7 @@ fn gates() -> Vec<(&'static str, Command)> {
     clippy.args([
         "clippy",
         "--package",
-        "prealloc-filter",
+        "prealloc-filter-wasm",
         "--target",
         WASM_TARGET,
         "--",

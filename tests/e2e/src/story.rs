@@ -13,7 +13,7 @@ use crate::client::{blocking_get, Client, Response};
 use crate::control_plane::{ControlPlane, ControlPlaneConfig, ManagerSpec, Replication};
 use crate::envoy::{Envoy, EnvoyConfig, EnvoyOptions, TEST_COOKIE_KEY};
 use crate::manager::{DefaultBackend, RecordedRequest, TestManager};
-use prealloc_filter::cookie::{verify, Claims};
+use prealloc_filter_core::cookie::{verify, Claims};
 use prealloc_wire::{ConsumerId, ConsumerState, RouteEntry, RoutesResponse};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;

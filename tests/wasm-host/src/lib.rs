@@ -30,7 +30,7 @@ use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtxBuilder};
 /// Environment variable that overrides where the filter's `.wasm` is read from.
 pub const WASM_ENV: &str = "PREALLOC_WASM";
 
-/// Where `cargo build -p prealloc-filter --target wasm32-wasip1 --release` puts the filter.
+/// Where `cargo build -p prealloc-filter-wasm --target wasm32-wasip1 --release` puts the filter.
 pub fn default_wasm_path() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../target/wasm32-wasip1/release/prealloc_filter.wasm")
@@ -73,7 +73,7 @@ fn module_for(path: &Path) -> Result<Module> {
     let bytes = std::fs::read(path).map_err(|e| {
         anyhow!(
             "cannot read the filter's .wasm at {} ({e}). Build it with `cargo xtask test` \
-             (or `cargo build -p prealloc-filter --target wasm32-wasip1 --release`), \
+             (or `cargo build -p prealloc-filter-wasm --target wasm32-wasip1 --release`), \
              or point ${WASM_ENV} at a built prealloc_filter.wasm",
             path.display()
         )

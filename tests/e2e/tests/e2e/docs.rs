@@ -21,9 +21,11 @@ const DOCS: &[&str] = &[
 ];
 
 /// Where a bare source-file name in the docs may live (ARCHITECTURE.md names
-/// `glue/http.rs`, `store/sqlite.rs`, `routes.rs` within their crate's section).
+/// `store/sqlite.rs`, `routes.rs` within their crate's section).
 const SOURCE_DIRS: &[&str] = &[
-    "filter/src",
+    "filter/core/src",
+    "filter/wasm/src",
+    "filter/native/src",
     "control-plane/src",
     "control-plane/tests/it",
     "wire/src",
@@ -119,20 +121,20 @@ fn every_file_the_docs_name_exists() {
 
 #[test]
 fn the_path_scan_sees_links_and_backticked_paths_but_not_user_files() {
-    let text = "see [x](../a/b.md#part) and `filter/src/glue/http.rs`, `routes.rs`, \
+    let text = "see [x](../a/b.md#part) and `control-plane/src/api.rs`, `routes.rs`, \
                 `envoy/`, `/etc/envoy/x.wasm`, `my.toml`, `GET /v1/routes`, `target/debug/x`";
     assert_eq!(
         named_paths(text),
         [
             "../a/b.md",
-            "filter/src/glue/http.rs",
+            "control-plane/src/api.rs",
             "routes.rs",
             "envoy/"
         ]
     );
     let root = workspace_root();
-    assert!(resolves(&root, &root, "glue/http.rs"));
-    assert!(!resolves(&root, &root, "glue/nothing.rs"));
+    assert!(resolves(&root, &root, "store/sqlite.rs"));
+    assert!(!resolves(&root, &root, "store/nothing.rs"));
 }
 
 /// The YAML block of README step 3, split at its top-level keys.

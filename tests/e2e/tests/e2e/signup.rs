@@ -5,7 +5,7 @@ use prealloc_e2e::client::Client;
 use prealloc_e2e::control_plane::{ControlPlane, ControlPlaneConfig, ManagerSpec};
 use prealloc_e2e::envoy::{Envoy, EnvoyConfig, EnvoyOptions, TEST_COOKIE_KEY, TEST_ENVOY_TOKEN};
 use prealloc_e2e::manager::{assert_no_violations, DefaultBackend, TestManager};
-use prealloc_filter::cookie::verify;
+use prealloc_filter_core::cookie::verify;
 use prealloc_wire::ConsumerState;
 use std::time::{Duration, Instant};
 

@@ -5,7 +5,7 @@ use prealloc_e2e::control_plane::Replication;
 use prealloc_e2e::envoy::EnvoyOptions;
 use prealloc_e2e::envoy::TEST_COOKIE_KEY;
 use prealloc_e2e::story::{send_requests, spread, tally, Batch, Stack, StackOptions, STEP_TIMEOUT};
-use prealloc_filter::cookie::verify;
+use prealloc_filter_core::cookie::verify;
 use prealloc_wire::ConsumerState;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -4,7 +4,7 @@ use prealloc_e2e::client::Client;
 use prealloc_e2e::envoy::{Envoy, EnvoyConfig, EnvoyOptions, TEST_COOKIE_KEY, TEST_ENVOY_TOKEN};
 use prealloc_e2e::manager::{assert_no_violations, DefaultBackend, TestManager};
 use prealloc_e2e::routes_stub::{manager_route, RoutesStub};
-use prealloc_filter::cookie::{sign, Claims};
+use prealloc_filter_core::cookie::{sign, Claims};
 use prealloc_wire::{ConsumerId, ConsumerState};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

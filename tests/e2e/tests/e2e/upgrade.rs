@@ -2,7 +2,7 @@
 
 use crate::support::{cookie_for, new_consumer, now_unix, served_by, tally, DataPlane};
 use prealloc_e2e::envoy::TEST_COOKIE_KEY;
-use prealloc_filter::cookie::verify;
+use prealloc_filter_core::cookie::verify;
 use prealloc_wire::ConsumerState;
 
 #[tokio::test]

@@ -1,7 +1,7 @@
 //! Routing decisions for known consumers: first manager, round-robin over the replica set, down managers, all down.
 
 use crate::support::*;
-use prealloc_filter::cookie::verify;
+use prealloc_filter_core::cookie::verify;
 use prealloc_wire::ConsumerState::{Registered, Registering};
 
 #[test]

@@ -1,7 +1,7 @@
 //! Sign-up through the filter: held while the control plane registers, forwarded to the first manager, cookie only on success, give-back on refusal, 503 when the control plane fails.
 
 use crate::support::*;
-use prealloc_filter::cookie::verify;
+use prealloc_filter_core::cookie::verify;
 use prealloc_wasm_host::{Action, Host, HttpCall, HttpStream, Vm};
 use prealloc_wire::{ConsumerState, ErrorBody, Registration, ResourceRef};
 use serde_json::json;

@@ -1,6 +1,6 @@
 //! Shared fixtures: plugin configurations, cookies minted with the filter's own API, table writes, request helpers.
 
-use prealloc_filter::cookie::{sign, Claims};
+use prealloc_filter_core::cookie::{sign, Claims};
 use prealloc_wasm_host::{Host, HttpStream, Vm};
 use prealloc_wire::{ConsumerId, ConsumerState};
 use serde_json::{json, Value};

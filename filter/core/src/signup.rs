@@ -16,8 +16,8 @@ use prealloc_wire::{
 };
 use std::collections::VecDeque;
 
-use crate::config::SignupConfig;
-use crate::cookie::Claims;
+use crate::config::{CookieConfig, SignupConfig};
+use crate::cookie::{self, Claims};
 use crate::table::is_valid_cluster;
 
 /// How many times a give-back is tried before it is logged as lost.
@@ -198,6 +198,37 @@ pub fn signup_claims(reg: &Registration, now_unix_s: u64, max_age_s: u64) -> Cla
         state: ConsumerState::Registering,
         expires_at: now_unix_s.saturating_add(max_age_s),
         replicas: vec![reg.cluster.clone()],
+    }
+}
+
+/// What to do with the first manager's answer to a forwarded sign-up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SignupAnswer {
+    /// 2xx: add this `Set-Cookie` (the registering cookie) to the response.
+    Accepted { set_cookie: String },
+    /// Anything else: pass the answer through without a cookie, give the registration back.
+    Refused,
+    /// Accepted, but no cookie could be signed (a configuration problem: log it).
+    Unsigned(String),
+}
+
+/// Judges the first manager's answer to a forwarded sign-up (`status` is its
+/// `:status`; None when there is none to read).
+pub fn on_signup_response(
+    cfg: &CookieConfig,
+    reg: &Registration,
+    status: Option<u32>,
+    now_unix_s: u64,
+) -> SignupAnswer {
+    if !accepted(status) {
+        return SignupAnswer::Refused;
+    }
+    let claims = signup_claims(reg, now_unix_s, cfg.max_age_s);
+    match cookie::sign_with_config(cfg, &claims) {
+        Ok(value) => SignupAnswer::Accepted {
+            set_cookie: cookie::set_cookie_header(cfg, &value),
+        },
+        Err(e) => SignupAnswer::Unsigned(format!("cannot sign the new cookie: {e}")),
     }
 }
 

@@ -46,7 +46,7 @@ impl<'a> HeaderMap<'a> {
     }
 
     /// Every `(name, value)` pair in host order.
-    pub fn iter(&self) -> impl Iterator<Item = (&'a [u8], &'a [u8])> + 'a {
+    pub fn iter(&self) -> impl Iterator<Item = (&'a [u8], &'a [u8])> + Clone + 'a {
         let bytes = self.bytes;
         let mut data = 4 + self.count * 8;
         (0..self.count).map_while(move |i| {

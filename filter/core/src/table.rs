@@ -95,6 +95,76 @@ impl<'a> Entry<'a> {
     }
 }
 
+/// One write of the routing table, as the poller applies a response: the
+/// managers first, then each consumer entry whole. Each build stores them its
+/// own way (the wasm build as shared data: [`TableWrite::shared_data`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TableWrite<'a> {
+    /// Every manager's cluster and availability, in the control plane's order.
+    Managers(&'a [(&'a str, Availability)]),
+    /// A consumer's entry: its state and replica clusters, first manager first.
+    Entry {
+        consumer: &'a ConsumerId,
+        state: ConsumerState,
+        replicas: &'a [&'a str],
+    },
+    /// The consumer left the table.
+    Remove(&'a ConsumerId),
+}
+
+impl TableWrite<'_> {
+    /// The shared-data key and value of this write (an empty value clears an entry).
+    pub fn shared_data(&self) -> (String, String) {
+        match *self {
+            TableWrite::Managers(m) => {
+                (MANAGERS_KEY.to_owned(), encode_managers(m.iter().copied()))
+            }
+            TableWrite::Entry {
+                consumer,
+                state,
+                replicas,
+            } => (
+                consumer_key(consumer),
+                encode_entry(state, replicas.iter().copied()),
+            ),
+            TableWrite::Remove(consumer) => (consumer_key(consumer), String::new()),
+        }
+    }
+}
+
+/// A consumer entry that owns its encoded value (what a shared-data read
+/// returns), checked once by [`OwnedEntry::decode`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnedEntry {
+    value: Vec<u8>,
+    state: ConsumerState,
+}
+
+impl OwnedEntry {
+    /// Checks `value`; `Ok(None)` for an empty value (no entry).
+    pub fn decode(value: Vec<u8>) -> Result<Option<OwnedEntry>, TableError> {
+        let state = match decode_entry(&value)? {
+            Some(e) => e.state,
+            None => return Ok(None),
+        };
+        Ok(Some(OwnedEntry { value, state }))
+    }
+
+    /// The decoded view (never `None` for a value `decode` accepted).
+    pub fn entry(&self) -> Option<Entry<'_>> {
+        decode_entry(&self.value).ok().flatten()
+    }
+}
+
+impl crate::decision::EntryView for OwnedEntry {
+    fn state(&self) -> ConsumerState {
+        self.state
+    }
+    fn replicas(&self) -> impl Iterator<Item = &str> + Clone {
+        self.entry().into_iter().flat_map(|e| e.replicas())
+    }
+}
+
 /// Decodes a consumer entry; `Ok(None)` for an empty value (no entry).
 pub fn decode_entry(value: &[u8]) -> Result<Option<Entry<'_>>, TableError> {
     if value.is_empty() {

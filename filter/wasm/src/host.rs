@@ -17,7 +17,7 @@ use proxy_wasm::types::{BufferType, LogLevel, MapType, MetricType, Status};
 use std::ptr::{null, null_mut};
 use std::time::Duration;
 
-use crate::headers;
+use prealloc_filter_core::headers;
 
 const OK: u32 = 0;
 const NOT_FOUND: u32 = 1;
@@ -161,7 +161,7 @@ pub fn now_ms() -> u64 {
     u64::try_from(now().as_millis()).unwrap_or(u64::MAX)
 }
 
-/// The raw serialized header map (parse with [`crate::headers::HeaderMap`]).
+/// The raw serialized header map (parse with [`prealloc_filter_core::headers::HeaderMap`]).
 ///
 /// The SDK's `get_map` panics on header values that are not UTF-8, which a
 /// client controls; this keeps the bytes and lets the pure parser judge them.

@@ -1,9 +1,9 @@
-//! Envoy stats through define_metric/increment_metric, named in [`crate::metrics`].
+//! Envoy stats through define_metric/increment_metric, named in [`prealloc_filter_core::metrics`].
 
 use proxy_wasm::types::MetricType;
 
 use super::host;
-use crate::metrics::{Counter, Gauge};
+use prealloc_filter_core::metrics::{Counter, Gauge};
 
 /// Metric ids of this VM (each worker's VM defines its own; Envoy merges them by name).
 pub struct Metrics {

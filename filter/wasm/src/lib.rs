@@ -1,4 +1,8 @@
-//! proxy-wasm glue: entry point, root context (filter or poller role), metrics. wasm32 only.
+//! prealloc's proxy-wasm build: entry point, root context (filter or poller
+//! role). A thin glue: it reads host state, hands it to
+//! [`prealloc_filter_core`] and applies the plans it gets back. wasm32 only: a
+//! native build of this crate is empty.
+#![cfg(target_arch = "wasm32")]
 
 mod host;
 mod http;
@@ -10,10 +14,10 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{ContextType, LogLevel};
 use std::rc::Rc;
 
-use crate::config::{self, PluginConfig};
 use http::{FilterState, Http};
 use metrics::Metrics;
 use poller::PollerRoot;
+use prealloc_filter_core::config::{self, PluginConfig};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Trace);

@@ -8,13 +8,15 @@ use std::rc::Rc;
 
 use super::host;
 use super::metrics::Metrics;
-use crate::config::{FilterConfig, SignupConfig};
-use crate::cookie::{self, Claims, Verifier};
-use crate::decision::{self, Decision};
-use crate::headers::{is_reserved, HeaderMap};
-use crate::metrics::Counter;
-use crate::signup::{self, GiveBackResult, GiveBacks, LocalReply, RegistrationOutcome};
-use crate::table::{self, AvailabilityView, MANAGERS_KEY};
+use prealloc_filter_core::config::{FilterConfig, SignupConfig};
+use prealloc_filter_core::cookie::Verifier;
+use prealloc_filter_core::headers::HeaderMap;
+use prealloc_filter_core::metrics::Counter;
+use prealloc_filter_core::pipeline::{self, Action as PlanAction, Lookup, Plan};
+use prealloc_filter_core::signup::{
+    self, GiveBackResult, GiveBacks, LocalReply, RegistrationOutcome, SignupAnswer,
+};
+use prealloc_filter_core::table::{self, AvailabilityView, OwnedEntry, MANAGERS_KEY};
 use prealloc_wire::{
     ConsumerId, Registration, HEADER_CONSUMER, HEADER_RESOURCE, HEADER_RESOURCE_TYPE,
 };
@@ -142,12 +144,6 @@ impl FilterState {
             self.managers_cas.set(cas);
         }
     }
-
-    fn next_rr(&self) -> u64 {
-        let n = self.rr.get();
-        self.rr.set(n.wrapping_add(1));
-        n
-    }
 }
 
 /// Where a sign-up request is.
@@ -203,134 +199,88 @@ impl Http {
             ));
             return Action::Continue;
         };
-
-        // A client never picks a cluster nor claims a consumer: drop what it sent.
-        let mut removed = 0u64;
-        for (name, _) in map.iter() {
-            if is_reserved(name, &cfg.route_header) {
-                if let Ok(n) = std::str::from_utf8(name) {
-                    host::remove_header(MapType::HttpRequestHeaders, n);
-                    removed += 1;
-                }
-            }
-        }
-        if removed > 0 {
-            st.metrics.add(Counter::ReservedHeadersRemoved, removed);
-        }
-
-        if let Some(sc) = &cfg.signup {
-            let method = map.get(":method").unwrap_or_default();
-            let path = map.get(":path").unwrap_or_default();
-            if signup::is_signup(sc, method, path) {
-                return self.start_signup(sc);
-            }
-        }
-
         let now = host::now().as_secs();
-        let claims =
-            match cookie::verify_first(map.values("cookie"), &cfg.cookie.name, &st.verifier, now) {
-                Ok(c) => Some(c),
-                Err(e) => {
-                    st.metrics.inc(Counter::cookie_rejected(e));
-                    None
-                }
-            };
-
-        // One shared-data read, only for registering consumers.
-        let entry_raw = match &claims {
-            Some(c) if decision::needs_table(Some(c)) => {
-                host::get_shared(&table::consumer_key(&c.consumer)).0
-            }
-            _ => None,
-        };
-        let entry = if decision::needs_table(claims.as_ref()) {
-            match entry_raw.as_deref().map(table::decode_entry) {
-                Some(Ok(Some(e))) => {
-                    st.metrics.inc(Counter::TableHits);
-                    Some(e)
-                }
-                None | Some(Ok(None)) => {
-                    st.metrics.inc(Counter::TableMisses);
-                    None
-                }
-                Some(Err(e)) => {
-                    st.metrics.inc(Counter::TableErrors);
-                    host::warn(&format!(
-                        "[prealloc http {}] ignoring a bad table entry: {e}",
-                        self.id
-                    ));
-                    None
-                }
-            }
-        } else {
-            None
-        };
-
-        let rr = st.next_rr();
+        let mut rr = st.rr.get();
         let all_available = AvailabilityView::all_available();
         let avail_guard = st.availability.try_borrow();
         let avail = avail_guard.as_deref().unwrap_or(&all_available);
-        match decision::decide(claims.as_ref(), entry, avail, rr, cfg.when_all_down) {
-            Decision::Anonymous => {
-                st.metrics.inc(Counter::RequestsAnonymous);
-                if removed > 0 {
+        let plan = pipeline::route(
+            cfg,
+            &st.verifier,
+            map.iter(),
+            lookup_shared,
+            avail,
+            &mut rr,
+            now,
+        );
+        drop(avail_guard);
+        st.rr.set(rr);
+        self.apply(plan, now)
+    }
+
+    /// Applies the core's plan with host calls; decides nothing itself.
+    fn apply(&mut self, plan: Plan<'_, OwnedEntry>, now: u64) -> Action {
+        let st = Rc::clone(&self.st);
+        let cfg = &st.cfg;
+        for name in &plan.remove {
+            if let Ok(n) = std::str::from_utf8(name) {
+                host::remove_header(MapType::HttpRequestHeaders, n);
+            }
+        }
+        for (counter, n) in plan.bumps.iter() {
+            st.metrics.add(counter, n);
+        }
+        if let Some(e) = &plan.table_error {
+            host::warn(&format!(
+                "[prealloc http {}] ignoring a bad table entry: {e}",
+                self.id
+            ));
+        }
+        match plan.action {
+            PlanAction::Anonymous => {
+                if !plan.remove.is_empty() {
                     host::clear_route_cache();
                 }
                 Action::Continue
             }
-            Decision::Route {
-                cluster,
-                consumer,
-                via,
-                upgrade,
-            } => {
-                st.metrics.inc(Counter::routed(via));
-                host::set_header(MapType::HttpRequestHeaders, &cfg.route_header, cluster);
+            PlanAction::Signup => match &cfg.signup {
+                Some(sc) => self.start_signup(sc),
+                None => Action::Continue,
+            },
+            PlanAction::Route(routed) => {
+                host::set_header(
+                    MapType::HttpRequestHeaders,
+                    &cfg.route_header,
+                    routed.cluster(),
+                );
                 host::set_header(
                     MapType::HttpRequestHeaders,
                     HEADER_CONSUMER,
-                    consumer.as_str(),
+                    routed.consumer().as_str(),
                 );
                 host::clear_route_cache();
-                if upgrade {
-                    if let (Some(c), Some(e)) = (&claims, entry) {
-                        self.prepare_upgrade(c, &e, now);
-                    }
+                match routed.upgrade_cookie(cfg, now) {
+                    Some(Ok(set_cookie)) => self.upgrade_cookie = Some(set_cookie),
+                    // Happens on every request of such a consumer (e.g. more replicas than a
+                    // cookie carries): keep it at debug, routing by the table still works.
+                    Some(Err(e)) if host::debug_enabled() => host::debug(&format!(
+                        "[prealloc http {}] not upgrading the cookie of {}: {e}",
+                        self.id,
+                        routed.consumer()
+                    )),
+                    _ => {}
                 }
                 Action::Continue
             }
-            Decision::AllDown { consumer } => {
-                st.metrics.inc(Counter::AllDownReplies);
+            PlanAction::Reply(reply) => {
                 if host::debug_enabled() {
                     host::debug(&format!(
-                        "[prealloc http {}] every replica of {consumer} is down: 503",
+                        "[prealloc http {}] every replica of the consumer is down: 503",
                         self.id
                     ));
                 }
-                send_reply(&LocalReply {
-                    status: 503,
-                    retry_after_s: cfg.retry_after_s,
-                    body: r#"{"error":"replicas_unavailable","message":"every backend holding this account's data is down; retry later"}"#.to_owned(),
-                });
+                send_reply(&reply);
                 Action::Pause
-            }
-        }
-    }
-
-    fn prepare_upgrade(&mut self, claims: &Claims, entry: &table::Entry<'_>, now: u64) {
-        let cfg = &self.st.cfg.cookie;
-        let upgraded = decision::upgraded_claims(claims, entry, now.saturating_add(cfg.max_age_s));
-        match cookie::sign_with_config(cfg, &upgraded) {
-            Ok(value) => self.upgrade_cookie = Some(cookie::set_cookie_header(cfg, &value)),
-            // Happens on every request of such a consumer (e.g. more replicas than a
-            // cookie carries): keep it at debug, routing by the table still works.
-            Err(e) => {
-                if host::debug_enabled() {
-                    host::debug(&format!(
-                        "[prealloc http {}] not upgrading the cookie of {}: {e}",
-                        self.id, claims.consumer
-                    ));
-                }
             }
         }
     }
@@ -425,34 +375,38 @@ impl Http {
                 .ok()
                 .and_then(|s| s.parse::<u32>().ok())
         });
-        if signup::accepted(status) {
-            let cfg = &st.cfg.cookie;
-            let claims = signup::signup_claims(&reg, host::now().as_secs(), cfg.max_age_s);
-            match cookie::sign_with_config(cfg, &claims) {
-                Ok(value) => {
-                    host::add_header(
-                        MapType::HttpResponseHeaders,
-                        "set-cookie",
-                        &cookie::set_cookie_header(cfg, &value),
-                    );
-                    st.metrics.inc(Counter::SignupsOk);
-                }
-                Err(e) => host::warn(&format!(
-                    "[prealloc http {}] cannot sign the new cookie: {e}",
-                    self.id
-                )),
+        match signup::on_signup_response(&st.cfg.cookie, &reg, status, host::now().as_secs()) {
+            SignupAnswer::Accepted { set_cookie } => {
+                host::add_header(MapType::HttpResponseHeaders, "set-cookie", &set_cookie);
+                st.metrics.inc(Counter::SignupsOk);
             }
-        } else {
-            host::info(&format!(
-                "[prealloc http {}] manager {} refused the sign-up of {} ({}); giving the registration back",
-                self.id,
-                reg.cluster,
-                reg.consumer,
-                status.map_or_else(|| "no status".to_owned(), |s| format!("HTTP {s}"))
-            ));
-            st.metrics.inc(Counter::SignupsRefused);
-            st.give_back(reg.consumer);
+            SignupAnswer::Unsigned(why) => {
+                host::warn(&format!("[prealloc http {}] {why}", self.id));
+            }
+            SignupAnswer::Refused => {
+                host::info(&format!(
+                    "[prealloc http {}] manager {} refused the sign-up of {} ({}); giving the registration back",
+                    self.id,
+                    reg.cluster,
+                    reg.consumer,
+                    status.map_or_else(|| "no status".to_owned(), |s| format!("HTTP {s}"))
+                ));
+                st.metrics.inc(Counter::SignupsRefused);
+                st.give_back(reg.consumer);
+            }
         }
+    }
+}
+
+/// The table read of the pipeline: one shared-data read of the consumer's key.
+fn lookup_shared(consumer: &ConsumerId) -> Lookup<OwnedEntry> {
+    match host::get_shared(&table::consumer_key(consumer)).0 {
+        None => Lookup::Miss,
+        Some(value) => match OwnedEntry::decode(value) {
+            Ok(Some(e)) => Lookup::Hit(e),
+            Ok(None) => Lookup::Miss,
+            Err(e) => Lookup::Bad(e),
+        },
     }
 }
 

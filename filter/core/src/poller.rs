@@ -14,9 +14,9 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 
 use crate::config::PollerConfig;
-use crate::table::{
-    consumer_key, encode_entry, encode_managers, is_valid_cluster, MANAGERS_KEY, MAX_ENTRY_REPLICAS,
-};
+use crate::metrics::Counter;
+use crate::pipeline::Bumps;
+use crate::table::{encode_managers, is_valid_cluster, TableWrite, MAX_ENTRY_REPLICAS};
 
 /// Extra time granted to a long-poll over the hold asked of the server.
 pub const TIMEOUT_MARGIN_MS: u64 = 5000;
@@ -185,7 +185,7 @@ impl Poller {
         status: Option<u32>,
         body: &[u8],
         now_ms: u64,
-        sink: &mut dyn FnMut(&str, &str),
+        sink: &mut dyn FnMut(TableWrite<'_>),
     ) -> Result<Update, PollError> {
         let result = match status {
             None => Err(PollError::Transport(
@@ -210,15 +210,15 @@ impl Poller {
         result
     }
 
-    /// Applies a decoded response: hands each shared-data write to `sink` as
-    /// `(key, value)` in order (an empty value clears an entry), then advances
+    /// Applies a decoded response: hands each table write to `sink` in order
+    /// (managers first, then each entry whole), then advances
     /// the poller's position. Writes are streamed rather than collected so a
     /// full snapshot of a large table is not held twice in memory; whatever
     /// makes the whole response unusable is checked before the first write.
     pub fn apply(
         &mut self,
         r: RoutesResponse,
-        sink: &mut dyn FnMut(&str, &str),
+        sink: &mut dyn FnMut(TableWrite<'_>),
     ) -> Result<Update, PollError> {
         if r.epoch.is_empty()
             || r.epoch.len() > MAX_EPOCH_LEN
@@ -258,8 +258,8 @@ impl Poller {
 
         let mut skipped = Vec::new();
         let mut writes = 0usize;
-        let mut write = |k: &str, v: &str| {
-            sink(k, v);
+        let mut write = |w: TableWrite<'_>| {
+            sink(w);
             writes += 1;
         };
 
@@ -282,11 +282,11 @@ impl Poller {
             }
             lines.push((m.cluster.as_str(), m.availability));
         }
-        let managers_value = encode_managers(lines);
+        let managers_value = encode_managers(lines.iter().copied());
         if r.kind == RoutesKind::Full
             || self.managers_value.as_deref() != Some(managers_value.as_str())
         {
-            write(MANAGERS_KEY, &managers_value);
+            write(TableWrite::Managers(&lines));
         }
 
         // Consumer entries.
@@ -321,10 +321,11 @@ impl Poller {
                 ));
                 continue;
             }
-            write(
-                &consumer_key(&e.consumer),
-                &encode_entry(e.state, replica_clusters.iter().copied()),
-            );
+            write(TableWrite::Entry {
+                consumer: &e.consumer,
+                state: e.state,
+                replicas: &replica_clusters,
+            });
             upserted.insert(id_bytes(&e.consumer));
         }
         match r.kind {
@@ -333,12 +334,12 @@ impl Poller {
                 let mut stale: Vec<&[u8; 16]> = self.written.difference(&upserted).collect();
                 stale.sort_unstable();
                 for b in stale {
-                    write(&consumer_key(&ConsumerId::from_bytes(*b)), "");
+                    write(TableWrite::Remove(&ConsumerId::from_bytes(*b)));
                 }
             }
             RoutesKind::Delta => {
                 for id in &r.remove {
-                    write(&consumer_key(id), "");
+                    write(TableWrite::Remove(id));
                     removed.push(id_bytes(id));
                 }
             }
@@ -367,6 +368,61 @@ impl Poller {
     }
 }
 
+/// What a glue reports after a poll: the same counters, gauges and log lines
+/// in both builds.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    pub bumps: Bumps,
+    /// `prealloc_poller_entries` and `prealloc_poller_version`, after a good poll.
+    pub gauges: Option<(u64, u64)>,
+    pub info: Option<String>,
+    pub warnings: Vec<String>,
+}
+
+impl Poller {
+    /// The report of a poll's result; `failed_writes` counts the table writes
+    /// the host refused.
+    pub fn report(&self, result: &Result<Update, PollError>, failed_writes: usize) -> Report {
+        let mut r = Report::default();
+        match result {
+            Ok(update) => {
+                if failed_writes > 0 {
+                    r.bumps.add(Counter::PollerErrors, 1);
+                    r.warnings.push(format!(
+                        "{failed_writes} of {} table writes failed",
+                        update.writes
+                    ));
+                }
+                for s in &update.skipped {
+                    r.warnings.push(format!("skipped: {s}"));
+                }
+                if !update.skipped.is_empty() {
+                    r.bumps
+                        .add(Counter::PollerSkipped, update.skipped.len() as u64);
+                }
+                r.bumps.add(Counter::PollerUpdates, 1);
+                if update.kind == RoutesKind::Full {
+                    r.bumps.add(Counter::PollerFullSnapshots, 1);
+                    r.info = Some(format!(
+                        "full snapshot: version {}, {} entries",
+                        update.version,
+                        self.entries()
+                    ));
+                }
+                r.gauges = Some((self.entries() as u64, update.version));
+            }
+            Err(e) => {
+                r.bumps.add(Counter::PollerErrors, 1);
+                r.warnings.push(format!(
+                    "{e}; keeping the last good table, retrying in {} ms",
+                    self.backoff_ms()
+                ));
+            }
+        }
+        r
+    }
+}
+
 fn id_bytes(id: &ConsumerId) -> [u8; 16] {
     let mut out = [0u8; 16];
     let _ = URL_SAFE_NO_PAD.decode_slice(id.as_str(), &mut out);
@@ -376,6 +432,7 @@ fn id_bytes(id: &ConsumerId) -> [u8; 16] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::table::{consumer_key, MANAGERS_KEY};
     use prealloc_wire::{Availability, ConsumerState, ManagerRoute, RouteEntry};
     use proptest::prelude::*;
 
@@ -400,7 +457,7 @@ mod tests {
     impl Collect for Poller {
         fn apply_c(&mut self, r: RoutesResponse) -> Result<Collected, PollError> {
             let mut writes = Vec::new();
-            let u = self.apply(r, &mut |k, v| writes.push((k.to_owned(), v.to_owned())))?;
+            let u = self.apply(r, &mut |w| writes.push(w.shared_data()))?;
             assert_eq!(u.writes, writes.len());
             Ok(Collected {
                 kind: u.kind,
@@ -415,9 +472,7 @@ mod tests {
             now: u64,
         ) -> Result<Collected, PollError> {
             let mut writes = Vec::new();
-            let u = self.on_response(status, body, now, &mut |k, v| {
-                writes.push((k.to_owned(), v.to_owned()))
-            })?;
+            let u = self.on_response(status, body, now, &mut |w| writes.push(w.shared_data()))?;
             assert_eq!(u.writes, writes.len());
             Ok(Collected {
                 kind: u.kind,

@@ -17,6 +17,35 @@ use crate::config::WhenAllDown;
 use crate::cookie::Claims;
 use crate::table::{AvailabilityView, Entry};
 
+/// A consumer's routing-table entry, however a build stores it (the wasm
+/// build decodes shared data into [`Entry`]; the native build keeps its own).
+pub trait EntryView {
+    fn state(&self) -> ConsumerState;
+    /// Replica clusters, first manager first (never empty for a valid entry).
+    fn replicas(&self) -> impl Iterator<Item = &str> + Clone;
+    fn first_manager(&self) -> Option<&str> {
+        self.replicas().next()
+    }
+}
+
+impl EntryView for Entry<'_> {
+    fn state(&self) -> ConsumerState {
+        self.state
+    }
+    fn replicas(&self) -> impl Iterator<Item = &str> + Clone {
+        Entry::replicas(self)
+    }
+}
+
+/// Where a routed request's cluster was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The cookie's replica list (`Claims::replicas`).
+    Cookie,
+    /// The table entry's replica list.
+    Table,
+}
+
 /// How a routed request's cluster was chosen (one counter each).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Via {
@@ -38,6 +67,8 @@ pub enum Decision<'a> {
     /// Send the request to `cluster` and tell it who the consumer is.
     Route {
         cluster: &'a str,
+        /// Where `cluster` is: which list, and its position in it.
+        from: (Source, usize),
         consumer: &'a ConsumerId,
         via: Via,
         /// The table says registered while the cookie says registering: the
@@ -56,9 +87,9 @@ pub fn needs_table(claims: Option<&Claims>) -> bool {
 
 /// Decides where a request goes. `entry` is only looked at when
 /// [`needs_table`] said so; `rr` is the worker's round-robin counter.
-pub fn decide<'a>(
+pub fn decide<'a, E: EntryView>(
     claims: Option<&'a Claims>,
-    entry: Option<Entry<'a>>,
+    entry: Option<&'a E>,
     availability: &AvailabilityView,
     rr: u64,
     when_all_down: WhenAllDown,
@@ -71,35 +102,48 @@ pub fn decide<'a>(
         // A verified cookie always names its first manager; treat the impossible as anonymous.
         return Decision::Anonymous;
     };
+    let cookie_list = || claims.replicas.iter().map(String::as_str);
     let (picked, first, via, upgrade) = match (claims.state, entry) {
         (ConsumerState::Registered, _) => (
-            pick(claims.replicas.iter().map(String::as_str), availability, rr),
-            cookie_first,
+            pick(cookie_list(), availability, rr).map(|(i, c)| ((Source::Cookie, i), c)),
+            ((Source::Cookie, 0), cookie_first),
             Via::Cookie,
             false,
         ),
         (ConsumerState::Registering, None) => (
-            pick(std::iter::once(cookie_first), availability, rr),
-            cookie_first,
+            pick(cookie_list().take(1), availability, rr).map(|(i, c)| ((Source::Cookie, i), c)),
+            ((Source::Cookie, 0), cookie_first),
             Via::FirstManager,
             false,
         ),
-        (ConsumerState::Registering, Some(e)) => (
-            pick(e.replicas(), availability, rr),
-            e.first_manager(),
-            Via::Table,
-            e.state == ConsumerState::Registered,
-        ),
+        (ConsumerState::Registering, Some(e)) => match e.first_manager() {
+            Some(entry_first) => (
+                pick(e.replicas(), availability, rr).map(|(i, c)| ((Source::Table, i), c)),
+                ((Source::Table, 0), entry_first),
+                Via::Table,
+                e.state() == ConsumerState::Registered,
+            ),
+            // An entry without replicas is no entry: the cookie's first manager.
+            None => (
+                pick(cookie_list().take(1), availability, rr)
+                    .map(|(i, c)| ((Source::Cookie, i), c)),
+                ((Source::Cookie, 0), cookie_first),
+                Via::FirstManager,
+                false,
+            ),
+        },
     };
     match (picked, when_all_down) {
-        (Some(cluster), _) => Decision::Route {
+        (Some((from, cluster)), _) => Decision::Route {
             cluster,
+            from,
             consumer,
             via,
             upgrade,
         },
         (None, WhenAllDown::FirstManager) => Decision::Route {
-            cluster: first,
+            cluster: first.1,
+            from: first.0,
             consumer,
             via: Via::AllDownFirstManager,
             upgrade,
@@ -109,7 +153,7 @@ pub fn decide<'a>(
 }
 
 /// The `rr`-th replica (modulo their number) among those not down, counted in
-/// name order, or `None` when all are down.
+/// name order, with its position in `replicas`; `None` when all are down.
 ///
 /// Name order, not list order: the worker's counter is shared by every
 /// consumer, and consumers with the same replica set list it in different
@@ -118,30 +162,35 @@ pub fn decide<'a>(
 /// evenly over a set however consumers interleave, and one consumer's
 /// consecutive requests cycle through its whole set. Allocation-free; O(n²)
 /// over a handful of replicas.
-pub fn pick<'a, I>(replicas: I, availability: &AvailabilityView, rr: u64) -> Option<&'a str>
+pub fn pick<'a, I>(
+    replicas: I,
+    availability: &AvailabilityView,
+    rr: u64,
+) -> Option<(usize, &'a str)>
 where
     I: Iterator<Item = &'a str> + Clone,
 {
-    let up = replicas.clone().filter(|c| !availability.is_down(c));
+    let up = replicas
+        .enumerate()
+        .filter(|(_, c)| !availability.is_down(c));
     let n = up.clone().count() as u64;
     if n == 0 {
         return None;
     }
     let k = usize::try_from(rr % n).ok()?;
     // Rank of each candidate by (name, position); exactly one has rank k.
-    up.clone().enumerate().find_map(|(i, c)| {
+    up.clone().find(|&(i, c)| {
         let rank = up
             .clone()
-            .enumerate()
             .filter(|&(j, d)| d < c || (d == c && j < i))
             .count();
-        (rank == k).then_some(c)
+        rank == k
     })
 }
 
 /// The claims of the upgraded (registered) cookie: same consumer, the entry's
 /// replica set, a fresh expiry.
-pub fn upgraded_claims(claims: &Claims, entry: &Entry<'_>, expires_at: u64) -> Claims {
+pub fn upgraded_claims<E: EntryView>(claims: &Claims, entry: &E, expires_at: u64) -> Claims {
     Claims {
         consumer: claims.consumer.clone(),
         state: ConsumerState::Registered,
@@ -194,7 +243,7 @@ mod tests {
         let c = cookie.map(|(s, r)| claims(s, r));
         let e = decode_entry(entry.as_bytes()).unwrap();
         let avail = AvailabilityView::with_down(down.iter().copied());
-        let d = decide(c.as_ref(), e, &avail, rr, policy);
+        let d = decide(c.as_ref(), e.as_ref(), &avail, rr, policy);
         assert_eq!(
             summary(&d),
             want,
@@ -288,8 +337,9 @@ mod tests {
         let set = ["a", "b", "c", "d"];
         let mut counts = [0usize; 4];
         for rr in 0..300 {
-            let c = pick(set.iter().copied(), &avail, rr).unwrap();
-            counts[set.iter().position(|s| *s == c).unwrap()] += 1;
+            let (i, c) = pick(set.iter().copied(), &avail, rr).unwrap();
+            assert_eq!(set[i], c, "the position names the pick");
+            counts[i] += 1;
         }
         assert_eq!(counts, [100, 0, 100, 100]);
         // List order does not matter: ranks follow names.
@@ -302,6 +352,7 @@ mod tests {
                     rr,
                 )
                 .unwrap()
+                .1
             })
             .collect();
         assert_eq!(got, ["a", "b", "c", "d"]);
@@ -309,10 +360,16 @@ mod tests {
         let dup = ["b", "a", "b"];
         let got: Vec<&str> = (0..3)
             .map(|rr| pick(dup.iter().copied(), &AvailabilityView::all_available(), rr).unwrap())
+            .collect::<Vec<(usize, &str)>>()
+            .into_iter()
+            .map(|(i, c)| {
+                assert_eq!(dup[i], c);
+                c
+            })
             .collect();
         assert_eq!(got, ["a", "b", "b"]);
         assert_eq!(pick(std::iter::empty(), &avail, 0), None);
-        assert_eq!(pick(["a"].into_iter(), &avail, u64::MAX), Some("a"));
+        assert_eq!(pick(["a"].into_iter(), &avail, u64::MAX), Some((0, "a")));
     }
 
     #[test]
@@ -328,7 +385,7 @@ mod tests {
         // One worker's counter, requests of the consumers in turn.
         for rr in 0..90u64 {
             let who = (rr % 3) as usize;
-            let d = decide(Some(&consumers[who]), None, &avail, rr, RJ);
+            let d = decide::<Entry>(Some(&consumers[who]), None, &avail, rr, RJ);
             let Decision::Route { cluster, .. } = d else {
                 panic!("{d:?}")
             };
@@ -345,7 +402,7 @@ mod tests {
         let mut seen = vec![];
         for rr in 0..3 {
             if let Decision::Route { cluster, .. } =
-                decide(Some(&consumers[1]), None, &avail, rr, RJ)
+                decide::<Entry>(Some(&consumers[1]), None, &avail, rr, RJ)
             {
                 seen.push(cluster);
             }
@@ -357,7 +414,7 @@ mod tests {
     #[test]
     fn impossible_empty_cookie_replicas_are_anonymous() {
         let c = claims(R, &[]);
-        let d = decide(Some(&c), None, &AvailabilityView::all_available(), 0, RJ);
+        let d = decide::<Entry>(Some(&c), None, &AvailabilityView::all_available(), 0, RJ);
         assert_eq!(d, Decision::Anonymous);
     }
 

@@ -103,7 +103,7 @@ mod tests {
 
     #[test]
     fn readme_lists_every_metric() {
-        let readme = include_str!("../README.md");
+        let readme = include_str!("../../README.md");
         for name in Counter::ALL
             .iter()
             .map(|c| c.name())

@@ -1,0 +1,86 @@
+//! The poller role: long-polls the control plane and writes the routing table into shared data.
+
+use std::time::Duration;
+
+use super::host;
+use super::metrics::Metrics;
+use prealloc_filter_core::config::PollerConfig;
+use prealloc_filter_core::metrics::{Counter, Gauge};
+use prealloc_filter_core::poller::Poller;
+
+pub struct PollerRoot {
+    id: u32,
+    poller: Poller,
+    in_flight: Option<u32>,
+    metrics: Metrics,
+}
+
+impl PollerRoot {
+    pub fn new(id: u32, cfg: PollerConfig, metrics: Metrics) -> Self {
+        PollerRoot {
+            id,
+            poller: Poller::new(cfg),
+            in_flight: None,
+            metrics,
+        }
+    }
+
+    /// Sends the next long-poll if one is due (none in flight, backoff over).
+    pub fn poll_if_due(&mut self) {
+        let now = host::now_ms();
+        let Some(req) = self.poller.poll_due(now) else {
+            return;
+        };
+        let headers: Vec<(&str, &str)> =
+            req.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        match host::dispatch(
+            &req.cluster,
+            headers,
+            None,
+            Duration::from_millis(req.timeout_ms),
+        ) {
+            Ok(token) => self.in_flight = Some(token),
+            Err(status) => {
+                let delay = self.poller.dispatch_failed(now);
+                self.metrics.inc(Counter::PollerErrors);
+                host::warn(&format!(
+                    "[prealloc poller {}] cannot call cluster {:?} ({status:?}): is it defined in Envoy's clusters? retrying in {delay} ms",
+                    self.id, req.cluster
+                ));
+            }
+        }
+    }
+
+    pub fn on_response(&mut self, token: u32, body_size: usize) {
+        if self.in_flight != Some(token) {
+            return;
+        }
+        self.in_flight = None;
+        let status = host::call_response_status();
+        let body = host::call_response_body(body_size);
+        let now = host::now_ms();
+        let mut failed = 0usize;
+        let result = self.poller.on_response(status, &body, now, &mut |write| {
+            let (key, value) = write.shared_data();
+            if host::set_shared(&key, value.as_bytes()).is_err() {
+                failed += 1;
+            }
+        });
+        drop(body);
+        let report = self.poller.report(&result, failed);
+        for (counter, n) in report.bumps.iter() {
+            self.metrics.add(counter, n);
+        }
+        if let Some((entries, version)) = report.gauges {
+            self.metrics.set(Gauge::PollerEntries, entries);
+            self.metrics.set(Gauge::PollerVersion, version);
+        }
+        if let Some(info) = &report.info {
+            host::info(&format!("[prealloc poller {}] {info}", self.id));
+        }
+        for w in &report.warnings {
+            host::warn(&format!("[prealloc poller {}] {w}", self.id));
+        }
+        self.poll_if_due();
+    }
+}
