@@ -188,6 +188,7 @@ fn envoy_opts() -> EnvoyOptions {
         // The same for every Envoy; the filter logs nothing per request at warn.
         log_level: "warn".into(),
         ready_timeout: Duration::from_secs(60),
+        ..EnvoyOptions::default()
     }
 }
 

@@ -100,6 +100,33 @@ impl ConsumerId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The 16 bytes behind the id (the inverse of [`ConsumerId::from_bytes`]).
+    pub fn to_bytes(&self) -> [u8; 16] {
+        let mut out = [0u8; 16];
+        let mut acc: u32 = 0;
+        let mut bits = 0u32;
+        let mut n = 0usize;
+        for c in self.0.bytes() {
+            let v = match c {
+                b'A'..=b'Z' => c - b'A',
+                b'a'..=b'z' => c - b'a' + 26,
+                b'0'..=b'9' => c - b'0' + 52,
+                b'-' => 62,
+                _ => 63,
+            };
+            acc = (acc << 6) | u32::from(v);
+            bits += 6;
+            if bits >= 8 {
+                bits -= 8;
+                if let Some(slot) = out.get_mut(n) {
+                    *slot = (acc >> bits) as u8;
+                }
+                n += 1;
+            }
+        }
+        out
+    }
 }
 
 impl fmt::Display for ConsumerId {
@@ -391,5 +418,16 @@ mod tests {
             wait_ms: Some(100),
         };
         assert_eq!(q.to_path(), "/v1/routes?since=4&epoch=e&wait_ms=100");
+    }
+
+    #[test]
+    fn consumer_id_bytes_round_trip() {
+        for seed in 0u8..=255 {
+            let bytes: [u8; 16] =
+                std::array::from_fn(|i| seed.wrapping_mul(31).wrapping_add(i as u8 * 17));
+            let id = ConsumerId::from_bytes(bytes);
+            assert_eq!(id.to_bytes(), bytes);
+            assert_eq!(ConsumerId::parse(id.as_str()).unwrap().to_bytes(), bytes);
+        }
     }
 }

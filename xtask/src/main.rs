@@ -17,11 +17,12 @@ commands:
   setup        install the wasm32-wasip1 target, cargo-nextest and Envoy {ENVOY}
                into .tools/ (once)
   build-wasm   build target/wasm32-wasip1/release/prealloc_filter.wasm
+  build-native build target/release/libprealloc_native.so (the Envoy dynamic module)
   check        the gates: rustfmt, clippy (native, wasm32, bench/) with -D warnings
   test [ARGS]  setup, the gates, build, then run every test (unit, wasm-host,
                real Envoy, docs); with ARGS (passed to cargo nextest, e.g. a
                test name filter) the gates are skipped
-  demo [--once]
+  demo [--once] [--build wasm|native] [--mode active|reported] [--port N]
                setup, build, then run the demo: control plane, Envoy and three
                managers on loopback; --once runs the story once and exits
 ";
@@ -33,6 +34,7 @@ fn main() -> ExitCode {
             ensure_nextest();
         }),
         Some("build-wasm") => build_wasm().map(|_| ()),
+        Some("build-native") => build_native().map(|_| ()),
         Some("check") => check(),
         Some("test") => test(&args[1..]),
         Some("demo") => demo(&args[1..]),
@@ -171,13 +173,36 @@ fn build_wasm() -> Result<PathBuf, String> {
     Ok(path)
 }
 
+fn native_path() -> PathBuf {
+    root().join("target/release/libprealloc_native.so")
+}
+
+fn build_native() -> Result<PathBuf, String> {
+    run(cargo().args(["build", "--package", "prealloc-filter-native", "--release"]))?;
+    let path = native_path();
+    let size = std::fs::metadata(&path)
+        .map_err(|e| format!("{} was not produced: {e}", path.display()))?
+        .len();
+    eprintln!(
+        "xtask: {} ({} KiB); Envoy finds it with ENVOY_DYNAMIC_MODULES_SEARCH_PATH={}",
+        path.display(),
+        size / 1024,
+        path.parent()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
+    );
+    Ok(path)
+}
+
 fn build_all() -> Result<Vec<(&'static str, PathBuf)>, String> {
     let tools = setup()?;
     let wasm = build_wasm()?;
+    let native = build_native()?;
     run(cargo().args(["build", "--package", "prealloc-control-plane", "--bins"]))?;
     Ok(vec![
         ("PREALLOC_ENVOY", tools.envoy),
         ("PREALLOC_WASM", wasm),
+        ("PREALLOC_NATIVE", native),
         (
             "PREALLOC_CONTROL_PLANE",
             root().join("target/debug/prealloc-control-plane"),

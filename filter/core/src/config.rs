@@ -6,6 +6,7 @@
 //! whose fields hold only values the rest of the filter can use without
 //! further checks. Every error names the offending field.
 
+use crate::table::is_valid_cluster;
 use serde::Deserialize;
 use std::fmt;
 use std::time::Duration;
@@ -323,9 +324,9 @@ pub fn parse(bytes: &[u8]) -> Result<PluginConfig, ConfigError> {
             "configuration is empty; expected {\"filter\": {...}} or {\"poller\": {...}}",
         ));
     }
-    let raw: RawPlugin = serde_json::from_slice(bytes).map_err(|e| {
+    let raw: RawPlugin = from_json(bytes).map_err(|(field, e)| {
         ConfigError::new(
-            "",
+            field,
             format!(
                 "{e}; expected {{\"filter\": {{...}}}} or {{\"poller\": {{...}}}} (see filter/README.md)"
             ),
@@ -335,6 +336,54 @@ pub fn parse(bytes: &[u8]) -> Result<PluginConfig, ConfigError> {
         RawPlugin::Filter(f) => validate_filter(f).map(PluginConfig::Filter),
         RawPlugin::Poller(p) => validate_poller(p).map(PluginConfig::Poller),
     }
+}
+
+/// Deserializes JSON, naming the dotted path of the field that failed
+/// (`filter.cookie.max_age_s`); an empty path for syntax errors.
+fn from_json<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+) -> Result<T, (String, serde_json::Error)> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." { String::new() } else { path };
+        (field, e.into_inner())
+    })
+}
+
+/// The native build's cluster specifier: where requests without a verified
+/// consumer go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpecifierConfig {
+    pub default_cluster: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSpecifier {
+    default_cluster: String,
+}
+
+/// Parses the cluster specifier's `specifier_config`: `{"default_cluster": "..."}`.
+pub fn parse_specifier(bytes: &[u8]) -> Result<SpecifierConfig, ConfigError> {
+    let raw: RawSpecifier = from_json(bytes).map_err(|(field, e)| {
+        ConfigError::new(
+            field,
+            format!("{e}; expected {{\"default_cluster\": \"<cluster of anonymous requests>\"}}"),
+        )
+    })?;
+    if !is_valid_cluster(&raw.default_cluster) {
+        return Err(ConfigError::new(
+            "default_cluster",
+            format!(
+                "{:?} is not a valid cluster name (1..=255 visible ASCII characters)",
+                raw.default_cluster
+            ),
+        ));
+    }
+    Ok(SpecifierConfig {
+        default_cluster: raw.default_cluster,
+    })
 }
 
 fn validate_filter(raw: RawFilter) -> Result<FilterConfig, ConfigError> {
@@ -739,5 +788,31 @@ mod tests {
         assert!(!dbg.contains(KEY) && !dbg.contains("sekrit"), "{dbg}");
         let p = parse(br#"{"poller":{"token":"sekrit"}}"#).unwrap();
         assert!(!format!("{p:?}").contains("sekrit"));
+    }
+
+    #[test]
+    fn the_specifier_config_names_a_valid_default_cluster() {
+        let c = parse_specifier(br#"{"default_cluster":"default_backend"}"#).unwrap();
+        assert_eq!(c.default_cluster, "default_backend");
+        let e = parse_specifier(br#"{"default_cluster":"a,b"}"#).unwrap_err();
+        assert_eq!(e.field, "default_cluster");
+        let e = parse_specifier(br#"{"default_cluster":"x","other":1}"#).unwrap_err();
+        assert!(e.message.contains("unknown field"), "{e}");
+        assert!(parse_specifier(b"").is_err());
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_names_its_field() {
+        let e = parse(br#"{"poller":{"token":"t","min_backoff_ms":"soon"}}"#).unwrap_err();
+        assert_eq!(e.field, "poller.min_backoff_ms", "{e}");
+        let e = parse(filter_json(r#","when_all_down":"sometimes""#).as_bytes()).unwrap_err();
+        assert_eq!(e.field, "filter.when_all_down", "{e}");
+        assert!(
+            e.to_string()
+                .contains("filter.when_all_down: unknown variant"),
+            "{e}"
+        );
+        let e = parse(b"{not json").unwrap_err();
+        assert_eq!(e.field, "", "{e}");
     }
 }

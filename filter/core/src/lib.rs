@@ -17,5 +17,6 @@ pub mod headers;
 pub mod metrics;
 pub mod pipeline;
 pub mod poller;
+pub mod process_table;
 pub mod signup;
 pub mod table;

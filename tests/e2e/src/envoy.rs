@@ -49,6 +49,71 @@ pub fn wasm_path() -> PathBuf {
     )
 }
 
+/// The native module: `PREALLOC_NATIVE`, else `<workspace>/target/release/libprealloc_native.so`.
+/// Panics naming the variable and `cargo xtask test` when it is missing.
+pub fn native_path() -> PathBuf {
+    locate(
+        "PREALLOC_NATIVE",
+        workspace_root().join("target/release/libprealloc_native.so"),
+        "the native module libprealloc_native.so",
+    )
+}
+
+/// Which build of the data plane an Envoy runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Build {
+    /// `prealloc_filter.wasm` (proxy-wasm, V8).
+    Wasm,
+    /// `libprealloc_native.so` (an Envoy dynamic module).
+    Native,
+}
+
+impl Build {
+    pub const ALL: [Build; 2] = [Build::Wasm, Build::Native];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Build::Wasm => "wasm",
+            Build::Native => "native",
+        }
+    }
+}
+
+impl std::str::FromStr for Build {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Build, String> {
+        match s {
+            "wasm" => Ok(Build::Wasm),
+            "native" => Ok(Build::Native),
+            other => Err(format!("unknown build {other:?}: use wasm or native")),
+        }
+    }
+}
+
+/// Keeps the template's blocks of `build` (without their markers) and drops
+/// the other build's.
+pub fn select_build(template: &str, build: Build) -> String {
+    let mut out = String::with_capacity(template.len());
+    let mut skipping = false;
+    for line in template.split_inclusive('\n') {
+        let marker = line.trim();
+        match marker
+            .strip_prefix("# BEGIN ")
+            .or(marker.strip_prefix("# END "))
+        {
+            Some(name) if Build::ALL.iter().any(|b| b.name() == name) => {
+                skipping = marker.starts_with("# BEGIN") && name != build.name();
+                continue;
+            }
+            _ => {}
+        }
+        if !skipping {
+            out.push_str(line);
+        }
+    }
+    out
+}
+
 pub(crate) fn locate(var: &str, default: PathBuf, what: &str) -> PathBuf {
     let path = std::env::var_os(var).map(PathBuf::from).unwrap_or(default);
     if !path.is_file() {
@@ -105,6 +170,8 @@ pub struct EnvoyConfig {
     pub poller: Value,
     /// Header the route reads with `cluster_header`; must match the filter's `route_header`.
     pub route_header: String,
+    /// Which build of the data plane runs.
+    pub build: Build,
 }
 
 /// A cookie key for tests (at least 32 bytes, as the filter requires).
@@ -142,7 +209,14 @@ impl EnvoyConfig {
                 "max_backoff_ms": 1000,
             }),
             route_header: "x-prealloc-cluster".into(),
+            build: Build::Wasm,
         }
+    }
+
+    /// The same config for another build.
+    pub fn with_build(mut self, build: Build) -> EnvoyConfig {
+        self.build = build;
+        self
     }
 
     /// The rendered Envoy YAML.
@@ -154,6 +228,7 @@ impl EnvoyConfig {
 /// Fills `template` (the format of `envoy/prealloc.yaml.tmpl`) from `cfg`.
 /// Panics if a placeholder is left over, so template and renderer stay in step.
 pub fn render_template(template: &str, cfg: &EnvoyConfig) -> String {
+    let template = select_build(template, cfg.build);
     let (head, rest) = template
         .split_once(MANAGER_BEGIN)
         .expect("template has a '# BEGIN manager cluster' line");
@@ -195,6 +270,94 @@ pub fn render_template(template: &str, cfg: &EnvoyConfig) -> String {
     out
 }
 
+/// The Envoy command for `cfg`'s build (the module search path for native) and
+/// the rendered config with this machine's build paths.
+fn command_for(cfg: &EnvoyConfig) -> (Command, String) {
+    let mut cfg = cfg.clone();
+    let mut cmd = Command::new(envoy_binary());
+    match cfg.build {
+        Build::Wasm if cfg.wasm_path.as_os_str().is_empty() => cfg.wasm_path = wasm_path(),
+        Build::Wasm => {}
+        Build::Native => {
+            if let Some(dir) = native_path().parent() {
+                cmd.env("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", dir);
+            }
+        }
+    }
+    (cmd, cfg.render())
+}
+
+/// Runs `envoy --mode validate` on `cfg` (with this machine's build paths):
+/// `Err` with Envoy's output when it refuses the config.
+pub fn validate(cfg: &EnvoyConfig) -> Result<(), String> {
+    let (mut cmd, yaml) = command_for(cfg);
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let path = dir.path().join("envoy.yaml");
+    std::fs::write(&path, yaml).map_err(|e| e.to_string())?;
+    let out = cmd
+        .args([
+            "--mode",
+            "validate",
+            "--disable-hot-restart",
+            "-l",
+            "info",
+            "-c",
+        ])
+        .arg(&path)
+        .output()
+        .map_err(|e| format!("cannot run Envoy: {e}"))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(text)
+    }
+}
+
+/// Starts Envoy on `cfg` as a user would and waits for it to refuse the config
+/// (exit at start-up): `Ok(log)` when it did within `timeout`, `Err` when it
+/// kept running (it is stopped then).
+pub fn refused_at_start(cfg: &EnvoyConfig, timeout: Duration) -> Result<String, String> {
+    let (mut cmd, yaml) = command_for(cfg);
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let path = dir.path().join("envoy.yaml");
+    let log = dir.path().join("envoy.log");
+    std::fs::write(&path, yaml).map_err(|e| e.to_string())?;
+    let mut child = cmd
+        .args(["--disable-hot-restart", "-l", "info", "-c"])
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(
+            std::fs::File::create(&log).map_err(|e| e.to_string())?,
+        ))
+        .spawn()
+        .map_err(|e| format!("cannot run Envoy: {e}"))?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            return if status.success() {
+                Err(format!("Envoy exited successfully:\n{text}"))
+            } else {
+                Ok(text)
+            };
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!(
+                "Envoy kept running with the config:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// How to run Envoy.
 #[derive(Debug, Clone)]
 pub struct EnvoyOptions {
@@ -204,6 +367,8 @@ pub struct EnvoyOptions {
     pub log_level: String,
     /// How long to wait for `/ready`.
     pub ready_timeout: Duration,
+    /// `ENVOY_DYNAMIC_MODULES_SEARCH_PATH` (the native build's directory).
+    pub dynamic_modules_dir: Option<PathBuf>,
 }
 
 impl Default for EnvoyOptions {
@@ -212,6 +377,7 @@ impl Default for EnvoyOptions {
             concurrency: 1,
             log_level: std::env::var("PREALLOC_ENVOY_LOG_LEVEL").unwrap_or_else(|_| "info".into()),
             ready_timeout: Duration::from_secs(30),
+            dynamic_modules_dir: None,
         }
     }
 }
@@ -229,10 +395,16 @@ impl Envoy {
     /// Renders `cfg` (filling in the .wasm path from [`wasm_path`] when empty) and starts Envoy.
     pub fn start(cfg: &EnvoyConfig, opts: &EnvoyOptions) -> Envoy {
         let mut cfg = cfg.clone();
-        if cfg.wasm_path.as_os_str().is_empty() {
-            cfg.wasm_path = wasm_path();
+        let mut opts = opts.clone();
+        match cfg.build {
+            Build::Wasm if cfg.wasm_path.as_os_str().is_empty() => cfg.wasm_path = wasm_path(),
+            Build::Wasm => {}
+            Build::Native => {
+                let so = native_path();
+                opts.dynamic_modules_dir = so.parent().map(Path::to_path_buf);
+            }
         }
-        Self::start_yaml(&cfg.render(), opts)
+        Self::start_yaml(&cfg.render(), &opts)
     }
 
     /// Starts Envoy with an arbitrary YAML config. Its admin must listen on
@@ -247,7 +419,11 @@ impl Envoy {
         let log = dir.path().join("envoy.log");
         let admin_file = dir.path().join("admin-address");
         std::fs::write(&config, yaml).expect("write Envoy config");
-        let child = Command::new(&bin)
+        let mut cmd = Command::new(&bin);
+        if let Some(dir) = &opts.dynamic_modules_dir {
+            cmd.env("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", dir);
+        }
+        let child = cmd
             .arg("--config-path")
             .arg(&config)
             .arg("--admin-address-path")

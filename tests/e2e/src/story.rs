@@ -11,7 +11,7 @@
 
 use crate::client::{blocking_get, Client, Response};
 use crate::control_plane::{ControlPlane, ControlPlaneConfig, ManagerSpec, Replication};
-use crate::envoy::{Envoy, EnvoyConfig, EnvoyOptions, TEST_COOKIE_KEY};
+use crate::envoy::{Build, Envoy, EnvoyConfig, EnvoyOptions, TEST_COOKIE_KEY};
 use crate::manager::{DefaultBackend, RecordedRequest, TestManager};
 use prealloc_filter_core::cookie::{verify, Claims};
 use prealloc_wire::{ConsumerId, ConsumerState, RouteEntry, RoutesResponse};
@@ -45,6 +45,8 @@ pub struct StackOptions {
     pub control_plane_port: u16,
     /// `(envoy, admin)` bearer tokens of the control plane; the test tokens by default.
     pub tokens: (String, String),
+    /// Which build of the data plane every Envoy runs.
+    pub build: Build,
 }
 
 impl StackOptions {
@@ -61,7 +63,14 @@ impl StackOptions {
                 crate::control_plane::TEST_ENVOY_TOKEN.to_owned(),
                 crate::control_plane::TEST_ADMIN_TOKEN.to_owned(),
             ),
+            build: Build::Wasm,
         }
+    }
+
+    /// The same options with every Envoy running `build`.
+    pub fn with_build(mut self, build: Build) -> StackOptions {
+        self.build = build;
+        self
     }
 }
 
@@ -133,6 +142,7 @@ impl Stack {
                     default.addr().into(),
                     cp.addr().into(),
                 );
+                ec.build = opts.build;
                 ec.filter["signup"] = json!({
                     "path": SIGNUP_PATH,
                     "token": cp.config().envoy_token,

@@ -1,9 +1,10 @@
 //! The prealloc demo: control plane, three managers and real Envoy on loopback, the story narrated, then curl at will.
 //!
-//! `cargo xtask demo [--once]` builds everything and runs this with
-//! `PREALLOC_ENVOY`, `PREALLOC_WASM` and `PREALLOC_CONTROL_PLANE` set.
+//! `cargo xtask demo [--once] [--build native]` builds everything and runs this with
+//! `PREALLOC_ENVOY`, `PREALLOC_WASM`, `PREALLOC_NATIVE` and `PREALLOC_CONTROL_PLANE` set.
 
 use prealloc_e2e::control_plane::Replication;
+use prealloc_e2e::envoy::Build;
 use prealloc_e2e::manager::RequestKind;
 use prealloc_e2e::story::{run_story, Stack, StackOptions, StoryOptions, SIGNUP_PATH};
 use std::net::TcpListener;
@@ -11,7 +12,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 const USAGE: &str = "\
-usage: prealloc-demo [--once] [--port N] [--mode active|reported]
+usage: prealloc-demo [--once] [--build wasm|native] [--port N] [--mode active|reported]
 
 Starts the prealloc control plane (fresh SQLite database), three managers
 (m1, m2, m3) and Envoy 1.40 with the prealloc filter, all on 127.0.0.1, and
@@ -19,13 +20,15 @@ runs the story of one consumer: sign-up, pinned requests, replication,
 round-robin, cookie upgrade, the routing-table entry expiring.
 
   --once         run the story, then exit (0 if every step held, 1 otherwise)
+  --build B      the data plane Envoy runs: wasm (prealloc_filter.wasm, default)
+                 or native (the dynamic module libprealloc_native.so)
   --port N       Envoy's listener port (default 10000; a free port if 10000 is
                  taken and --port was not given)
   --mode M       replication mode: active (the control plane copies the data,
                  default) or reported (the demo reports each copy)
 
-Binaries: PREALLOC_ENVOY, PREALLOC_WASM, PREALLOC_CONTROL_PLANE (cargo xtask
-demo sets them).
+Binaries: PREALLOC_ENVOY, PREALLOC_WASM, PREALLOC_NATIVE, PREALLOC_CONTROL_PLANE
+(cargo xtask demo sets them).
 ";
 
 const DEFAULT_PORT: u16 = 10000;
@@ -40,6 +43,7 @@ struct Args {
     once: bool,
     port: Option<u16>,
     mode: Replication,
+    build: Build,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -47,6 +51,7 @@ fn parse_args() -> Result<Args, String> {
         once: false,
         port: None,
         mode: Replication::Active,
+        build: Build::Wasm,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -58,6 +63,10 @@ fn parse_args() -> Result<Args, String> {
                     v.parse()
                         .map_err(|_| format!("--port {v:?}: expected a port number"))?,
                 );
+            }
+            "--build" => {
+                let v = it.next().ok_or("--build needs wasm or native")?;
+                a.build = v.parse().map_err(|e| format!("--build: {e}"))?;
             }
             "--mode" => match it.next().as_deref() {
                 Some("active") => a.mode = Replication::Active,
@@ -125,8 +134,11 @@ fn run(args: Args) -> ExitCode {
     };
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     let t0 = Instant::now();
-    println!("prealloc demo: starting the control plane, 3 managers and Envoy on 127.0.0.1 ...");
-    let mut opts = StackOptions::new(args.mode);
+    println!(
+        "prealloc demo: starting the control plane, 3 managers and Envoy ({} build) on 127.0.0.1 ...",
+        args.build.name()
+    );
+    let mut opts = StackOptions::new(args.mode).with_build(args.build);
     opts.grace_period_ms = GRACE_MS;
     opts.listen_port = port;
     opts.tokens = (ENVOY_TOKEN.to_owned(), ADMIN_TOKEN.to_owned());

@@ -65,55 +65,58 @@ async fn control_plane_keeps_a_registration_across_kill_9() {
     assert_no_violations(&ms);
 }
 
-/// Envoy's poller against the real control plane: a reported replica reaches routing.
-#[tokio::test]
-async fn reported_replica_reaches_envoy_from_the_real_control_plane() {
-    let ms = managers();
-    let default = DefaultBackend::start();
-    let cp = ControlPlane::start(cp_config(&ms));
-    let envoy = Envoy::start(
-        &EnvoyConfig::new(
-            ms.iter()
-                .map(|m| (m.name().to_owned(), m.addr().into()))
-                .collect(),
-            default.addr().into(),
-            cp.addr().into(),
-        ),
-        &EnvoyOptions::default(),
-    );
-    let reg = register(&cp).await;
-    let first = ms.iter().find(|m| m.name() == reg.manager).unwrap();
-    let second = ms.iter().find(|m| m.name() != reg.manager).unwrap();
-    // The sign-up itself is issue 4's story; here the first manager simply holds the data.
-    first.hold(reg.consumer.as_str());
-    let cookie = cookie_for(&reg.consumer, ConsumerState::Registering, &[&reg.manager]);
-    let mut c = Client::new(envoy.addr());
-    assert!(served_by(&mut c, &cookie, 4)
-        .await
-        .iter()
-        .all(|s| *s == reg.manager));
+each_build! {
+    /// Envoy's poller against the real control plane: a reported replica reaches routing.
+    #[tokio::test]
+    async fn reported_replica_reaches_envoy_from_the_real_control_plane(build) {
+        let ms = managers();
+        let default = DefaultBackend::start();
+        let cp = ControlPlane::start(cp_config(&ms));
+        let envoy = Envoy::start(
+            &EnvoyConfig::new(
+                ms.iter()
+                    .map(|m| (m.name().to_owned(), m.addr().into()))
+                    .collect(),
+                default.addr().into(),
+                cp.addr().into(),
+            )
+            .with_build(build),
+            &EnvoyOptions::default(),
+        );
+        let reg = register(&cp).await;
+        let first = ms.iter().find(|m| m.name() == reg.manager).unwrap();
+        let second = ms.iter().find(|m| m.name() != reg.manager).unwrap();
+        // The sign-up itself is issue 4's story; here the first manager simply holds the data.
+        first.hold(reg.consumer.as_str());
+        let cookie = cookie_for(&reg.consumer, ConsumerState::Registering, &[&reg.manager]);
+        let mut c = Client::new(envoy.addr());
+        assert!(served_by(&mut c, &cookie, 4)
+            .await
+            .iter()
+            .all(|s| *s == reg.manager));
 
-    second.hold(reg.consumer.as_str());
-    let reported = Instant::now();
-    let r = cp.report_replica(&reg.consumer, second.name()).await;
-    assert!(
-        r.status < 300,
-        "replica report refused: {} {}",
-        r.status,
-        r.text()
-    );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let routed = loop {
-        let r = c.get("/", &[("cookie", &cookie)]).await;
-        if r.served_by().as_deref() == Some(second.name()) {
-            break reported.elapsed();
-        }
-        assert!(Instant::now() < deadline, "the replica never reached Envoy");
-    };
-    eprintln!("PROPAGATION (real control plane): replica report sent -> first request routed to it {routed:?}");
-    let served = served_by(&mut c, &cookie, 20).await;
-    let counts = tally(&served);
-    assert_eq!(counts.len(), 2, "{counts:?}");
-    assert!(counts.values().all(|n| n.abs_diff(10) <= 1), "{counts:?}");
-    assert_no_violations(ms.iter().chain([default.as_manager()]));
+        second.hold(reg.consumer.as_str());
+        let reported = Instant::now();
+        let r = cp.report_replica(&reg.consumer, second.name()).await;
+        assert!(
+            r.status < 300,
+            "replica report refused: {} {}",
+            r.status,
+            r.text()
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let routed = loop {
+            let r = c.get("/", &[("cookie", &cookie)]).await;
+            if r.served_by().as_deref() == Some(second.name()) {
+                break reported.elapsed();
+            }
+            assert!(Instant::now() < deadline, "the replica never reached Envoy");
+        };
+        eprintln!("PROPAGATION (real control plane): replica report sent -> first request routed to it {routed:?}");
+        let served = served_by(&mut c, &cookie, 20).await;
+        let counts = tally(&served);
+        assert_eq!(counts.len(), 2, "{counts:?}");
+        assert!(counts.values().all(|n| n.abs_diff(10) <= 1), "{counts:?}");
+        assert_no_violations(ms.iter().chain([default.as_manager()]));
+    }
 }

@@ -1,7 +1,7 @@
 //! Self-tests of the Envoy launcher: template rendering, readiness, admin stats, clean shutdown.
 
 use prealloc_e2e::client::Client;
-use prealloc_e2e::envoy::{Endpoint, Envoy, EnvoyConfig, EnvoyOptions};
+use prealloc_e2e::envoy::{Build, Endpoint, Envoy, EnvoyConfig, EnvoyOptions};
 use prealloc_e2e::manager::{DefaultBackend, RequestKind};
 
 fn three_managers() -> Vec<(String, Endpoint)> {
@@ -94,11 +94,8 @@ static_resources:
     }
 }
 
-/// `envoy/docker/envoy.yaml` (mounted by `envoy/docker-compose.yaml`) is the
-/// template rendered for the container; this keeps it in step with the template.
-/// Regenerate with `PREALLOC_BLESS=1 cargo test -p prealloc-e2e docker_compose`.
-#[test]
-fn docker_compose_config_is_the_rendered_template() {
+/// The container config of a build, and where it is committed.
+fn docker_config(build: Build) -> (String, std::path::PathBuf) {
     let host = "host.docker.internal";
     let mut cfg = EnvoyConfig::new(
         (1..=3)
@@ -107,7 +104,8 @@ fn docker_compose_config_is_the_rendered_template() {
             .collect(),
         Endpoint::new(host, 9100),
         Endpoint::new(host, 7070),
-    );
+    )
+    .with_build(build);
     cfg.listen_address = "0.0.0.0".into();
     cfg.listen_port = 10000;
     cfg.admin_address = "0.0.0.0".into();
@@ -134,52 +132,76 @@ fn docker_compose_config_is_the_rendered_template() {
         "min_backoff_ms": 100,
         "max_backoff_ms": 5000,
     });
+    let file = match build {
+        Build::Wasm => "envoy/docker/envoy.yaml",
+        Build::Native => "envoy/docker/envoy-native.yaml",
+    };
     let rendered = format!(
-        "# GENERATED from envoy/prealloc.yaml.tmpl by the e2e test\n\
+        "# GENERATED from envoy/prealloc.yaml.tmpl ({} build) by the e2e test\n\
          # docker_compose_config_is_the_rendered_template; do not edit by hand.\n{}",
+        build.name(),
         cfg.render()
     );
-    let path = prealloc_e2e::envoy::workspace_root().join("envoy/docker/envoy.yaml");
-    if std::env::var_os("PREALLOC_BLESS").is_some() {
-        std::fs::write(&path, &rendered).unwrap();
-    }
-    let committed = std::fs::read_to_string(&path).unwrap_or_default();
-    assert!(
-        committed == rendered,
-        "{} is out of date with envoy/prealloc.yaml.tmpl; run PREALLOC_BLESS=1 cargo test -p prealloc-e2e docker_compose",
-        path.display()
-    );
+    (rendered, prealloc_e2e::envoy::workspace_root().join(file))
 }
 
-/// The container config is valid for Envoy 1.40 (`--mode validate`, with the
-/// container's .wasm path pointed at the local build).
+/// `envoy/docker/envoy.yaml` and `envoy/docker/envoy-native.yaml` (mounted by
+/// `envoy/docker-compose.yaml` and `envoy/docker-compose.native.yaml`) are the
+/// template rendered for the container; this keeps them in step with it.
+/// Regenerate with `PREALLOC_BLESS=1 cargo test -p prealloc-e2e docker_compose`.
+#[test]
+fn docker_compose_config_is_the_rendered_template() {
+    for build in Build::ALL {
+        let (rendered, path) = docker_config(build);
+        if std::env::var_os("PREALLOC_BLESS").is_some() {
+            std::fs::write(&path, &rendered).unwrap();
+        }
+        let committed = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            committed == rendered,
+            "{} is out of date with envoy/prealloc.yaml.tmpl; run PREALLOC_BLESS=1 cargo test -p prealloc-e2e docker_compose",
+            path.display()
+        );
+    }
+}
+
+/// The container configs are valid for Envoy 1.40 (`--mode validate`, with the
+/// container's module paths pointed at the local builds).
 #[test]
 fn docker_compose_config_validates() {
-    let committed = prealloc_e2e::envoy::workspace_root().join("envoy/docker/envoy.yaml");
-    let yaml = std::fs::read_to_string(&committed).unwrap().replace(
-        "/etc/envoy/prealloc_filter.wasm",
-        &prealloc_e2e::envoy::wasm_path().display().to_string(),
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("envoy.yaml");
-    std::fs::write(&path, yaml).unwrap();
-    let out = std::process::Command::new(prealloc_e2e::envoy::envoy_binary())
-        .args([
-            "--mode",
-            "validate",
-            "--disable-hot-restart",
-            "-l",
-            "error",
-            "-c",
-        ])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "envoy --mode validate refused {}:\n{}{}",
-        path.display(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    for build in Build::ALL {
+        let (_, committed) = docker_config(build);
+        let yaml = std::fs::read_to_string(&committed).unwrap().replace(
+            "/etc/envoy/prealloc_filter.wasm",
+            &prealloc_e2e::envoy::wasm_path().display().to_string(),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("envoy.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        let mut cmd = std::process::Command::new(prealloc_e2e::envoy::envoy_binary());
+        if build == Build::Native {
+            let so = prealloc_e2e::envoy::native_path();
+            cmd.env("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", so.parent().unwrap());
+        }
+        let out = cmd
+            .args([
+                "--mode",
+                "validate",
+                "--disable-hot-restart",
+                "-l",
+                "error",
+                "-c",
+            ])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "envoy --mode validate refused {} ({} build):\n{}{}",
+            committed.display(),
+            build.name(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }

@@ -1,9 +1,14 @@
-//! End-to-end suite: the real Envoy 1.40 with the real prealloc_filter.wasm, recording managers, and a routes stub.
+//! End-to-end suite: the real Envoy 1.40 running each build of the data plane
+//! (`prealloc_filter.wasm`, `libprealloc_native.so`), recording managers, a
+//! routes stub and the real control plane. Tests written with `each_build!`
+//! run once per build.
 
+#[macro_use]
 mod support;
 
 mod all_down;
 mod anonymous;
+mod builds;
 mod control_plane;
 mod demo;
 mod docs;

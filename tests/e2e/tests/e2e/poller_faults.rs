@@ -5,92 +5,96 @@ use prealloc_e2e::routes_stub::Fault;
 use prealloc_wire::{ConsumerState, RoutesKind};
 use std::time::Duration;
 
-#[tokio::test]
-async fn garbage_and_errors_keep_the_last_good_table() {
-    let dp = DataPlane::start();
-    let nina = new_consumer();
-    for m in ["m1", "m2"] {
-        dp.manager(m).hold(nina.as_str());
-    }
-    dp.routes
-        .upsert(&nina, ConsumerState::Registering, &["m1", "m2"]);
-    dp.caught_up();
-    let cookie = cookie_for(&nina, ConsumerState::Registering, &["m1"]);
+each_build! {
+    #[tokio::test]
+    async fn garbage_and_errors_keep_the_last_good_table(build) {
+        let dp = DataPlane::start(build);
+        let nina = new_consumer();
+        for m in ["m1", "m2"] {
+            dp.manager(m).hold(nina.as_str());
+        }
+        dp.routes
+            .upsert(&nina, ConsumerState::Registering, &["m1", "m2"]);
+        dp.caught_up();
+        let cookie = cookie_for(&nina, ConsumerState::Registering, &["m1"]);
 
-    for fault in [
-        Fault {
-            status: 200,
-            body: "{not json".into(),
-        },
-        Fault {
-            status: 500,
-            body: r#"{"error":"internal","message":"boom"}"#.into(),
-        },
-    ] {
-        let before = dp.envoy.stat("prealloc_poller_errors");
-        dp.routes.set_fault(Some(fault));
-        dp.envoy
-            .wait_for_stat("prealloc_poller_errors", CATCH_UP, |v| v > before);
-        let counts = tally(&served_by(&mut dp.client(), &cookie, 10).await);
-        assert_eq!(
-            counts.values().copied().collect::<Vec<_>>(),
-            [5, 5],
-            "still both replicas: {counts:?}"
-        );
-        dp.routes.set_fault(None);
-    }
+        for fault in [
+            Fault {
+                status: 200,
+                body: "{not json".into(),
+            },
+            Fault {
+                status: 500,
+                body: r#"{"error":"internal","message":"boom"}"#.into(),
+            },
+        ] {
+            let before = dp.envoy.stat("prealloc_poller_errors");
+            dp.routes.set_fault(Some(fault));
+            dp.envoy
+                .wait_for_stat("prealloc_poller_errors", CATCH_UP, |v| v > before);
+            let counts = tally(&served_by(&mut dp.client(), &cookie, 10).await);
+            assert_eq!(
+                counts.values().copied().collect::<Vec<_>>(),
+                [5, 5],
+                "still both replicas: {counts:?}"
+            );
+            dp.routes.set_fault(None);
+        }
 
-    // Healthy again: the next change arrives (after the poller's backoff).
-    dp.manager("m3").hold(nina.as_str());
-    dp.routes
-        .upsert(&nina, ConsumerState::Registering, &["m1", "m2", "m3"]);
-    dp.caught_up();
-    let counts = tally(&served_by(&mut dp.client(), &cookie, 9).await);
-    assert_eq!(counts.len(), 3, "{counts:?}");
-    dp.assert_no_violations();
+        // Healthy again: the next change arrives (after the poller's backoff).
+        dp.manager("m3").hold(nina.as_str());
+        dp.routes
+            .upsert(&nina, ConsumerState::Registering, &["m1", "m2", "m3"]);
+        dp.caught_up();
+        let counts = tally(&served_by(&mut dp.client(), &cookie, 9).await);
+        assert_eq!(counts.len(), 3, "{counts:?}");
+        dp.assert_no_violations();
+    }
 }
 
-#[tokio::test]
-async fn new_epoch_replaces_the_whole_table() {
-    let dp = DataPlane::start();
-    let olga = new_consumer();
-    for m in ["m1", "m2"] {
-        dp.manager(m).hold(olga.as_str());
-    }
-    dp.routes
-        .upsert(&olga, ConsumerState::Registering, &["m1", "m2"]);
-    dp.caught_up();
-    let fulls = dp.envoy.stat("prealloc_poller_full_snapshots");
+each_build! {
+    #[tokio::test]
+    async fn new_epoch_replaces_the_whole_table(build) {
+        let dp = DataPlane::start(build);
+        let olga = new_consumer();
+        for m in ["m1", "m2"] {
+            dp.manager(m).hold(olga.as_str());
+        }
+        dp.routes
+            .upsert(&olga, ConsumerState::Registering, &["m1", "m2"]);
+        dp.caught_up();
+        let fulls = dp.envoy.stat("prealloc_poller_full_snapshots");
 
-    // A control plane with a new database no longer knows olga's entry. The
-    // poller is kept away (errors) while that happens, so only the new epoch's
-    // full snapshot can tell it, and the snapshot must drop the entry.
-    let errors = dp.envoy.stat("prealloc_poller_errors");
-    dp.routes.set_fault(Some(Fault {
-        status: 503,
-        body: "{}".into(),
-    }));
-    dp.envoy
-        .wait_for_stat("prealloc_poller_errors", CATCH_UP, |v| v > errors);
-    dp.routes.remove(&olga);
-    dp.routes.forget_history();
-    dp.routes.new_epoch("epoch-2");
-    dp.routes.set_fault(None);
-    dp.caught_up();
-    dp.envoy.wait_for_stat(
-        "prealloc_poller_full_snapshots",
-        Duration::from_secs(5),
-        |v| v > fulls,
-    );
-    let last_full = dp
-        .routes
-        .polls()
-        .into_iter()
-        .rfind(|p| p.kind == Some(RoutesKind::Full))
-        .unwrap();
-    assert_eq!(last_full.version, dp.routes.version());
-    let cookie = cookie_for(&olga, ConsumerState::Registering, &["m1"]);
-    let served = served_by(&mut dp.client(), &cookie, 6).await;
-    assert!(served.iter().all(|s| s == "m1"), "{served:?}");
-    dp.assert_no_violations();
+        // A control plane with a new database no longer knows olga's entry. The
+        // poller is kept away (errors) while that happens, so only the new epoch's
+        // full snapshot can tell it, and the snapshot must drop the entry.
+        let errors = dp.envoy.stat("prealloc_poller_errors");
+        dp.routes.set_fault(Some(Fault {
+            status: 503,
+            body: "{}".into(),
+        }));
+        dp.envoy
+            .wait_for_stat("prealloc_poller_errors", CATCH_UP, |v| v > errors);
+        dp.routes.remove(&olga);
+        dp.routes.forget_history();
+        dp.routes.new_epoch("epoch-2");
+        dp.routes.set_fault(None);
+        dp.caught_up();
+        dp.envoy.wait_for_stat(
+            "prealloc_poller_full_snapshots",
+            Duration::from_secs(5),
+            |v| v > fulls,
+        );
+        let last_full = dp
+            .routes
+            .polls()
+            .into_iter()
+            .rfind(|p| p.kind == Some(RoutesKind::Full))
+            .unwrap();
+        assert_eq!(last_full.version, dp.routes.version());
+        let cookie = cookie_for(&olga, ConsumerState::Registering, &["m1"]);
+        let served = served_by(&mut dp.client(), &cookie, 6).await;
+        assert!(served.iter().all(|s| s == "m1"), "{served:?}");
+        dp.assert_no_violations();
+    }
 }

@@ -17,116 +17,120 @@ async fn post_signup(c: &mut Client) -> prealloc_e2e::client::Response {
     .expect("sign-up request")
 }
 
-#[tokio::test]
-async fn refused_signup_sets_no_cookie_and_gives_the_registration_back() {
-    let stack = Stack::start(&StackOptions::new(Replication::Active));
-    for m in &stack.managers {
-        m.refuse_signups();
-    }
-    let mut c = Client::new(stack.envoys[0].addr());
-    // The pool may still be filling right after start: 503 until a registration is made.
-    let deadline = Instant::now() + STEP_TIMEOUT;
-    let r = loop {
-        let r = post_signup(&mut c).await;
-        if r.status != 503 || Instant::now() >= deadline {
-            break r;
+each_build! {
+    #[tokio::test]
+    async fn refused_signup_sets_no_cookie_and_gives_the_registration_back(build) {
+        let stack = Stack::start(&StackOptions::new(Replication::Active).with_build(build));
+        for m in &stack.managers {
+            m.refuse_signups();
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert_eq!(
-        r.status,
-        409,
-        "the manager's refusal passes through: {}",
-        r.text()
-    );
-    assert!(
-        consumer_cookie(&r).unwrap().is_none(),
-        "no cookie on a refused sign-up: {:?}",
-        r.headers
-    );
-    let signups: Vec<_> = stack.managers.iter().flat_map(|m| m.signups()).collect();
-    assert_eq!(signups.len(), 1, "{signups:?}");
-    assert!(!signups[0].accepted);
-    let consumer = prealloc_wire::ConsumerId::parse(&signups[0].consumer).expect("a consumer id");
-
-    // The filter gives the registration back: the control plane forgets the consumer.
-    let deadline = Instant::now() + STEP_TIMEOUT;
-    loop {
-        let r = stack
-            .cp
-            .admin("GET", &format!("/v1/consumers/{consumer}"), None)
-            .await;
-        if r.status == 404 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "registration not given back: {} {}",
+        let mut c = Client::new(stack.envoys[0].addr());
+        // The pool may still be filling right after start: 503 until a registration is made.
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        let r = loop {
+            let r = post_signup(&mut c).await;
+            if r.status != 503 || Instant::now() >= deadline {
+                break r;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(
             r.status,
+            409,
+            "the manager's refusal passes through: {}",
             r.text()
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(stack.envoys[0].stat("prealloc_signups_refused"), 1);
-    // Nobody holds data of the refused consumer, and nothing was copied. (The active replicator may
-    // have tried to read the data before the give-back: 404, the first manager never held it.)
-    let reads = |stack: &Stack| -> usize {
-        stack
-            .managers
-            .iter()
-            .map(|m| m.count(RequestKind::Replication))
-            .sum()
-    };
-    for m in &stack.managers {
         assert!(
-            !m.holds(consumer.as_str()),
-            "{} holds a refused consumer",
-            m.name()
+            consumer_cookie(&r).unwrap().is_none(),
+            "no cookie on a refused sign-up: {:?}",
+            r.headers
         );
-        let puts = m
-            .requests()
-            .into_iter()
-            .filter(|r| r.kind == RequestKind::Replication && r.method == "PUT");
+        let signups: Vec<_> = stack.managers.iter().flat_map(|m| m.signups()).collect();
+        assert_eq!(signups.len(), 1, "{signups:?}");
+        assert!(!signups[0].accepted);
+        let consumer = prealloc_wire::ConsumerId::parse(&signups[0].consumer).expect("a consumer id");
+
+        // The filter gives the registration back: the control plane forgets the consumer.
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        loop {
+            let r = stack
+                .cp
+                .admin("GET", &format!("/v1/consumers/{consumer}"), None)
+                .await;
+            if r.status == 404 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "registration not given back: {} {}",
+                r.status,
+                r.text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(stack.envoys[0].stat("prealloc_signups_refused"), 1);
+        // Nobody holds data of the refused consumer, and nothing was copied. (The active replicator may
+        // have tried to read the data before the give-back: 404, the first manager never held it.)
+        let reads = |stack: &Stack| -> usize {
+            stack
+                .managers
+                .iter()
+                .map(|m| m.count(RequestKind::Replication))
+                .sum()
+        };
+        for m in &stack.managers {
+            assert!(
+                !m.holds(consumer.as_str()),
+                "{} holds a refused consumer",
+                m.name()
+            );
+            let puts = m
+                .requests()
+                .into_iter()
+                .filter(|r| r.kind == RequestKind::Replication && r.method == "PUT");
+            assert_eq!(
+                puts.count(),
+                0,
+                "{} got a copy of a refused consumer",
+                m.name()
+            );
+        }
+        // Once given back, the replicator stops trying (its retry period here is at most 200 ms).
+        let before = reads(&stack);
+        tokio::time::sleep(Duration::from_millis(600)).await;
         assert_eq!(
-            puts.count(),
-            0,
-            "{} got a copy of a refused consumer",
-            m.name()
+            reads(&stack),
+            before,
+            "the control plane kept copying a given-back consumer"
         );
+        stack.assert_no_violations();
     }
-    // Once given back, the replicator stops trying (its retry period here is at most 200 ms).
-    let before = reads(&stack);
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    assert_eq!(
-        reads(&stack),
-        before,
-        "the control plane kept copying a given-back consumer"
-    );
-    stack.assert_no_violations();
 }
 
-#[tokio::test]
-async fn control_plane_down_answers_503_with_retry_after_and_no_cookie() {
-    let mut stack = Stack::start(&StackOptions::new(Replication::Active));
-    stack.cp.kill9();
-    let mut c = Client::new(stack.envoys[0].addr());
-    let r = post_signup(&mut c).await;
-    assert_eq!(r.status, 503, "{}", r.text());
-    assert!(r.header("retry-after").is_some(), "{:?}", r.headers);
-    assert_eq!(
-        r.json()["error"],
-        "control_plane_unreachable",
-        "{}",
-        r.text()
-    );
-    assert!(consumer_cookie(&r).unwrap().is_none());
-    for m in &stack.managers {
-        assert!(
-            m.signups().is_empty(),
-            "{} got a sign-up without a registration",
-            m.name()
+each_build! {
+    #[tokio::test]
+    async fn control_plane_down_answers_503_with_retry_after_and_no_cookie(build) {
+        let mut stack = Stack::start(&StackOptions::new(Replication::Active).with_build(build));
+        stack.cp.kill9();
+        let mut c = Client::new(stack.envoys[0].addr());
+        let r = post_signup(&mut c).await;
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert!(r.header("retry-after").is_some(), "{:?}", r.headers);
+        assert_eq!(
+            r.json()["error"],
+            "control_plane_unreachable",
+            "{}",
+            r.text()
         );
+        assert!(consumer_cookie(&r).unwrap().is_none());
+        for m in &stack.managers {
+            assert!(
+                m.signups().is_empty(),
+                "{} got a sign-up without a registration",
+                m.name()
+            );
+        }
+        assert!(stack.envoys[0].stat("prealloc_signups_unavailable") >= 1);
+        stack.assert_no_violations();
     }
-    assert!(stack.envoys[0].stat("prealloc_signups_unavailable") >= 1);
-    stack.assert_no_violations();
 }

@@ -3,68 +3,74 @@
 use crate::support::{cookie_for, new_consumer, served_by, DataPlane};
 use prealloc_wire::ConsumerState;
 
-#[tokio::test]
-async fn client_route_header_is_ignored_for_anonymous_requests() {
-    let dp = DataPlane::start();
-    let mut c = dp.client();
-    for cluster in [
-        "manager_m1",
-        "manager_m2",
-        "manager_m3",
-        "prealloc_control_plane",
-    ] {
-        let r = c.get("/", &[("x-prealloc-cluster", cluster)]).await;
+each_build! {
+    #[tokio::test]
+    async fn client_route_header_is_ignored_for_anonymous_requests(build) {
+        let dp = DataPlane::start(build);
+        let mut c = dp.client();
+        for cluster in [
+            "manager_m1",
+            "manager_m2",
+            "manager_m3",
+            "prealloc_control_plane",
+        ] {
+            let r = c.get("/", &[("x-prealloc-cluster", cluster)]).await;
+            assert_eq!(
+                r.served_by().as_deref(),
+                Some("default"),
+                "spoofed {cluster}"
+            );
+        }
+        assert!(dp.managers.iter().all(|m| m.requests().is_empty()));
         assert_eq!(
-            r.served_by().as_deref(),
-            Some("default"),
-            "spoofed {cluster}"
+            dp.routes.polls().iter().filter(|p| !p.authorized).count(),
+            0
         );
+        assert_eq!(dp.envoy.stat("prealloc_reserved_headers_removed"), 4);
+        dp.assert_no_violations();
     }
-    assert!(dp.managers.iter().all(|m| m.requests().is_empty()));
-    assert_eq!(
-        dp.routes.polls().iter().filter(|p| !p.authorized).count(),
-        0
-    );
-    assert_eq!(dp.envoy.stat("prealloc_reserved_headers_removed"), 4);
-    dp.assert_no_violations();
 }
 
-#[tokio::test]
-async fn client_route_header_is_ignored_for_consumers() {
-    let dp = DataPlane::start();
-    let erin = new_consumer();
-    dp.manager("m1").hold(erin.as_str());
-    let cookie = cookie_for(&erin, ConsumerState::Registering, &["m1"]);
-    let mut c = dp.client();
-    for _ in 0..5 {
-        let r = c
-            .get(
-                "/",
-                &[("cookie", &cookie), ("x-prealloc-cluster", "manager_m2")],
-            )
-            .await;
-        assert_eq!(r.served_by().as_deref(), Some("m1"));
+each_build! {
+    #[tokio::test]
+    async fn client_route_header_is_ignored_for_consumers(build) {
+        let dp = DataPlane::start(build);
+        let erin = new_consumer();
+        dp.manager("m1").hold(erin.as_str());
+        let cookie = cookie_for(&erin, ConsumerState::Registering, &["m1"]);
+        let mut c = dp.client();
+        for _ in 0..5 {
+            let r = c
+                .get(
+                    "/",
+                    &[("cookie", &cookie), ("x-prealloc-cluster", "manager_m2")],
+                )
+                .await;
+            assert_eq!(r.served_by().as_deref(), Some("m1"));
+        }
+        dp.assert_no_violations();
     }
-    dp.assert_no_violations();
 }
 
-#[tokio::test]
-async fn client_consumer_header_never_reaches_a_manager() {
-    let dp = DataPlane::start();
-    let frank = new_consumer();
-    let mallory = new_consumer();
-    dp.manager("m1").hold(frank.as_str());
-    let mut c = dp.client();
-    // Anonymous, claiming to be frank: stays anonymous, the claim is stripped.
-    let r = c.get("/", &[("x-prealloc-consumer", frank.as_str())]).await;
-    assert_eq!(r.served_by().as_deref(), Some("default"));
-    assert_eq!(dp.default.requests()[0].header("x-prealloc-consumer"), None);
-    // Frank's cookie with a header claiming to be mallory: the manager learns frank.
-    let cookie = cookie_for(&frank, ConsumerState::Registering, &["m1"]);
-    let served = served_by(&mut c, &cookie, 1).await;
-    assert_eq!(served, ["m1"]);
-    let seen = dp.manager("m1").requests();
-    assert_eq!(seen[0].header("x-prealloc-consumer"), Some(frank.as_str()));
-    assert!(dp.manager("m1").requests_of(mallory.as_str()).is_empty());
-    dp.assert_no_violations();
+each_build! {
+    #[tokio::test]
+    async fn client_consumer_header_never_reaches_a_manager(build) {
+        let dp = DataPlane::start(build);
+        let frank = new_consumer();
+        let mallory = new_consumer();
+        dp.manager("m1").hold(frank.as_str());
+        let mut c = dp.client();
+        // Anonymous, claiming to be frank: stays anonymous, the claim is stripped.
+        let r = c.get("/", &[("x-prealloc-consumer", frank.as_str())]).await;
+        assert_eq!(r.served_by().as_deref(), Some("default"));
+        assert_eq!(dp.default.requests()[0].header("x-prealloc-consumer"), None);
+        // Frank's cookie with a header claiming to be mallory: the manager learns frank.
+        let cookie = cookie_for(&frank, ConsumerState::Registering, &["m1"]);
+        let served = served_by(&mut c, &cookie, 1).await;
+        assert_eq!(served, ["m1"]);
+        let seen = dp.manager("m1").requests();
+        assert_eq!(seen[0].header("x-prealloc-consumer"), Some(frank.as_str()));
+        assert!(dp.manager("m1").requests_of(mallory.as_str()).is_empty());
+        dp.assert_no_violations();
+    }
 }

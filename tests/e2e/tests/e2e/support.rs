@@ -1,12 +1,36 @@
 //! The data plane under test: three recording managers, a default backend, the routes stub and a real Envoy.
 
 use prealloc_e2e::client::Client;
+pub use prealloc_e2e::envoy::Build;
 use prealloc_e2e::envoy::{Envoy, EnvoyConfig, EnvoyOptions, TEST_COOKIE_KEY, TEST_ENVOY_TOKEN};
 use prealloc_e2e::manager::{assert_no_violations, DefaultBackend, TestManager};
 use prealloc_e2e::routes_stub::{manager_route, RoutesStub};
 use prealloc_filter_core::cookie::{sign, Claims};
 use prealloc_wire::{ConsumerId, ConsumerState};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Defines a real-Envoy test once per build of the data plane, as
+/// `<name>::wasm` and `<name>::native`; the body gets the build as `build`.
+macro_rules! each_build {
+    ($(#[$attr:meta])* async fn $name:ident($build:ident) $body:block) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            async fn run($build: $crate::support::Build) $body
+
+            $(#[$attr])*
+            async fn wasm() {
+                run($crate::support::Build::Wasm).await
+            }
+
+            $(#[$attr])*
+            async fn native() {
+                run($crate::support::Build::Native).await
+            }
+        }
+    };
+}
 
 pub const MANAGER_IDS: [&str; 3] = ["m1", "m2", "m3"];
 /// How long a poller may take to catch up with the stub in a test.
@@ -22,13 +46,13 @@ pub struct DataPlane {
 impl DataPlane {
     /// Everything with the test defaults, the routes stub knowing the three managers,
     /// and the poller caught up with it.
-    pub fn start() -> DataPlane {
-        Self::start_with(|_| {})
+    pub fn start(build: Build) -> DataPlane {
+        Self::start_with(build, |_| {})
     }
 
     /// Like [`DataPlane::start`], letting the test adjust the Envoy config first
     /// (e.g. `cfg.filter["when_all_down"] = "first_manager".into()`).
-    pub fn start_with(adjust: impl FnOnce(&mut EnvoyConfig)) -> DataPlane {
+    pub fn start_with(build: Build, adjust: impl FnOnce(&mut EnvoyConfig)) -> DataPlane {
         let managers: Vec<TestManager> = MANAGER_IDS
             .iter()
             .map(|id| TestManager::start(id))
@@ -44,6 +68,7 @@ impl DataPlane {
             default.addr().into(),
             routes.addr().into(),
         );
+        cfg.build = build;
         adjust(&mut cfg);
         let envoy = Envoy::start(&cfg, &EnvoyOptions::default());
         let dp = DataPlane {
