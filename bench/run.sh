@@ -23,6 +23,8 @@ if [ ! -x "$root/.tools/venv/bin/envoy" ] || ! rustup target list --installed | 
 fi
 # What `cargo xtask build-wasm` runs; cargo rebuilds only what changed.
 cargo build --package prealloc-filter-wasm --target wasm32-wasip1 --release
+# What `cargo xtask build-native` runs.
+cargo build --package prealloc-filter-native --release
 export CARGO_TARGET_DIR="$root/target"
 cargo build --release --manifest-path bench/Cargo.toml
 # The empty proxy-wasm filter of the noop_wasm baseline.
@@ -30,6 +32,7 @@ cargo build --release --target wasm32-wasip1 --manifest-path bench/noop-filter/C
 
 export PREALLOC_ENVOY="${PREALLOC_ENVOY:-$root/.tools/venv/bin/envoy}"
 export PREALLOC_WASM="${PREALLOC_WASM:-$root/target/wasm32-wasip1/release/prealloc_filter.wasm}"
+export PREALLOC_NATIVE="${PREALLOC_NATIVE:-$root/target/release/libprealloc_native.so}"
 
 # BENCH_NICE=-10 (as root) gives the measured processes precedence over
 # unrelated work on a shared machine; it applies to every case alike.

@@ -7,7 +7,7 @@
 mod probe;
 mod procs;
 
-use prealloc_e2e::envoy::{Endpoint, Envoy, EnvoyConfig, EnvoyOptions};
+use prealloc_e2e::envoy::{Build, Endpoint, Envoy, EnvoyConfig, EnvoyOptions};
 use prealloc_e2e::routes_stub::{manager_route, RoutesStub};
 use prealloc_filter_core::cookie::{sign, Claims};
 use prealloc_wire::{ConsumerId, ConsumerState, RouteEntry};
@@ -198,7 +198,12 @@ const DEFAULT_ASYNC_LIMIT: u64 = 32 * 1024 * 1024;
 
 /// An Envoy from envoy/prealloc.yaml.tmpl; `async_limit` raises
 /// `http.async_response_buffer_limit` through a static runtime layer.
-fn prealloc_envoy(nginx: &procs::Nginx, stub: &RoutesStub, async_limit: Option<u64>) -> Envoy {
+fn prealloc_envoy(
+    nginx: &procs::Nginx,
+    stub: &RoutesStub,
+    async_limit: Option<u64>,
+    build: Build,
+) -> Envoy {
     let managers = (0..3)
         .map(|i| {
             (
@@ -216,6 +221,7 @@ fn prealloc_envoy(nginx: &procs::Nginx, stub: &RoutesStub, async_limit: Option<u
     cfg.filter = json!({ "cookie": { "keys": [COOKIE_KEY] } });
     cfg.poller = json!({ "token": TOKEN });
     cfg.wasm_path = prealloc_e2e::envoy::wasm_path();
+    cfg.build = build;
     let mut yaml = cfg.render();
     if let Some(limit) = async_limit {
         let _ = write!(
@@ -223,7 +229,13 @@ fn prealloc_envoy(nginx: &procs::Nginx, stub: &RoutesStub, async_limit: Option<u
             "\nlayered_runtime:\n  layers:\n    - name: bench\n      static_layer:\n        http.async_response_buffer_limit: {limit}\n"
         );
     }
-    Envoy::start_yaml(&yaml, &envoy_opts())
+    let mut opts = envoy_opts();
+    if build == Build::Native {
+        opts.dynamic_modules_dir = prealloc_e2e::envoy::native_path()
+            .parent()
+            .map(Path::to_path_buf);
+    }
+    Envoy::start_yaml(&yaml, &opts)
 }
 
 fn manager_clusters(nginx: &procs::Nginx) -> String {
@@ -408,10 +420,10 @@ fn main() {
     let probe_id = consumer(u64::MAX / 2);
     let clusters = manager_clusters(&nginx);
 
-    eprintln!("bench: starting Envoys (prealloc 1k, none, stateful_session, lua)");
+    eprintln!("bench: starting Envoys (prealloc 1k, none, stateful_session, lua, noop wasm, prealloc native 1k)");
     let mut targets = vec![Target::new(
         "prealloc",
-        prealloc_envoy(&nginx, &stub_small, None),
+        prealloc_envoy(&nginx, &stub_small, None, Build::Wasm),
         args.envoy_cpu,
     )];
     wait_applied(&stub_small, &targets[0].envoy, Duration::from_secs(30)).unwrap_or_else(|e| {
@@ -501,6 +513,19 @@ fn main() {
         args.envoy_cpu,
     ));
 
+    // The native build (dynamic module) against the same small table: target 5.
+    targets.push(Target::new(
+        "prealloc_native",
+        prealloc_envoy(&nginx, &stub_small, None, Build::Native),
+        args.envoy_cpu,
+    ));
+    wait_applied(&stub_small, &targets[5].envoy, Duration::from_secs(30)).unwrap_or_else(|e| {
+        panic!(
+            "the native prealloc Envoy never loaded the {}-entry table: {e}",
+            args.small
+        )
+    });
+
     // ------------------------------------------------------------- large table
     // A new Envoy against a stub holding the large table. When the full snapshot
     // does not fit Envoy's async-client response buffer (runtime key
@@ -524,7 +549,7 @@ fn main() {
         let stub = filled_stub(size);
         eprintln!("bench: snapshot {body_bytes} bytes, serialized in {serialize_ms:.0} ms; starting a new Envoy against it");
         let t0 = Instant::now();
-        let envoy = prealloc_envoy(&nginx, &stub, limit);
+        let envoy = prealloc_envoy(&nginx, &stub, limit, Build::Wasm);
         let ready = t0.elapsed();
         let target = Target::new("prealloc_large", envoy, args.envoy_cpu);
         let cpu_ready = procs::cpu_ns(target.pid);
@@ -753,6 +778,26 @@ fn main() {
         &[("x-prealloc-cluster", "manager_m3")],
         &["default"],
     );
+    for (what, headers, want) in [
+        ("native anonymous -> default", vec![], vec!["default"]),
+        (
+            "native spoofed header -> default",
+            vec![("x-prealloc-cluster", "manager_m3")],
+            vec!["default"],
+        ),
+        (
+            "native registered -> m1|m2",
+            vec![("Cookie", reg_c.as_str())],
+            vec!["m1", "m2"],
+        ),
+        (
+            "native table hit -> m1|m2",
+            vec![("Cookie", tab_c.as_str())],
+            vec!["m1", "m2"],
+        ),
+    ] {
+        check(what, targets[5].envoy.addr(), &headers, &want);
+    }
     check(
         "stateful_session pinned",
         ss_addr,
@@ -828,6 +873,27 @@ fn main() {
             counter: Some("prealloc_requests_table"),
         },
         Case {
+            name: "native_anonymous",
+            what: "prealloc native module, no cookie",
+            target: 5,
+            requests: anon.clone(),
+            counter: Some("prealloc_requests_anonymous"),
+        },
+        Case {
+            name: "native_registered",
+            what: "prealloc native module, registered cookie (MAC, no table read)",
+            target: 5,
+            requests: registered.clone(),
+            counter: Some("prealloc_requests_cookie"),
+        },
+        Case {
+            name: "native_table_1k",
+            what: "prealloc native module, registering cookie, table hit (1k table)",
+            target: 5,
+            requests: table_small.clone(),
+            counter: Some("prealloc_requests_table"),
+        },
+        Case {
             name: "stateful_session",
             what: "Envoy stateful_session cookie filter",
             target: 2,
@@ -882,7 +948,7 @@ fn main() {
                 let c = &cases[ci];
                 let t = &targets[c.target];
                 let url = format!("http://{}/", t.envoy.addr());
-                let before = c.counter.map(|n| t.envoy.stat(n));
+                let before = c.counter.map(|n| t.envoy.settled_stat(n));
                 let cpu0 = procs::cpu_ns(t.pid);
                 let w = procs::run_wrk(&wrk, &url, &c.requests, args.duration)
                     .unwrap_or_else(|e| panic!("{}: {e}", c.name));
@@ -895,7 +961,7 @@ fn main() {
                     w.raw
                 );
                 if let (Some(name), Some(b)) = (c.counter, before) {
-                    let grew = t.envoy.stat(name).saturating_sub(b);
+                    let grew = t.envoy.settled_stat(name).saturating_sub(b);
                     assert!(grew >= w.requests, "{}: counter {name} grew by {grew}, fewer than the {} requests: the case did not take the path it claims", c.name, w.requests);
                 }
                 let one = WrkOptions {

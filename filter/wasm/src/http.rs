@@ -28,6 +28,9 @@ pub struct FilterState {
     verifier: Verifier,
     /// Round-robin counter of this worker.
     rr: Cell<u64>,
+    /// Unix seconds as of the last tick, when ticks come at least every second
+    /// (cookie expiry has second resolution): no clock call per request.
+    clock_s: Cell<Option<u64>>,
     availability: RefCell<AvailabilityView>,
     /// CAS of the managers value last decoded: unchanged CAS, nothing to decode.
     managers_cas: Cell<Option<u32>>,
@@ -45,12 +48,28 @@ impl FilterState {
             verifier: Verifier::from_config(&cfg.cookie),
             cfg,
             rr: Cell::new(0),
+            clock_s: Cell::new(None),
             availability: RefCell::new(AvailabilityView::all_available()),
             managers_cas: Cell::new(None),
             metrics,
             givebacks: RefCell::new(GiveBacks::default()),
             givebacks_in_flight: RefCell::new(HashMap::new()),
         }
+    }
+
+    /// The root tick: the clock, availability, buffered counters, give-backs.
+    pub fn on_tick(&self) {
+        if self.cfg.availability_refresh <= std::time::Duration::from_secs(1) {
+            self.clock_s.set(Some(host::now().as_secs()));
+        }
+        self.refresh_availability();
+        self.metrics.flush();
+        self.send_givebacks();
+    }
+
+    /// Unix seconds: the tick's reading, or the host clock when ticks are rarer than 1 s.
+    pub fn now_s(&self) -> u64 {
+        self.clock_s.get().unwrap_or_else(|| host::now().as_secs())
     }
 
     /// Queues a registration to give back; the next root tick sends it.
@@ -199,7 +218,7 @@ impl Http {
             ));
             return Action::Continue;
         };
-        let now = host::now().as_secs();
+        let now = st.now_s();
         let mut rr = st.rr.get();
         let all_available = AvailabilityView::all_available();
         let avail_guard = st.availability.try_borrow();
@@ -375,7 +394,7 @@ impl Http {
                 .ok()
                 .and_then(|s| s.parse::<u32>().ok())
         });
-        match signup::on_signup_response(&st.cfg.cookie, &reg, status, host::now().as_secs()) {
+        match signup::on_signup_response(&st.cfg.cookie, &reg, status, st.now_s()) {
             SignupAnswer::Accepted { set_cookie } => {
                 host::add_header(MapType::HttpResponseHeaders, "set-cookie", &set_cookie);
                 st.metrics.inc(Counter::SignupsOk);

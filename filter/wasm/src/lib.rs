@@ -80,8 +80,8 @@ impl RootContext for Root {
             }
             Ok(PluginConfig::Filter(cfg)) => {
                 let period = cfg.availability_refresh;
-                let state = Rc::new(FilterState::new(cfg, Metrics::define()));
-                state.refresh_availability();
+                let state = Rc::new(FilterState::new(cfg, Metrics::define_buffered()));
+                state.on_tick();
                 host::set_tick_period(period);
                 host::info(&format!("[prealloc root {}] filter configured", self.id));
                 self.role = Role::Filter(state);
@@ -103,8 +103,7 @@ impl RootContext for Root {
         panic::enter("on_tick", self.id);
         match &mut self.role {
             Role::Filter(s) => {
-                s.refresh_availability();
-                s.send_givebacks();
+                s.on_tick();
             }
             Role::Poller(p) => p.poll_if_due(),
             Role::Unconfigured => {}

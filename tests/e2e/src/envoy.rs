@@ -536,6 +536,22 @@ impl Envoy {
             .collect()
     }
 
+    /// A counter once it stopped moving: the wasm build sends its request
+    /// counters on each worker's tick (every `availability_refresh_ms`), so a
+    /// read straight after a request may come before the flush.
+    pub fn settled_stat(&self, name: &str) -> u64 {
+        let mut last = self.stat(name);
+        for _ in 0..100 {
+            std::thread::sleep(Duration::from_millis(60));
+            let now = self.stat(name);
+            if now == last {
+                return now;
+            }
+            last = now;
+        }
+        last
+    }
+
     /// A stat by name: the exact name, or the one stat whose name ends with `.<name>`
     /// (Envoy prefixes wasm-defined metrics, e.g. `wasmcustom.`). 0 if absent,
     /// as Envoy only shows a counter once it has been defined.

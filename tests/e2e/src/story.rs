@@ -758,7 +758,7 @@ pub async fn run_story(
         "grace period over: the entry left the routing table (control plane: not in table; Envoy entries: {entries:?})"
     ));
 
-    let cookie_routed_before = stack.envoys[via].stat("prealloc_requests_cookie");
+    let cookie_routed_before = stack.envoys[via].settled_stat("prealloc_requests_cookie");
     let b = send_requests(&mut client, &registered_cookie, n).await?;
     let t = b.tally();
     say(format!(
@@ -771,7 +771,8 @@ pub async fn run_story(
             "registered cookie: expected an even split over {all:?}: {t:?}"
         ));
     }
-    let cookie_routed = stack.envoys[via].stat("prealloc_requests_cookie") - cookie_routed_before;
+    let cookie_routed =
+        stack.envoys[via].settled_stat("prealloc_requests_cookie") - cookie_routed_before;
     if cookie_routed < n as u64 {
         return Err(format!(
             "Envoy counted {cookie_routed} cookie-routed requests, expected {n}"

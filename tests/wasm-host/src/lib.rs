@@ -469,8 +469,15 @@ impl VmInner {
             vm_config_visible: false,
             plugin_config: None,
             call_response: None,
+            host_calls: 0,
         };
         let mut store = Store::new(module.engine(), data);
+        store.call_hook(|mut data, hook| {
+            if matches!(hook, wasmtime::CallHook::CallingHost) {
+                data.data_mut().host_calls += 1;
+            }
+            Ok(())
+        });
         let mut linker: Linker<VmData> = Linker::new(module.engine());
         wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |d: &mut VmData| &mut d.wasi)?;
         abi::add_to_linker(&mut linker)?;
@@ -634,6 +641,12 @@ impl Vm {
 
     /// The module's imports this host does not emulate, as `module::name`;
     /// calling one traps the VM with a message naming it.
+    /// Host functions this VM has called so far (every proxy-wasm and WASI
+    /// import counts; the difference around a request is its host-call cost).
+    pub fn host_calls(&self) -> u64 {
+        self.lock().store.data().host_calls
+    }
+
     /// Calls a three-argument export (`proxy_on_request_headers` and its kin) as
     /// a host breaking the ABI would, e.g. for a context that was never created.
     /// A trap is returned, not panicked (and poisons the VM, as in Envoy).

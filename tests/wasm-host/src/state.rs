@@ -233,6 +233,8 @@ pub(crate) struct VmData {
     /// Only readable while on_configure runs, as in Envoy.
     pub plugin_config: Option<Vec<u8>>,
     pub call_response: Option<CallResponse>,
+    /// Host functions the VM called (proxy-wasm and WASI imports alike).
+    pub host_calls: u64,
 }
 
 /// A header as Envoy holds it: a lower-case name and a value of arbitrary bytes.

@@ -56,7 +56,7 @@ each_build! {
             dp.managers.iter().all(|m| m.requests().is_empty()),
             "nothing reached a manager"
         );
-        assert!(dp.envoy.stat("prealloc_all_down_replies") >= 6);
+        assert!(dp.envoy.settled_stat("prealloc_all_down_replies") >= 6);
 
         // Recovery: m2 comes back and takes the consumer's requests again.
         dp.routes.set_availability("m2", Availability::Available);
@@ -85,7 +85,7 @@ each_build! {
         wait_until_served_by(&mut c, &cookie, "m1").await;
         let served = served_by(&mut c, &cookie, 6).await;
         assert!(served.iter().all(|s| s == "m1"), "{served:?}");
-        assert!(dp.envoy.stat("prealloc_requests_all_down_first_manager") >= 6);
+        assert!(dp.envoy.settled_stat("prealloc_requests_all_down_first_manager") >= 6);
         dp.assert_no_violations();
     }
 }

@@ -14,8 +14,8 @@ each_build! {
             assert_eq!(r.served_by().as_deref(), Some("default"));
         }
         assert_eq!(dp.default.count(RequestKind::Anonymous), 5);
-        assert_eq!(dp.envoy.stat("prealloc_requests_anonymous"), 5);
-        assert_eq!(dp.envoy.stat("prealloc_cookies_rejected_missing"), 5);
+        assert_eq!(dp.envoy.settled_stat("prealloc_requests_anonymous"), 5);
+        assert_eq!(dp.envoy.settled_stat("prealloc_cookies_rejected_missing"), 5);
         for m in &dp.managers {
             assert!(
                 m.requests().is_empty(),

@@ -20,7 +20,7 @@ each_build! {
         let r = dp.client().get("/", &[("cookie", &forged)]).await;
         assert_eq!(r.served_by().as_deref(), Some("default"));
         assert_eq!(dp.default.count(RequestKind::Anonymous), 1);
-        assert_eq!(dp.envoy.stat("prealloc_cookies_rejected_bad_mac"), 1);
+        assert_eq!(dp.envoy.settled_stat("prealloc_cookies_rejected_bad_mac"), 1);
         dp.assert_no_violations();
     }
 }
@@ -54,10 +54,10 @@ each_build! {
             let r = c.get("/", &[("cookie", cookie)]).await;
             assert_eq!(r.served_by().as_deref(), Some("default"), "cookie {cookie}");
         }
-        assert_eq!(dp.envoy.stat("prealloc_cookies_rejected_expired"), 1);
-        let bad = dp.envoy.stat("prealloc_cookies_rejected_bad_mac")
-            + dp.envoy.stat("prealloc_cookies_rejected_malformed")
-            + dp.envoy.stat("prealloc_cookies_rejected_missing");
+        assert_eq!(dp.envoy.settled_stat("prealloc_cookies_rejected_expired"), 1);
+        let bad = dp.envoy.settled_stat("prealloc_cookies_rejected_bad_mac")
+            + dp.envoy.settled_stat("prealloc_cookies_rejected_malformed")
+            + dp.envoy.settled_stat("prealloc_cookies_rejected_missing");
         assert_eq!(
             bad, 3,
             "tampered, empty and garbage cookies each counted once"

@@ -22,8 +22,8 @@ each_build! {
         assert!(seen
             .iter()
             .all(|r| r.header("x-prealloc-consumer") == Some(alice.as_str())));
-        assert_eq!(dp.envoy.stat("prealloc_requests_first_manager"), 12);
-        assert_eq!(dp.envoy.stat("prealloc_table_misses"), 12);
+        assert_eq!(dp.envoy.settled_stat("prealloc_requests_first_manager"), 12);
+        assert_eq!(dp.envoy.settled_stat("prealloc_table_misses"), 12);
         dp.assert_no_violations();
     }
 }
@@ -40,8 +40,8 @@ each_build! {
 
         let served = served_by(&mut dp.client(), &cookie, 10).await;
         assert!(served.iter().all(|s| s == "m3"), "{served:?}");
-        assert_eq!(dp.envoy.stat("prealloc_requests_table"), 10);
-        assert_eq!(dp.envoy.stat("prealloc_table_hits"), 10);
+        assert_eq!(dp.envoy.settled_stat("prealloc_requests_table"), 10);
+        assert_eq!(dp.envoy.settled_stat("prealloc_table_hits"), 10);
         dp.assert_no_violations();
     }
 }

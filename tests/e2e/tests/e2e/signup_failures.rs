@@ -68,7 +68,7 @@ each_build! {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert_eq!(stack.envoys[0].stat("prealloc_signups_refused"), 1);
+        assert_eq!(stack.envoys[0].settled_stat("prealloc_signups_refused"), 1);
         // Nobody holds data of the refused consumer, and nothing was copied. (The active replicator may
         // have tried to read the data before the give-back: 404, the first manager never held it.)
         let reads = |stack: &Stack| -> usize {
@@ -130,7 +130,7 @@ each_build! {
                 m.name()
             );
         }
-        assert!(stack.envoys[0].stat("prealloc_signups_unavailable") >= 1);
+        assert!(stack.envoys[0].settled_stat("prealloc_signups_unavailable") >= 1);
         stack.assert_no_violations();
     }
 }

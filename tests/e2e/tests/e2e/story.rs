@@ -116,10 +116,10 @@ each_build! {
         )
         .await;
         // The second Envoy routed everything after the sign-up, from the table the control plane pushed to it.
-        assert!(stack.envoys[1].stat("prealloc_requests_table") >= 12);
-        assert!(stack.envoys[1].stat("prealloc_cookies_upgraded") >= 1);
-        assert_eq!(stack.envoys[0].stat("prealloc_signups_ok"), 1);
-        assert_eq!(stack.envoys[1].stat("prealloc_signups_ok"), 0);
+        assert!(stack.envoys[1].settled_stat("prealloc_requests_table") >= 12);
+        assert!(stack.envoys[1].settled_stat("prealloc_cookies_upgraded") >= 1);
+        assert_eq!(stack.envoys[0].settled_stat("prealloc_signups_ok"), 1);
+        assert_eq!(stack.envoys[1].settled_stat("prealloc_signups_ok"), 0);
         let _ = report;
     }
 }

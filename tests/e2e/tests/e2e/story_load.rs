@@ -87,7 +87,7 @@ each_build! {
         let routed = stack.envoys[0].stats_matching("prealloc_requests_");
         println!("[load] phase 1 routing (Envoy counters): {routed:?}");
         assert!(
-            stack.envoys[0].stat("prealloc_requests_table") > 0,
+            stack.envoys[0].settled_stat("prealloc_requests_table") > 0,
             "no request was routed by a replicated table entry: {routed:?}"
         );
         stack.assert_no_violations();

@@ -42,7 +42,7 @@ each_build! {
             tally(&served).into_iter().collect::<Vec<_>>(),
             [("m1".to_owned(), 10), ("m2".to_owned(), 10)]
         );
-        assert!(dp.envoy.stat("prealloc_cookies_upgraded") >= 1);
+        assert!(dp.envoy.settled_stat("prealloc_cookies_upgraded") >= 1);
         dp.assert_no_violations();
     }
 }

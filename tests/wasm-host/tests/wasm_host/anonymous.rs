@@ -107,5 +107,7 @@ fn anonymous_requests_are_counted() {
     for _ in 0..3 {
         send(&vm, &[]);
     }
+    // Counters are sent on the worker's tick (no host call per request).
+    host.tick(&vm);
     assert_eq!(host.counter(&metric::decision("anonymous")), 3);
 }

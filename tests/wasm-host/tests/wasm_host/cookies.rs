@@ -32,6 +32,8 @@ fn a_cookie_signed_with_an_unknown_key_is_anonymous_and_counted_as_bad_mac() {
         host.now_unix_s() + 60,
     );
     assert_anonymous(&vm, &forged);
+    // Counters are sent on the worker's tick (no host call per request).
+    host.tick(&vm);
     assert_eq!(host.counter(&metric::cookie_rejected("bad_mac")), 1);
     assert_eq!(host.counter(&metric::cookie_rejected("expired")), 0);
 }
@@ -50,6 +52,8 @@ fn a_tampered_cookie_is_anonymous_and_counted_as_bad_mac() {
     let at = "prealloc=".len() + 3;
     bytes[at] = if bytes[at] == b'A' { b'B' } else { b'A' };
     assert_anonymous(&vm, &String::from_utf8(bytes).unwrap());
+    // Counters are sent on the worker's tick (no host call per request).
+    host.tick(&vm);
     assert_eq!(host.counter(&metric::cookie_rejected("bad_mac")), 1);
 }
 
@@ -64,6 +68,8 @@ fn an_expired_cookie_is_anonymous_and_counted_as_expired() {
         host.now_unix_s() - 1,
     );
     assert_anonymous(&vm, &expired);
+    // Counters are sent on the worker's tick (no host call per request).
+    host.tick(&vm);
     assert_eq!(host.counter(&metric::cookie_rejected("expired")), 1);
     assert_eq!(host.counter(&metric::cookie_rejected("bad_mac")), 0);
 }
@@ -83,7 +89,10 @@ fn a_cookie_expires_when_the_hosts_clock_passes_its_expiry() {
         Some("manager_a")
     );
     host.advance_time(std::time::Duration::from_secs(11));
+    host.tick(&vm); // the worker reads the clock on its tick
     assert_anonymous(&vm, &c);
+    // Counters are sent on the worker's tick (no host call per request).
+    host.tick(&vm);
     assert_eq!(host.counter(&metric::cookie_rejected("expired")), 1);
 }
 
@@ -100,6 +109,7 @@ fn malformed_cookies_are_anonymous_and_counted_as_malformed() {
     for case in cases {
         let before = host.metrics();
         assert_anonymous(&vm, case);
+        host.tick(&vm); // counters are sent on the worker's tick
         let after = host.metrics();
         let changed: Vec<&String> = after.keys().filter(|k| after[*k] != before[*k]).collect();
         assert!(
@@ -117,6 +127,8 @@ fn a_missing_or_emptied_cookie_is_anonymous_and_counted_as_missing() {
         assert_anonymous(&vm, case);
     }
     send(&vm, &[]);
+    // Counters are sent on the worker's tick (no host call per request).
+    host.tick(&vm);
     assert_eq!(host.counter(&metric::cookie_rejected("missing")), 3);
     assert_eq!(host.counter(&metric::cookie_rejected("malformed")), 0);
 }
@@ -180,6 +192,8 @@ fn a_key_removed_from_the_configuration_no_longer_verifies() {
         host.now_unix_s() + 60,
     );
     assert_anonymous(&vm, &c);
+    // Counters are sent on the worker's tick (no host call per request).
+    host.tick(&vm);
     assert_eq!(host.counter(&metric::cookie_rejected("bad_mac")), 1);
 }
 

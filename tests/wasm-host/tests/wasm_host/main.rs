@@ -4,6 +4,7 @@ mod anonymous;
 mod config;
 mod cookies;
 mod host_abi;
+mod host_calls;
 mod poller;
 mod robustness;
 mod routing;

@@ -26,6 +26,8 @@ fn a_registering_consumer_without_table_entry_goes_to_its_first_manager() {
             "foreign calls: {calls:?}"
         );
     }
+    // Counters are sent on the worker's tick (no host call per request).
+    host.tick(&vm);
     assert_eq!(host.counter(&metric::decision("first_manager")), 5);
 }
 
@@ -61,6 +63,8 @@ fn a_table_entry_spreads_requests_round_robin_over_exactly_its_replica_set() {
     let c = cookie(&host, &me, Registering, &["manager_a"]);
     let counts = spread(&vm, &c, 300);
     assert_even_over(&counts, &["manager_a", "manager_b", "manager_c"]);
+    // Counters are sent on the worker's tick (no host call per request).
+    host.tick(&vm);
     assert_eq!(host.counter(&metric::decision("table")), 300);
 }
 
@@ -130,6 +134,8 @@ fn when_every_replica_is_down_the_filter_answers_503_with_retry_after() {
     let reply = s.local_reply().expect("a local reply");
     assert_eq!(reply.status, 503);
     assert_eq!(reply.header("retry-after"), Some("5"));
+    // Counters are sent on the worker's tick (no host call per request).
+    host.tick(&vm);
     assert_eq!(host.counter(metric::ALL_DOWN_REPLIES), 1);
 }
 
@@ -182,6 +188,8 @@ fn a_registered_cookie_spreads_requests_over_its_own_replicas() {
         &counts,
         &["manager_a", "manager_b", "manager_c", "manager_d"],
     );
+    // Counters are sent on the worker's tick (no host call per request).
+    host.tick(&vm);
     assert_eq!(host.counter(&metric::decision("cookie")), 202);
 }
 

@@ -156,6 +156,8 @@ fn a_registered_signup_goes_to_the_first_manager_and_gets_a_registering_cookie()
     assert_eq!(claims.consumer, consumer(3));
     assert_eq!(claims.state, ConsumerState::Registering);
     assert_eq!(claims.replicas, vec!["manager_m2".to_owned()]);
+    // Counters are sent on the worker's tick (no host call per request).
+    host.tick(&vm);
     assert_eq!(host.counter(SIGNUPS_OK), 1);
     drop(s);
 
@@ -177,6 +179,8 @@ fn a_refused_signup_gets_no_cookie_and_its_registration_is_given_back() {
         s.forwarded_response_header_values("set-cookie"),
         Vec::<String>::new()
     );
+    // Counters are sent on the worker's tick (no host call per request).
+    host.tick(&vm);
     assert_eq!(host.counter(SIGNUPS_REFUSED), 1);
     drop(s);
     // The root context sends the give-back on its tick, so it outlives the request.
@@ -194,6 +198,7 @@ fn a_refused_signup_gets_no_cookie_and_its_registration_is_given_back() {
     );
     host.answer_http_call(calls[0].token, 204, &[], b"");
     host.advance_time(Duration::from_secs(30));
+    host.tick(&vm); // the worker reads the clock on its tick
     host.tick(&vm);
     assert!(
         host.pending_http_calls().is_empty(),
@@ -230,6 +235,7 @@ fn a_failed_give_back_is_retried_after_a_backoff() {
     // 404: the control plane no longer has it, which also counts as done.
     host.answer_http_call(retry.token, 404, &[], b"");
     host.advance_time(Duration::from_secs(60));
+    host.tick(&vm); // the worker reads the clock on its tick
     host.tick(&vm);
     assert!(host.pending_http_calls().is_empty());
 }
@@ -247,6 +253,8 @@ fn an_unreachable_control_plane_gets_a_503_with_retry_after_and_no_cookie() {
     );
     assert_eq!(error_of(&reply.body), "control_plane_unreachable");
     assert!(reply.header("set-cookie").is_none());
+    // Counters are sent on the worker's tick (no host call per request).
+    host.tick(&vm);
     assert_eq!(host.counter(SIGNUPS_UNAVAILABLE), 1);
 }
 
