@@ -3,7 +3,7 @@
 //! Envoy 1.40 config, and the example control-plane configs pass `check-config`.
 
 use prealloc_e2e::control_plane::control_plane_binary;
-use prealloc_e2e::envoy::{envoy_binary, wasm_path, workspace_root};
+use prealloc_e2e::envoy::{envoy_binary, native_path, wasm_path, workspace_root};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -137,12 +137,12 @@ fn the_path_scan_sees_links_and_backticked_paths_but_not_user_files() {
     assert!(!resolves(&root, &root, "store/nothing.rs"));
 }
 
-/// The YAML block of README step 3, split at its top-level keys.
-fn readme_snippet() -> Vec<(String, String)> {
+/// The first YAML block after `marker` in README.md, split at its top-level keys.
+fn readme_snippet(marker: &str) -> Vec<(String, String)> {
     let readme = std::fs::read_to_string(workspace_root().join("README.md")).unwrap();
     let step = readme
-        .find("pieces to your Envoy config")
-        .expect("README step 3 introduces the Envoy snippet");
+        .find(marker)
+        .unwrap_or_else(|| panic!("README.md has no {marker:?} before its snippet"));
     let after = &readme[step..];
     let start = after.find("```yaml\n").expect("a yaml block follows") + "```yaml\n".len();
     let block = &after[start..];
@@ -178,20 +178,19 @@ fn indent(body: &str, spaces: usize) -> String {
         .collect()
 }
 
-#[test]
-fn the_readme_envoy_snippet_completed_as_the_readme_says_is_valid() {
-    let pieces = readme_snippet();
-    let names: Vec<&str> = pieces.iter().map(|(k, _)| k.as_str()).collect();
-    assert_eq!(
-        names,
-        ["bootstrap_extensions", "http_filters", "routes", "clusters"],
-        "the README's pieces"
-    );
-    let piece = |k: &str| &pieces.iter().find(|(n, _)| n == k).unwrap().1;
-    // "bootstrap_extensions at the top level, http_filters into your listener's
-    // http_connection_manager, routes into a virtual host of its route_config,
-    // clusters under static_resources; replace the <...> values and the .wasm path".
-    let yaml = format!(
+/// The README's pieces placed as it says: `bootstrap_extensions` at the top
+/// level, `http_filters` into the listener's `http_connection_manager`,
+/// `routes` into a virtual host of its `route_config`, `clusters` under
+/// `static_resources`; the `<...>` values and the `.wasm` path replaced.
+fn completed(pieces: &[(String, String)]) -> String {
+    let piece = |k: &str| {
+        &pieces
+            .iter()
+            .find(|(n, _)| n == k)
+            .unwrap_or_else(|| panic!("no {k} piece"))
+            .1
+    };
+    format!(
         "admin:\n  address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }}\n\
          bootstrap_extensions:\n{}\
          static_resources:\n\
@@ -221,12 +220,22 @@ fn the_readme_envoy_snippet_completed_as_the_readme_says_is_valid() {
     .replace(
         "<random secret, 32+ bytes>",
         "docs-test-cookie-secret-of-32-bytes-or-more",
-    );
+    )
+}
+
+fn envoy_validates(yaml: &str, native: bool) {
     assert!(!yaml.contains('<'), "every placeholder replaced:\n{yaml}");
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("envoy.yaml");
-    std::fs::write(&path, &yaml).unwrap();
-    let out = Command::new(envoy_binary())
+    std::fs::write(&path, yaml).unwrap();
+    let mut cmd = Command::new(envoy_binary());
+    if native {
+        cmd.env(
+            "ENVOY_DYNAMIC_MODULES_SEARCH_PATH",
+            native_path().parent().unwrap(),
+        );
+    }
+    let out = cmd
         .args([
             "--mode",
             "validate",
@@ -244,6 +253,36 @@ fn the_readme_envoy_snippet_completed_as_the_readme_says_is_valid() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn the_readme_envoy_snippet_completed_as_the_readme_says_is_valid() {
+    let pieces = readme_snippet("pieces to your Envoy config");
+    let names: Vec<&str> = pieces.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        names,
+        ["bootstrap_extensions", "http_filters", "routes", "clusters"],
+        "the README's pieces"
+    );
+    envoy_validates(&completed(&pieces), false);
+}
+
+#[test]
+fn the_readme_native_snippet_completed_as_the_readme_says_is_valid() {
+    let mut pieces = readme_snippet("**The native build**");
+    let names: Vec<&str> = pieces.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        names,
+        ["bootstrap_extensions", "http_filters", "routes"],
+        "the README's native pieces"
+    );
+    // "the clusters stay as above"
+    let clusters = readme_snippet("pieces to your Envoy config")
+        .into_iter()
+        .find(|(k, _)| k == "clusters")
+        .unwrap();
+    pieces.push(clusters);
+    envoy_validates(&completed(&pieces), true);
 }
 
 #[test]
