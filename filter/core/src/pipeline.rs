@@ -12,9 +12,10 @@
 //! ```
 
 use prealloc_wire::ConsumerId;
+use std::rc::Rc;
 
 use crate::config::FilterConfig;
-use crate::cookie::{self, Claims, CookieError, SignError, Verifier};
+use crate::cookie::{self, Claims, CookieError, SignError, VerifiedCookies, Verifier};
 use crate::decision::{self, Decision, EntryView, Source, Via};
 use crate::headers::is_reserved;
 use crate::metrics::Counter;
@@ -85,9 +86,11 @@ pub enum Action<E> {
 }
 
 /// A routed request: the verified claims, the entry it was routed by, the pick.
+/// The glue adds `x-prealloc-consumer` (a client's was removed with the reserved
+/// headers, so adding is enough: no replace needed).
 #[derive(Debug)]
 pub struct Routed<E> {
-    claims: Claims,
+    claims: Rc<Claims>,
     entry: Option<E>,
     from: (Source, usize),
     pub via: Via,
@@ -134,6 +137,13 @@ impl<E: EntryView> Routed<E> {
     }
 }
 
+/// How a request's cookie is checked: the configuration's keys, and the
+/// worker's cache of values it already verified (`None`: verify every time).
+pub struct Cookies<'a> {
+    pub verifier: &'a Verifier,
+    pub cache: Option<&'a mut VerifiedCookies>,
+}
+
 /// What a request looks like before any table read: the result of one pass
 /// over its headers and the cookie check. Split out so a glue can learn
 /// which consumer to look up ([`Inspected::table_key`]) before deciding.
@@ -141,7 +151,7 @@ impl<E: EntryView> Routed<E> {
 pub struct Inspected<'h> {
     pub remove: Vec<&'h [u8]>,
     pub signup: bool,
-    pub claims: Result<Claims, CookieError>,
+    pub claims: Result<Rc<Claims>, CookieError>,
 }
 
 impl Inspected<'_> {
@@ -161,7 +171,7 @@ impl Inspected<'_> {
 /// `Cookie` values), so it must be cheap to clone.
 pub fn inspect<'h, H>(
     cfg: &FilterConfig,
-    verifier: &Verifier,
+    cookies: Cookies<'_>,
     headers: H,
     now_unix_s: u64,
 ) -> Inspected<'h>
@@ -191,10 +201,16 @@ where
         // A sign-up makes a new consumer whatever cookie it carries.
         Err(CookieError::Missing)
     } else {
-        let cookies = headers
+        let values = headers
             .filter(|(n, _)| n.eq_ignore_ascii_case(b"cookie"))
             .map(|(_, v)| v);
-        cookie::verify_first(cookies, &cfg.cookie.name, verifier, now_unix_s)
+        cookie::verify_first_cached(
+            values,
+            &cfg.cookie.name,
+            cookies.verifier,
+            cookies.cache,
+            now_unix_s,
+        )
     };
     Inspected {
         remove,
@@ -295,7 +311,7 @@ pub fn decide<'h, E: EntryView>(
 /// [`inspect`] then [`decide`]: the whole pipeline in one call.
 pub fn route<'h, H, E>(
     cfg: &FilterConfig,
-    verifier: &Verifier,
+    cookies: Cookies<'_>,
     headers: H,
     lookup: impl FnOnce(&ConsumerId) -> Lookup<E>,
     availability: &AvailabilityView,
@@ -307,7 +323,7 @@ where
     H::IntoIter: Clone,
     E: EntryView,
 {
-    let inspected = inspect(cfg, verifier, headers, now_unix_s);
+    let inspected = inspect(cfg, cookies, headers, now_unix_s);
     decide(cfg, inspected, lookup, availability, rr)
 }
 
@@ -373,9 +389,13 @@ mod tests {
         let verifier = Verifier::from_config(&cfg.cookie);
         let avail = AvailabilityView::with_down(down.iter().copied());
         let mut rr = 0;
+        let cookies = Cookies {
+            verifier: &verifier,
+            cache: None,
+        };
         let plan = route(
             cfg,
-            &verifier,
+            cookies,
             owned.iter().map(|(n, v)| (n.as_slice(), v.as_slice())),
             |_| entry(table),
             &avail,
@@ -558,7 +578,9 @@ mod tests {
             }
             let avail = AvailabilityView::with_down(down.iter().map(String::as_str));
             let mut counter = rr;
-            let plan = route(&cfg, &verifier, headers.iter().copied(), |_| entry(&table), &avail, &mut counter, NOW);
+            let mut cache = VerifiedCookies::new(8);
+            let cookies = Cookies { verifier: &verifier, cache: Some(&mut cache) };
+            let plan = route(&cfg, cookies, headers.iter().copied(), |_| entry(&table), &avail, &mut counter, NOW);
             for (name, _) in &headers {
                 if is_reserved(name, &cfg.route_header) {
                     prop_assert!(plan.remove.iter().any(|r| r.eq_ignore_ascii_case(name)));

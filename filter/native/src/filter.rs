@@ -8,9 +8,9 @@ use std::ffi::c_void;
 use std::sync::{Arc, Mutex};
 
 use prealloc_filter_core::config::{self, FilterConfig, PluginConfig};
-use prealloc_filter_core::cookie::Verifier;
+use prealloc_filter_core::cookie::{VerifiedCookies, Verifier};
 use prealloc_filter_core::metrics::Counter;
-use prealloc_filter_core::pipeline::{self, Action, Lookup, Plan};
+use prealloc_filter_core::pipeline::{self, Action, Cookies, Lookup, Plan};
 use prealloc_filter_core::process_table::ProcessEntry;
 use prealloc_filter_core::signup::{
     self, GiveBacks, LocalReply, RegistrationOutcome, SignupAnswer,
@@ -117,23 +117,38 @@ impl Stream {
                 return self.refuse(f, "cannot read the request headers");
             }
             w.refresh_availability();
+            let now = now_s();
+            let config_id = Arc::as_ptr(&shared) as usize;
+            // Disjoint fields of the worker: the cache, the view, the counter.
+            let crate::state::Worker {
+                rr,
+                availability,
+                cookies,
+                ..
+            } = w;
+            if cookies.0 != config_id {
+                *cookies = (config_id, VerifiedCookies::default());
+            }
             let plan = pipeline::route(
                 cfg,
-                &shared.verifier,
+                Cookies {
+                    verifier: &shared.verifier,
+                    cache: Some(&mut cookies.1),
+                },
                 headers.iter().map(host::pair),
                 lookup,
-                &w.availability.1,
-                &mut w.rr,
-                now_s(),
+                &availability.1,
+                rr,
+                now,
             );
-            let status = self.apply(f, plan);
+            let status = self.apply(f, plan, now);
             w.headers = headers;
             status
         })
     }
 
     /// Applies the core's plan through the ABI; decides nothing itself.
-    fn apply(&mut self, f: FilterEnvoy, plan: Plan<'_, ProcessEntry<'static>>) -> u32 {
+    fn apply(&mut self, f: FilterEnvoy, plan: Plan<'_, ProcessEntry<'static>>, now: u64) -> u32 {
         let cfg = &self.shared.cfg;
         for name in &plan.remove {
             host::set_header(f, abi::REQUEST_HEADER, name, b"");
@@ -155,14 +170,15 @@ impl Stream {
                 None => abi::HEADERS_CONTINUE,
             },
             Action::Route(routed) => {
-                host::set_header(
+                // The client's copy was removed above: adding is enough.
+                host::add_header(
                     f,
                     abi::REQUEST_HEADER,
-                    prealloc_wire::HEADER_CONSUMER.as_bytes(),
-                    routed.consumer().as_str().as_bytes(),
+                    prealloc_wire::HEADER_CONSUMER,
+                    routed.consumer().as_str(),
                 );
                 route_to(f, routed.cluster());
-                match routed.upgrade_cookie(cfg, now_s()) {
+                match routed.upgrade_cookie(cfg, now) {
                     Some(Ok(set_cookie)) => self.upgrade_cookie = Some(set_cookie),
                     Some(Err(e)) if host::log_enabled(abi::LOG_DEBUG) => host::log(
                         abi::LOG_DEBUG,

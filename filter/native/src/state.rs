@@ -5,6 +5,7 @@
 use std::cell::{Cell, RefCell};
 use std::sync::{Arc, LazyLock, Mutex};
 
+use prealloc_filter_core::cookie::VerifiedCookies;
 use prealloc_filter_core::process_table::ProcessTable;
 use prealloc_filter_core::table::AvailabilityView;
 
@@ -25,6 +26,10 @@ pub struct Worker {
     pub availability: (u64, Arc<AvailabilityView>),
     /// Reused buffer for the request header list.
     pub headers: Vec<EnvoyHeader>,
+    /// Cookie values this worker already verified, for the filter
+    /// configuration identified by the number (its address): another
+    /// configuration starts a new cache.
+    pub cookies: (usize, VerifiedCookies),
 }
 
 thread_local! {
@@ -32,6 +37,7 @@ thread_local! {
         rr: 0,
         availability: (u64::MAX, Arc::new(AvailabilityView::all_available())),
         headers: Vec::with_capacity(32),
+        cookies: (0, VerifiedCookies::default()),
     });
 
     /// The cluster the filter chose for the request being routed, read by the

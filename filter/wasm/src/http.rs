@@ -9,10 +9,10 @@ use std::rc::Rc;
 use super::host;
 use super::metrics::Metrics;
 use prealloc_filter_core::config::{FilterConfig, SignupConfig};
-use prealloc_filter_core::cookie::Verifier;
+use prealloc_filter_core::cookie::{VerifiedCookies, Verifier};
 use prealloc_filter_core::headers::HeaderMap;
 use prealloc_filter_core::metrics::Counter;
-use prealloc_filter_core::pipeline::{self, Action as PlanAction, Lookup, Plan};
+use prealloc_filter_core::pipeline::{self, Action as PlanAction, Cookies, Lookup, Plan};
 use prealloc_filter_core::signup::{
     self, GiveBackResult, GiveBacks, LocalReply, RegistrationOutcome, SignupAnswer,
 };
@@ -26,6 +26,8 @@ pub struct FilterState {
     pub cfg: FilterConfig,
     /// The cookie keys, pre-keyed once.
     verifier: Verifier,
+    /// Cookie values this worker already verified (repeat cookies skip the MAC).
+    cookies: RefCell<VerifiedCookies>,
     /// Round-robin counter of this worker.
     rr: Cell<u64>,
     /// Unix seconds as of the last tick, when ticks come at least every second
@@ -46,6 +48,7 @@ impl FilterState {
     pub fn new(cfg: FilterConfig, metrics: Metrics) -> Self {
         FilterState {
             verifier: Verifier::from_config(&cfg.cookie),
+            cookies: RefCell::new(VerifiedCookies::default()),
             cfg,
             rr: Cell::new(0),
             clock_s: Cell::new(None),
@@ -223,16 +226,14 @@ impl Http {
         let all_available = AvailabilityView::all_available();
         let avail_guard = st.availability.try_borrow();
         let avail = avail_guard.as_deref().unwrap_or(&all_available);
-        let plan = pipeline::route(
-            cfg,
-            &st.verifier,
-            map.iter(),
-            lookup_shared,
-            avail,
-            &mut rr,
-            now,
-        );
+        let mut cache = st.cookies.try_borrow_mut().ok();
+        let cookies = Cookies {
+            verifier: &st.verifier,
+            cache: cache.as_deref_mut(),
+        };
+        let plan = pipeline::route(cfg, cookies, map.iter(), lookup_shared, avail, &mut rr, now);
         drop(avail_guard);
+        drop(cache);
         st.rr.set(rr);
         self.apply(plan, now)
     }
@@ -267,12 +268,13 @@ impl Http {
                 None => Action::Continue,
             },
             PlanAction::Route(routed) => {
-                host::set_header(
+                // The client's copies were removed above: adding is enough.
+                host::add_header(
                     MapType::HttpRequestHeaders,
                     &cfg.route_header,
                     routed.cluster(),
                 );
-                host::set_header(
+                host::add_header(
                     MapType::HttpRequestHeaders,
                     HEADER_CONSUMER,
                     routed.consumer().as_str(),

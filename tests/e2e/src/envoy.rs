@@ -369,6 +369,8 @@ pub struct EnvoyOptions {
     pub ready_timeout: Duration,
     /// `ENVOY_DYNAMIC_MODULES_SEARCH_PATH` (the native build's directory).
     pub dynamic_modules_dir: Option<PathBuf>,
+    /// A command Envoy runs under (e.g. `valgrind --tool=callgrind`); empty: none.
+    pub wrapper: Vec<String>,
 }
 
 impl Default for EnvoyOptions {
@@ -378,6 +380,7 @@ impl Default for EnvoyOptions {
             log_level: std::env::var("PREALLOC_ENVOY_LOG_LEVEL").unwrap_or_else(|_| "info".into()),
             ready_timeout: Duration::from_secs(30),
             dynamic_modules_dir: None,
+            wrapper: Vec::new(),
         }
     }
 }
@@ -419,7 +422,14 @@ impl Envoy {
         let log = dir.path().join("envoy.log");
         let admin_file = dir.path().join("admin-address");
         std::fs::write(&config, yaml).expect("write Envoy config");
-        let mut cmd = Command::new(&bin);
+        let mut cmd = match opts.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
         if let Some(dir) = &opts.dynamic_modules_dir {
             cmd.env("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", dir);
         }
