@@ -547,12 +547,13 @@ impl Envoy {
     }
 
     /// A counter once it stopped moving: the wasm build sends its request
-    /// counters on each worker's tick (every `availability_refresh_ms`), so a
-    /// read straight after a request may come before the flush.
+    /// counters on each worker's tick (every `availability_refresh_ms`: 20 ms in
+    /// tests, 100 ms by default), so a read straight after a request may come
+    /// before the flush. Two reads 250 ms apart (longer than a tick) agree.
     pub fn settled_stat(&self, name: &str) -> u64 {
         let mut last = self.stat(name);
         for _ in 0..100 {
-            std::thread::sleep(Duration::from_millis(60));
+            std::thread::sleep(Duration::from_millis(250));
             let now = self.stat(name);
             if now == last {
                 return now;

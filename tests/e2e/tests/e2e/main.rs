@@ -18,6 +18,7 @@ mod harness;
 mod pinned;
 mod poller_faults;
 mod propagation;
+mod robustness;
 mod round_robin;
 mod routes_stub;
 mod signup;
