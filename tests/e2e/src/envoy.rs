@@ -290,7 +290,19 @@ fn command_for(cfg: &EnvoyConfig) -> (Command, String) {
 /// Runs `envoy --mode validate` on `cfg` (with this machine's build paths):
 /// `Err` with Envoy's output when it refuses the config.
 pub fn validate(cfg: &EnvoyConfig) -> Result<(), String> {
-    let (mut cmd, yaml) = command_for(cfg);
+    let (_, yaml) = command_for(cfg);
+    validate_yaml(&yaml, cfg.build)
+}
+
+/// `envoy --mode validate` on a whole YAML config of `build` (the native
+/// build's module is found in this machine's build directory).
+pub fn validate_yaml(yaml: &str, build: Build) -> Result<(), String> {
+    let mut cmd = Command::new(envoy_binary());
+    if build == Build::Native {
+        if let Some(dir) = native_path().parent() {
+            cmd.env("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", dir);
+        }
+    }
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let path = dir.path().join("envoy.yaml");
     std::fs::write(&path, yaml).map_err(|e| e.to_string())?;
@@ -306,15 +318,14 @@ pub fn validate(cfg: &EnvoyConfig) -> Result<(), String> {
         .arg(&path)
         .output()
         .map_err(|e| format!("cannot run Envoy: {e}"))?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
     if out.status.success() {
         Ok(())
     } else {
-        Err(text)
+        Err(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
     }
 }
 

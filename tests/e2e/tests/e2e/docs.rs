@@ -3,7 +3,7 @@
 //! Envoy 1.40 config, and the example control-plane configs pass `check-config`.
 
 use prealloc_e2e::control_plane::control_plane_binary;
-use prealloc_e2e::envoy::{envoy_binary, native_path, wasm_path, workspace_root};
+use prealloc_e2e::envoy::{validate_yaml, wasm_path, workspace_root, Build};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -223,36 +223,11 @@ fn completed(pieces: &[(String, String)]) -> String {
     )
 }
 
-fn envoy_validates(yaml: &str, native: bool) {
+fn envoy_validates(yaml: &str, build: Build) {
     assert!(!yaml.contains('<'), "every placeholder replaced:\n{yaml}");
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("envoy.yaml");
-    std::fs::write(&path, yaml).unwrap();
-    let mut cmd = Command::new(envoy_binary());
-    if native {
-        cmd.env(
-            "ENVOY_DYNAMIC_MODULES_SEARCH_PATH",
-            native_path().parent().unwrap(),
-        );
+    if let Err(out) = validate_yaml(yaml, build) {
+        panic!("envoy --mode validate refused the README snippet completed as:\n{yaml}\n{out}");
     }
-    let out = cmd
-        .args([
-            "--mode",
-            "validate",
-            "--disable-hot-restart",
-            "-l",
-            "error",
-            "-c",
-        ])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "envoy --mode validate refused the README snippet completed as:\n{yaml}\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 #[test]
@@ -264,7 +239,7 @@ fn the_readme_envoy_snippet_completed_as_the_readme_says_is_valid() {
         ["bootstrap_extensions", "http_filters", "routes", "clusters"],
         "the README's pieces"
     );
-    envoy_validates(&completed(&pieces), false);
+    envoy_validates(&completed(&pieces), Build::Wasm);
 }
 
 #[test]
@@ -282,7 +257,7 @@ fn the_readme_native_snippet_completed_as_the_readme_says_is_valid() {
         .find(|(k, _)| k == "clusters")
         .unwrap();
     pieces.push(clusters);
-    envoy_validates(&completed(&pieces), true);
+    envoy_validates(&completed(&pieces), Build::Native);
 }
 
 #[test]
