@@ -84,13 +84,25 @@ impl<'a> HeaderMap<'a> {
     }
 }
 
-/// Whether a client-sent header must be removed: the route header and every `x-prealloc-*`.
+/// Whether a client-sent header must be removed: the route header and every
+/// `x-prealloc-*`, compared after case-folding and `_` → `-`: CGI/WSGI-style
+/// stacks (PEP 3333, Rack, PHP) fold the two together, so `x_prealloc_consumer`
+/// reaches such a manager as `HTTP_X_PREALLOC_CONSUMER`, the real header's name.
 pub fn is_reserved(name: &[u8], route_header: &str) -> bool {
     let prefix = prealloc_wire::RESERVED_HEADER_PREFIX.as_bytes();
-    name.eq_ignore_ascii_case(route_header.as_bytes())
+    folded_eq(name, route_header.as_bytes())
         || name
             .get(..prefix.len())
-            .is_some_and(|p| p.eq_ignore_ascii_case(prefix))
+            .is_some_and(|p| folded_eq(p, prefix))
+}
+
+/// Header names equal after ASCII case-folding and `_` → `-`.
+fn folded_eq(a: &[u8], b: &[u8]) -> bool {
+    let fold = |c: u8| match c {
+        b'_' => b'-',
+        c => c.to_ascii_lowercase(),
+    };
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| fold(*x) == fold(*y))
 }
 
 /// Serializes pairs the way the host does (tests and the wasm host use the same layout).
@@ -160,6 +172,11 @@ mod tests {
             (b"x-preallocx", false),
             (b"cookie", false),
             (b"x-pre", false),
+            // CGI/WSGI stacks fold '_' into '-': so does the filter.
+            (b"x_prealloc_consumer", true),
+            (b"X_PREALLOC-CLUSTER", true),
+            (b"x_route", true),
+            (b"x_preallocx", false),
         ] {
             assert_eq!(
                 is_reserved(name, "x-route"),

@@ -158,9 +158,12 @@ fn readme_snippet(marker: &str) -> Vec<(String, String)> {
     for line in lines {
         let line = line.get(indent..).unwrap_or("");
         let code = line.split(" #").next().unwrap_or("").trim_end();
-        let top_level_key = !line.starts_with([' ', '#']) && code.ends_with(':');
-        if top_level_key {
+        let top_level = !line.starts_with([' ', '#']) && !code.is_empty();
+        if top_level && code.ends_with(':') {
             pieces.push((code.trim_end_matches(':').to_owned(), String::new()));
+        } else if let (true, Some((key, value))) = (top_level, code.split_once(": ")) {
+            // `key: value` on one line: the value is the piece.
+            pieces.push((key.to_owned(), format!("{value}\n")));
         } else if let Some((_, body)) = pieces.last_mut() {
             if !line.starts_with('#') {
                 body.push_str(line);
@@ -203,6 +206,9 @@ fn completed(pieces: &[(String, String)]) -> String {
          \x20             typed_config:\n\
          \x20               \"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager\n\
          \x20               stat_prefix: ingress\n\
+         \x20               common_http_protocol_options: {}\
+         \x20               normalize_path: {}\
+         \x20               merge_slashes: {}\
          \x20               route_config:\n\
          \x20                 virtual_hosts:\n\
          \x20                   - name: all\n\
@@ -211,6 +217,9 @@ fn completed(pieces: &[(String, String)]) -> String {
          \x20               http_filters:\n{}\
          \x20 clusters:\n{}",
         indent(piece("bootstrap_extensions"), 0),
+        piece("common_http_protocol_options"),
+        piece("normalize_path"),
+        piece("merge_slashes"),
         indent(piece("routes"), 22),
         indent(piece("http_filters"), 16),
         indent(piece("clusters"), 2),
@@ -236,7 +245,15 @@ fn the_readme_envoy_snippet_completed_as_the_readme_says_is_valid() {
     let names: Vec<&str> = pieces.iter().map(|(k, _)| k.as_str()).collect();
     assert_eq!(
         names,
-        ["bootstrap_extensions", "http_filters", "routes", "clusters"],
+        [
+            "bootstrap_extensions",
+            "common_http_protocol_options",
+            "normalize_path",
+            "merge_slashes",
+            "http_filters",
+            "routes",
+            "clusters"
+        ],
         "the README's pieces"
     );
     envoy_validates(&completed(&pieces), Build::Wasm);
@@ -251,12 +268,20 @@ fn the_readme_native_snippet_completed_as_the_readme_says_is_valid() {
         ["bootstrap_extensions", "http_filters", "routes"],
         "the README's native pieces"
     );
-    // "the clusters stay as above"
-    let clusters = readme_snippet("pieces to your Envoy config")
-        .into_iter()
-        .find(|(k, _)| k == "clusters")
-        .unwrap();
-    pieces.push(clusters);
+    // "the clusters and the http_connection_manager options stay as above"
+    pieces.extend(
+        readme_snippet("pieces to your Envoy config")
+            .into_iter()
+            .filter(|(k, _)| {
+                [
+                    "clusters",
+                    "common_http_protocol_options",
+                    "normalize_path",
+                    "merge_slashes",
+                ]
+                .contains(&k.as_str())
+            }),
+    );
     envoy_validates(&completed(&pieces), Build::Native);
 }
 

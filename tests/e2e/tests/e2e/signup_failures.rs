@@ -1,4 +1,5 @@
-//! Sign-ups that fail through real Envoy: a manager refusing (registration given back) and the control plane down (503).
+//! Sign-ups through real Envoy where things could go wrong: a manager refusing (registration
+//! given back), the control plane down (503), path tricks around the sign-up path.
 
 use prealloc_e2e::client::Client;
 use prealloc_e2e::control_plane::Replication;
@@ -131,6 +132,40 @@ each_build! {
             );
         }
         assert!(stack.envoys[0].settled_stat("prealloc_signups_unavailable") >= 1);
+        stack.assert_no_violations();
+    }
+}
+
+each_build! {
+    /// `//signup`, `/x/../signup` and `/%73ignup` are the sign-up path once
+    /// normalised (the template's `normalize_path` and `merge_slashes`), so none
+    /// of them slips past sign-up matching to a backend that normalises it later.
+    #[tokio::test]
+    async fn path_variants_of_the_signup_path_are_signups(build) {
+        let stack = Stack::start(&StackOptions::new(Replication::Reported).with_build(build));
+        let mut c = Client::new(stack.envoys[0].addr());
+        for path in ["//signup", "/x/../signup", "/%73ignup", "/signup?ref=mail"] {
+            let deadline = Instant::now() + STEP_TIMEOUT;
+            let r = loop {
+                let r = c
+                    .send("POST", path, &[("content-type", "application/json")], b"{}")
+                    .await
+                    .expect("sign-up request");
+                // 503 while the pool is still filling right after start.
+                if r.status != 503 || Instant::now() >= deadline {
+                    break r;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
+            assert!(r.status < 300, "{path}: {} {}", r.status, r.text());
+            assert!(
+                consumer_cookie(&r).unwrap().is_some(),
+                "{path} is a sign-up: it gets the cookie"
+            );
+        }
+        assert_eq!(stack.default.count(RequestKind::Anonymous), 0, "nothing reached the default backend");
+        let signups: usize = stack.managers.iter().map(|m| m.signups().len()).sum();
+        assert_eq!(signups, 4);
         stack.assert_no_violations();
     }
 }

@@ -74,3 +74,45 @@ each_build! {
         dp.assert_no_violations();
     }
 }
+
+each_build! {
+    /// A CGI/WSGI-style manager folds `_` into `-`: `x_prealloc_consumer` would
+    /// reach it as the consumer header. Envoy drops underscore headers (the
+    /// template's `headers_with_underscores_action`) and the filter removes
+    /// look-alikes of its reserved headers as well.
+    #[tokio::test]
+    async fn underscore_look_alikes_of_reserved_headers_never_reach_a_manager(build) {
+        let dp = DataPlane::start(build);
+        let alice = new_consumer();
+        let bob = new_consumer();
+        dp.manager("m1").hold(alice.as_str());
+        let cookie = cookie_for(&alice, ConsumerState::Registered, &["m1"]);
+        let mut c = dp.client();
+        let r = c
+            .get(
+                "/",
+                &[
+                    ("cookie", &cookie),
+                    ("x_prealloc_consumer", bob.as_str()),
+                    ("X_Prealloc-Cluster", "manager_m2"),
+                    ("x_prealloc_resource", "mailbox-1"),
+                ],
+            )
+            .await;
+        assert_eq!(r.served_by().as_deref(), Some("m1"), "{}", r.text());
+        let seen = dp.manager("m1").requests_of(alice.as_str());
+        assert_eq!(seen.len(), 1);
+        assert!(
+            seen[0].headers.iter().all(|(n, _)| !n.contains('_')),
+            "no underscore header reached the manager: {:?}",
+            seen[0].headers
+        );
+        // Only the filter's own: the consumer, and (wasm) the route header it set.
+        assert_eq!(seen[0].header("x-prealloc-resource"), None);
+        if let Some(route) = seen[0].header("x-prealloc-cluster") {
+            assert_eq!(route, "manager_m1");
+        }
+        assert_eq!(seen[0].header("x-prealloc-consumer"), Some(alice.as_str()));
+        dp.assert_no_violations();
+    }
+}

@@ -47,6 +47,32 @@ fn a_spoofed_route_header_is_removed_from_an_anonymous_request() {
 }
 
 #[test]
+fn underscore_look_alikes_of_reserved_headers_are_removed_too() {
+    // Envoy forwards them by default; CGI/WSGI managers fold `_` into `-`.
+    let (_host, vm) = filter();
+    let s = send(
+        &vm,
+        &[
+            ("x_prealloc_consumer", "AAAAAAAAAAAAAAAAAAAAAA"),
+            ("X_PREALLOC_CLUSTER", "manager_m2"),
+            ("x_prealloc-resource", "mailbox-1"),
+            ("x_other", "kept"),
+        ],
+    );
+    let left: Vec<String> = s
+        .forwarded_request_headers()
+        .into_iter()
+        .map(|(k, _)| k)
+        .filter(|k| k.replace('_', "-").starts_with("x-prealloc-"))
+        .collect();
+    assert_eq!(left, Vec::<String>::new());
+    assert_eq!(
+        s.forwarded_request_header("x_other").as_deref(),
+        Some("kept")
+    );
+}
+
+#[test]
 fn every_reserved_prealloc_header_is_removed_and_others_are_kept() {
     let (_host, vm) = filter();
     let s = send(
