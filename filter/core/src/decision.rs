@@ -77,6 +77,9 @@ pub enum Decision<'a> {
     },
     /// Every manager holding the data is down and the policy is `reject`: answer 503.
     AllDown { consumer: &'a ConsumerId },
+    /// The claims name no cluster of the managers list (a cookie signed with
+    /// the key but naming another Envoy cluster): treated as anonymous.
+    UnknownClusters,
 }
 
 /// Whether the decision for these claims needs the consumer's table entry
@@ -103,6 +106,10 @@ pub fn decide<'a, E: EntryView>(
         return Decision::Anonymous;
     };
     let cookie_list = || claims.replicas.iter().map(String::as_str);
+    // Only a manager's cluster is ever a destination.
+    if !cookie_list().any(|c| availability.is_known(c)) {
+        return Decision::UnknownClusters;
+    }
     let (picked, first, via, upgrade) = match (claims.state, entry) {
         (ConsumerState::Registered, _) => (
             pick(cookie_list(), availability, rr).map(|(i, c)| ((Source::Cookie, i), c)),
@@ -141,18 +148,19 @@ pub fn decide<'a, E: EntryView>(
             via,
             upgrade,
         },
-        (None, WhenAllDown::FirstManager) => Decision::Route {
+        (None, WhenAllDown::FirstManager) if availability.is_known(first.1) => Decision::Route {
             cluster: first.1,
             from: first.0,
             consumer,
             via: Via::AllDownFirstManager,
             upgrade,
         },
-        (None, WhenAllDown::Reject) => Decision::AllDown { consumer },
+        (None, _) => Decision::AllDown { consumer },
     }
 }
 
-/// The `rr`-th replica (modulo their number) among those not down, counted in
+/// The `rr`-th replica (modulo their number) among the routable ones (known
+/// managers, not down), counted in
 /// name order, with its position in `replicas`; `None` when all are down.
 ///
 /// Name order, not list order: the worker's counter is shared by every
@@ -172,7 +180,7 @@ where
 {
     let up = replicas
         .enumerate()
-        .filter(|(_, c)| !availability.is_down(c));
+        .filter(|(_, c)| availability.is_routable(c));
     let n = up.clone().count() as u64;
     if n == 0 {
         return None;
@@ -218,6 +226,7 @@ mod tests {
         match d {
             Decision::Anonymous => "anonymous".into(),
             Decision::AllDown { .. } => "503".into(),
+            Decision::UnknownClusters => "unknown".into(),
             Decision::Route {
                 cluster,
                 via,
@@ -256,6 +265,33 @@ mod tests {
 
     use ConsumerState::{Registered as R, Registering as G};
     use WhenAllDown::{FirstManager as FM, Reject as RJ};
+
+    #[test]
+    fn only_clusters_of_the_managers_list_are_destinations() {
+        let listed = AvailabilityView::of_managers([
+            ("a", prealloc_wire::Availability::Available),
+            ("b", prealloc_wire::Availability::Down),
+        ]);
+        let d = |cookie: &[&str], state, policy| {
+            let c = claims(state, cookie);
+            summary(&decide::<Entry>(Some(&c), None, &listed, 0, policy))
+        };
+        // A cookie naming only clusters outside the list: anonymous, whatever the policy.
+        assert_eq!(d(&["prealloc_control_plane"], R, RJ), "unknown");
+        assert_eq!(d(&["x"], G, FM), "unknown");
+        // Unknown clusters are skipped; known ones still route.
+        assert_eq!(d(&["x", "a"], R, RJ), "a Cookie");
+        // The first-manager fallback never goes outside the list.
+        assert_eq!(d(&["x", "b"], R, FM), "503");
+        assert_eq!(d(&["b"], G, FM), "b AllDownFirstManager");
+        // Before any list, the signed cookie is trusted.
+        let c = claims(R, &["x"]);
+        let none = AvailabilityView::all_available();
+        assert_eq!(
+            summary(&decide::<Entry>(Some(&c), None, &none, 0, RJ)),
+            "x Cookie"
+        );
+    }
 
     #[test]
     fn decision_table() {

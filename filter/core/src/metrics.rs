@@ -35,6 +35,7 @@ metrics!(Counter {
     CookiesRejectedBadMac => "prealloc_cookies_rejected_bad_mac",
     CookiesRejectedExpired => "prealloc_cookies_rejected_expired",
     CookiesRejectedUnsupportedVersion => "prealloc_cookies_rejected_unsupported_version",
+    CookiesRejectedUnknownCluster => "prealloc_cookies_rejected_unknown_cluster",
     TableHits => "prealloc_table_hits",
     TableMisses => "prealloc_table_misses",
     TableErrors => "prealloc_table_errors",

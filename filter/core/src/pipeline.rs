@@ -289,6 +289,11 @@ pub fn decide<'h, E: EntryView>(
             bumps.add(Counter::RequestsAnonymous, 1);
             return plan(Action::Anonymous, bumps, table_error);
         }
+        Decision::UnknownClusters => {
+            bumps.add(Counter::CookiesRejectedUnknownCluster, 1);
+            bumps.add(Counter::RequestsAnonymous, 1);
+            return plan(Action::Anonymous, bumps, table_error);
+        }
         Decision::AllDown { .. } => {
             bumps.add(Counter::AllDownReplies, 1);
             return plan(Action::Reply(all_down_reply(cfg)), bumps, table_error);

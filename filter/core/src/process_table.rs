@@ -15,7 +15,7 @@
 //! then each entry whole, so a reader never sees an entry naming a cluster it
 //! cannot resolve, nor a half-written entry.
 
-use prealloc_wire::{Availability, ConsumerId, ConsumerState};
+use prealloc_wire::{ConsumerId, ConsumerState};
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -202,12 +202,7 @@ impl ProcessTable {
                 for (cluster, _) in managers {
                     self.intern(cluster)?;
                 }
-                let view = AvailabilityView::with_down(
-                    managers
-                        .iter()
-                        .filter(|(_, a)| *a == Availability::Down)
-                        .map(|(c, _)| *c),
-                );
+                let view = AvailabilityView::of_managers(managers.iter().copied());
                 *self.availability.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(view);
                 self.availability_version.fetch_add(1, Ordering::Release);
             }
@@ -278,6 +273,7 @@ impl ProcessTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use prealloc_wire::Availability;
     use proptest::prelude::*;
 
     fn id(n: u8) -> ConsumerId {

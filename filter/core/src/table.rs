@@ -217,18 +217,23 @@ pub fn encode_entry<'c>(
     s
 }
 
-/// The managers' availability as a filter worker sees it: which clusters are down.
+/// The managers as a filter worker sees them: which clusters exist and which are down.
 ///
-/// Only `down` changes routing (draining managers still serve consumers they
-/// hold), so the view keeps just those; lookups are a linear scan over a
-/// handful of names.
+/// Only `down` changes routing among managers (draining managers still serve
+/// consumers they hold), and only a cluster in the managers list is ever a
+/// destination: a cookie (signed with the key, but naming any Envoy cluster,
+/// the control plane's for one) cannot steer a request elsewhere. Before the
+/// poller wrote the list (`known` is `None`), the signed cookie's clusters are
+/// trusted, so a starting Envoy routes consumers by their cookies. Lookups are
+/// linear scans over a handful of names.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AvailabilityView {
     down: Vec<String>,
+    known: Option<Vec<String>>,
 }
 
 impl AvailabilityView {
-    /// Every manager available (also what a missing key means).
+    /// Every manager available, none listed yet (also what a missing key means).
     pub fn all_available() -> Self {
         AvailabilityView::default()
     }
@@ -237,11 +242,46 @@ impl AvailabilityView {
         self.down.iter().any(|d| d == cluster)
     }
 
-    /// A view with the given clusters down (tests, and the decoder).
+    /// Whether `cluster` is a manager's (always, before any list was written).
+    pub fn is_known(&self, cluster: &str) -> bool {
+        self.known
+            .as_ref()
+            .is_none_or(|k| k.iter().any(|c| c == cluster))
+    }
+
+    /// Whether a managers list was written (before, every cluster counts as known).
+    pub fn has_list(&self) -> bool {
+        self.known.is_some()
+    }
+
+    /// A destination a request may be sent to: a known manager that is not down.
+    pub fn is_routable(&self, cluster: &str) -> bool {
+        self.is_known(cluster) && !self.is_down(cluster)
+    }
+
+    /// A view with the given clusters down and no managers list (tests, and the decoder).
     pub fn with_down<'c>(clusters: impl IntoIterator<Item = &'c str>) -> Self {
         AvailabilityView {
             down: clusters.into_iter().map(str::to_owned).collect(),
+            known: None,
         }
+    }
+
+    /// A view of a managers list: every (cluster, availability).
+    pub fn of_managers<'c>(managers: impl IntoIterator<Item = (&'c str, Availability)>) -> Self {
+        let mut view = AvailabilityView {
+            down: Vec::new(),
+            known: Some(Vec::new()),
+        };
+        for (cluster, a) in managers {
+            if a == Availability::Down {
+                view.down.push(cluster.to_owned());
+            }
+            if let Some(k) = &mut view.known {
+                k.push(cluster.to_owned());
+            }
+        }
+        view
     }
 }
 
@@ -249,24 +289,22 @@ impl AvailabilityView {
 pub fn decode_managers(value: &[u8]) -> Result<AvailabilityView, TableError> {
     let s = std::str::from_utf8(value).map_err(|_| TableError::NotUtf8)?;
     let s = s.strip_suffix('\n').unwrap_or(s);
-    let mut down = Vec::new();
-    if s.is_empty() {
-        return Ok(AvailabilityView { down });
-    }
-    for (i, line) in s.split('\n').enumerate() {
-        let (cluster, avail) = line
-            .split_once(' ')
-            .ok_or(TableError::Availability(i + 1))?;
-        if !is_valid_cluster(cluster) {
-            return Err(TableError::Availability(i + 1));
-        }
-        match avail.parse::<Availability>() {
-            Ok(Availability::Down) => down.push(cluster.to_owned()),
-            Ok(_) => {}
-            Err(_) => return Err(TableError::Availability(i + 1)),
+    let mut managers = Vec::new();
+    if !s.is_empty() {
+        for (i, line) in s.split('\n').enumerate() {
+            let (cluster, avail) = line
+                .split_once(' ')
+                .ok_or(TableError::Availability(i + 1))?;
+            if !is_valid_cluster(cluster) {
+                return Err(TableError::Availability(i + 1));
+            }
+            let a = avail
+                .parse::<Availability>()
+                .map_err(|_| TableError::Availability(i + 1))?;
+            managers.push((cluster, a));
         }
     }
-    Ok(AvailabilityView { down })
+    Ok(AvailabilityView::of_managers(managers))
 }
 
 /// Encodes the `prealloc.managers` value from (cluster, availability) pairs.
@@ -334,10 +372,12 @@ mod tests {
             decode_managers(b"manager_a available\nmanager_b down\nmanager_c draining\n").unwrap();
         assert!(v.is_down("manager_b"));
         assert!(!v.is_down("manager_a") && !v.is_down("manager_c") && !v.is_down("unknown"));
-        assert_eq!(
-            decode_managers(b"").unwrap(),
-            AvailabilityView::all_available()
-        );
+        assert!(v.is_known("manager_c") && !v.is_known("unknown"));
+        assert!(v.is_routable("manager_a") && !v.is_routable("manager_b"));
+        // An empty list is a list: no cluster is a destination.
+        let empty = decode_managers(b"").unwrap();
+        assert!(!empty.is_known("manager_a"));
+        assert!(AvailabilityView::all_available().is_known("manager_a"));
         for (bad, line) in [
             (&b"a up"[..], 1),
             (b"a available\nb", 2),
@@ -361,7 +401,10 @@ mod tests {
         assert_eq!(v, "a available\nb down");
         assert_eq!(
             decode_managers(v.as_bytes()).unwrap(),
-            AvailabilityView::with_down(["b"])
+            AvailabilityView::of_managers([
+                ("a", Availability::Available),
+                ("b", Availability::Down)
+            ])
         );
     }
 

@@ -222,6 +222,11 @@ impl Http {
             return Action::Continue;
         };
         let now = st.now_s();
+        // Until this worker has the managers list, look for it on every request
+        // (not only on the tick): a cookie's clusters are trusted only until then.
+        if !st.availability.try_borrow().is_ok_and(|a| a.has_list()) {
+            st.refresh_availability();
+        }
         let mut rr = st.rr.get();
         let all_available = AvailabilityView::all_available();
         let avail_guard = st.availability.try_borrow();

@@ -116,3 +116,35 @@ each_build! {
         dp.assert_no_violations();
     }
 }
+
+each_build! {
+    /// Even with the cookie key, a cookie naming an Envoy cluster that is no
+    /// manager's (here the control plane's) reaches nothing but the default
+    /// backend: only clusters of the managers list are destinations.
+    #[tokio::test]
+    async fn a_signed_cookie_naming_a_non_manager_cluster_is_anonymous(build) {
+        let dp = DataPlane::start(build);
+        let id = new_consumer();
+        let claims = prealloc_filter_core::cookie::Claims {
+            consumer: id,
+            state: ConsumerState::Registered,
+            expires_at: crate::support::now_unix() + 3600,
+            replicas: vec!["prealloc_control_plane".to_owned()],
+        };
+        let forged = format!(
+            "prealloc={}",
+            prealloc_filter_core::cookie::sign(&claims, prealloc_e2e::envoy::TEST_COOKIE_KEY.as_bytes())
+        );
+        let mut c = dp.client();
+        for _ in 0..3 {
+            let r = c.get("/v1/routes?since=0", &[("cookie", &forged)]).await;
+            assert_eq!(r.served_by().as_deref(), Some("default"), "{}", r.text());
+        }
+        assert!(
+            dp.routes.polls().iter().all(|p| p.authorized),
+            "no client request reached the control plane"
+        );
+        assert_eq!(dp.envoy.settled_stat("prealloc_cookies_rejected_unknown_cluster"), 3);
+        dp.assert_no_violations();
+    }
+}

@@ -107,10 +107,18 @@ fn a_manager_coming_back_up_takes_requests_again_after_the_availability_refresh(
     let (host, vm) = filter();
     let me = consumer(1);
     set_entry(&host, &me, Registering, &["manager_a", "manager_b"]);
-    set_availability(&host, &vm, &[("manager_b", "down")]);
+    set_availability(
+        &host,
+        &vm,
+        &[("manager_a", "available"), ("manager_b", "down")],
+    );
     let c = cookie(&host, &me, Registering, &["manager_a"]);
     assert_even_over(&spread(&vm, &c, 10), &["manager_a"]);
-    set_availability(&host, &vm, &[("manager_b", "available")]);
+    set_availability(
+        &host,
+        &vm,
+        &[("manager_a", "available"), ("manager_b", "available")],
+    );
     assert_even_over(&spread(&vm, &c, 10), &["manager_a", "manager_b"]);
 }
 
@@ -196,7 +204,15 @@ fn a_registered_cookie_spreads_requests_over_its_own_replicas() {
 #[test]
 fn a_registered_cookie_skips_down_replicas() {
     let (host, vm) = filter();
-    set_availability(&host, &vm, &[("manager_b", "down")]);
+    set_availability(
+        &host,
+        &vm,
+        &[
+            ("manager_a", "available"),
+            ("manager_b", "down"),
+            ("manager_c", "available"),
+        ],
+    );
     let c = cookie(
         &host,
         &consumer(9),
@@ -264,4 +280,31 @@ fn each_filter_worker_keeps_its_own_round_robin_over_the_shared_table() {
     let c = cookie(&host, &me, Registering, &["manager_a"]);
     assert_even_over(&spread(&w1, &c, 10), &["manager_a", "manager_b"]);
     assert_even_over(&spread(&w2, &c, 10), &["manager_a", "manager_b"]);
+}
+
+#[test]
+fn a_signed_cookie_naming_a_cluster_outside_the_managers_list_is_anonymous() {
+    let (host, vm) = filter();
+    set_availability(&host, &vm, &[("manager_a", "available")]);
+    let c = cookie(&host, &consumer(3), Registered, &["prealloc_control_plane"]);
+    let mut s = vm.new_http_stream();
+    s.request_headers(&[(":method", "GET"), (":path", "/"), ("cookie", &c)], true);
+    assert_eq!(
+        s.forwarded_request_header(ROUTE_HEADER),
+        None,
+        "no route to it"
+    );
+    assert_eq!(s.forwarded_request_header(CONSUMER_HEADER), None);
+    s.finish();
+    host.tick(&vm);
+    assert_eq!(host.counter("prealloc_cookies_rejected_unknown_cluster"), 1);
+    assert_eq!(host.counter(&metric::decision("anonymous")), 1);
+    // A listed cluster next to it still routes, to the listed one only.
+    let c = cookie(
+        &host,
+        &consumer(3),
+        Registered,
+        &["prealloc_control_plane", "manager_a"],
+    );
+    assert_even_over(&spread(&vm, &c, 6), &["manager_a"]);
 }
