@@ -118,3 +118,43 @@ async fn http2_prior_knowledge_is_served_too() {
     assert_eq!(v["kind"], "full");
     server.shutdown().await;
 }
+
+/// What control-plane/README.md documents as the one exception to JSON errors:
+/// requests hyper refuses before routing get its status and an empty body.
+#[tokio::test]
+async fn protocol_level_refusals_are_the_documented_exception() {
+    use std::io::{Read, Write};
+    let db = Db::new();
+    let server = Server::start(Setup::default().config(&db.path()))
+        .await
+        .expect("server starts");
+    let addr = server.addr();
+    let ask = move |req: Vec<u8>| {
+        tokio::task::spawn_blocking(move || {
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let _ = s.write_all(&req);
+            let mut out = Vec::new();
+            let _ = s.read_to_end(&mut out);
+            String::from_utf8_lossy(&out).into_owned()
+        })
+    };
+    let huge_header = format!(
+        "GET /healthz HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n",
+        "a".repeat(600 * 1024)
+    );
+    let long_uri = format!("GET /{} HTTP/1.1\r\nhost: x\r\n\r\n", "a".repeat(70 * 1024));
+    let not_http = b"\x16\x03\x01 not http at all\r\n\r\n".to_vec();
+    for (req, want) in [
+        (huge_header.into_bytes(), "431"),
+        (long_uri.into_bytes(), "414"),
+        (not_http, "400"),
+    ] {
+        let answer = ask(req).await.unwrap();
+        let status = answer.split_whitespace().nth(1).unwrap_or("");
+        assert_eq!(status, want, "{answer:.200}");
+        let body = answer.split("\r\n\r\n").nth(1).unwrap_or("");
+        assert!(body.is_empty(), "empty body: {body:?}");
+    }
+    server.shutdown().await;
+}
