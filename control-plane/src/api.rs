@@ -1,6 +1,6 @@
 //! The HTTP API: routing, bearer-token checks, JSON in and out, error bodies.
 
-use crate::command::{Refusal, Register, Release, Replica, SetAvailability};
+use crate::command::{Confirm, Refusal, Register, Release, Replica, SetAvailability};
 use crate::registry::{ConsumerRecord, RegisterError};
 use crate::state::Plane;
 use bytes::Bytes;
@@ -47,6 +47,7 @@ enum Endpoint {
     Routes,
     Register,
     Release,
+    Confirm,
     Replica,
     Consumer,
     Consumers,
@@ -74,6 +75,12 @@ const ROUTES: &[(Method, &str, Access, Endpoint)] = &[
         "v1/registrations/*",
         Access::Envoy,
         Endpoint::Release,
+    ),
+    (
+        Method::POST,
+        "v1/registrations/*/confirm",
+        Access::Envoy,
+        Endpoint::Confirm,
     ),
     (
         Method::POST,
@@ -260,6 +267,7 @@ impl App {
             Endpoint::Routes => self.routes(&req).await,
             Endpoint::Register => self.register(req).await,
             Endpoint::Release => self.release(arg).await,
+            Endpoint::Confirm => self.confirm(arg).await,
             Endpoint::Replica => self.replica(arg, req).await,
             Endpoint::Consumer => self.consumer(arg),
             Endpoint::Consumers => self.consumers(&req),
@@ -369,6 +377,25 @@ impl App {
                 *r.status_mut() = StatusCode::NO_CONTENT;
                 r
             }
+            Err(e) => refusal(e),
+        }
+    }
+
+    async fn confirm(&self, id: &str) -> Resp {
+        let consumer = match ConsumerId::parse(id) {
+            Ok(c) => c,
+            Err(e) => return error(StatusCode::BAD_REQUEST, "bad_consumer_id", e.to_string()),
+        };
+        match self.plane.writer.call(Confirm { consumer: consumer.clone() }).await {
+            Ok(newly) => json(
+                StatusCode::OK,
+                &serde_json::json!({"consumer": consumer, "confirmed": true, "newly": newly}),
+            ),
+            Err(Refusal::UnknownConsumer) => error(
+                StatusCode::NOT_FOUND,
+                "unknown_consumer",
+                "no such registration: it was never made, was given back, or its lease ran out and it was reclaimed; do not issue a cookie for it",
+            ),
             Err(e) => refusal(e),
         }
     }
@@ -569,6 +596,11 @@ fn refusal(e: Refusal) -> Resp {
             r.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
             r
         }
+        Refusal::Confirmed => error(
+            StatusCode::CONFLICT,
+            "registration_confirmed",
+            "this registration was confirmed (its sign-up succeeded, managers hold the consumer's data): its resource is never given back",
+        ),
         Refusal::WriterFailed(m) => {
             let mut r = error(StatusCode::SERVICE_UNAVAILABLE, "writer_failed", format!("{m}; this control plane takes no more writes until it is restarted"));
             r.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));

@@ -16,6 +16,7 @@ pub struct Counts {
     pub pool_empty: u64,
     pub bad_request: u64,
     pub released: u64,
+    pub reclaimed: u64,
     pub replicas: u64,
     pub registered: u64,
 }
@@ -38,6 +39,8 @@ pub struct Batch {
     pub to_replicate: Vec<ConsumerId>,
     /// Consumers that became registered: when each leaves the routing table.
     pub leaving: Vec<(u64, ConsumerId)>,
+    /// New provisional registrations: when each lease ends.
+    pub leases: Vec<(u64, ConsumerId)>,
     /// Sign-up to copy delays of the replicas recorded.
     pub lags_ms: Vec<u64>,
     pub counts: Counts,
@@ -56,6 +59,7 @@ impl Batch {
             all_pools: false,
             to_replicate: Vec::new(),
             leaving: Vec::new(),
+            leases: Vec::new(),
             lags_ms: Vec::new(),
             counts: Counts::default(),
             rng: StdRng::from_entropy(),
@@ -72,6 +76,7 @@ impl Batch {
         self.all_pools = false;
         self.to_replicate.clear();
         self.leaving.clear();
+        self.leases.clear();
         self.lags_ms.clear();
         self.counts = Counts::default();
     }

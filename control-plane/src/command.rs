@@ -3,7 +3,7 @@
 //! that queues them.
 
 use crate::batch::Batch;
-use crate::registry::{ManagerView, RegisterError, Registry, ReplicaError, Reserved};
+use crate::registry::{ManagerView, RegisterError, Registry, ReleaseError, ReplicaError, Reserved};
 use prealloc_wire::{Availability, ConsumerId, ConsumerState, Registration};
 use rand::RngCore;
 use serde::Serialize;
@@ -15,6 +15,8 @@ pub enum Refusal {
     Register(RegisterError),
     UnknownConsumer,
     UnknownManager(String),
+    /// A give-back of a confirmed registration: the managers hold its data.
+    Confirmed,
     /// The transaction failed; nothing of the batch was kept.
     Storage(String),
     ShuttingDown,
@@ -69,6 +71,8 @@ impl Write for Register {
         };
         b.counts.registrations += 1;
         b.pools.insert(pool);
+        b.leases
+            .extend(reg.lease_end(&id).map(|end| (end, id.clone())));
         // A new consumer always enters the table; a target of one copy makes it
         // registered at once, and it leaves again after the grace period.
         match reg.route_window_end(&id) {
@@ -84,7 +88,7 @@ impl Write for Register {
     }
 }
 
-/// Gives a consumer's resource back (`DELETE /v1/registrations/{id}`).
+/// Gives a provisional registration's resource back (`DELETE /v1/registrations/{id}`).
 pub struct Release {
     pub consumer: ConsumerId,
 }
@@ -94,11 +98,58 @@ impl Write for Release {
     fn apply(self, reg: &mut Registry, b: &mut Batch) -> Result<(), Refusal> {
         let pool = reg
             .release(&self.consumer, &mut b.ops)
-            .ok_or(Refusal::UnknownConsumer)?;
+            .map_err(|e| match e {
+                ReleaseError::UnknownConsumer => Refusal::UnknownConsumer,
+                ReleaseError::Confirmed => Refusal::Confirmed,
+            })?;
         b.counts.released += 1;
         b.pools.insert(pool);
         b.changes.push((self.consumer, None));
         Ok(())
+    }
+}
+
+/// The filter confirms a registration once the first manager accepted the
+/// sign-up (`POST /v1/registrations/{id}/confirm`): it is no longer a lease.
+pub struct Confirm {
+    pub consumer: ConsumerId,
+}
+
+impl Write for Confirm {
+    /// Whether this call confirmed it (false: it already was).
+    type Answer = bool;
+    fn apply(self, reg: &mut Registry, b: &mut Batch) -> Result<bool, Refusal> {
+        Ok(reg.confirm(&self.consumer, b.now_ms, &mut b.ops)?)
+    }
+}
+
+/// Provisional registrations whose lease ended (as of `due_ms`) are reclaimed:
+/// resource back in the pool, consumer forgotten, table entry removed.
+pub struct Reclaim {
+    pub consumers: Vec<ConsumerId>,
+    pub due_ms: u64,
+}
+
+impl Write for Reclaim {
+    /// How many were reclaimed (the others were confirmed meanwhile, or gone).
+    type Answer = usize;
+    fn apply(self, reg: &mut Registry, b: &mut Batch) -> Result<usize, Refusal> {
+        let now = b.now_ms.max(self.due_ms);
+        let mut n = 0;
+        for c in self.consumers {
+            // Confirmed meanwhile (no lease left), gone, or not due yet.
+            if reg.lease_end(&c).is_none_or(|end| end > now) {
+                continue;
+            }
+            if let Ok(pool) = reg.release(&c, &mut b.ops) {
+                tracing::warn!(consumer = %c, "registration never confirmed: reclaimed, its resource is back in the pool");
+                b.pools.insert(pool);
+                b.changes.push((c, None));
+                n += 1;
+            }
+        }
+        b.counts.reclaimed += n as u64;
+        Ok(n)
     }
 }
 

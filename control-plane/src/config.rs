@@ -31,9 +31,18 @@ pub struct RawConfig {
     /// How long a registered consumer stays in the routing table.
     #[serde(default = "default_grace_ms")]
     pub grace_period_ms: u64,
+    /// How long a new registration stays provisional: not confirmed by the
+    /// filter (after the first manager accepted the sign-up) within this time,
+    /// it is reclaimed and its resource goes back to the pool.
+    #[serde(default = "default_lease_ms")]
+    pub registration_lease_ms: u64,
     /// Upper bound of writes committed in one transaction.
     #[serde(default = "default_max_batch")]
     pub max_write_batch: usize,
+}
+
+fn default_lease_ms() -> u64 {
+    60_000
 }
 
 fn default_listen() -> String {
@@ -254,6 +263,7 @@ pub struct Config {
     pub provisioning: ProvisioningConfig,
     pub push: PushConfig,
     pub grace_period_ms: u64,
+    pub registration_lease_ms: u64,
     pub max_write_batch: usize,
 }
 
@@ -430,6 +440,9 @@ impl Config {
         if raw.max_write_batch == 0 {
             return Err("key `max_write_batch`: must be at least 1".into());
         }
+        if raw.registration_lease_ms < 100 {
+            return Err("key `registration_lease_ms`: must be at least 100 (ms); it must outlast a sign-up's trip to the first manager".into());
+        }
         Ok(Config {
             listen,
             database,
@@ -440,6 +453,7 @@ impl Config {
             provisioning: raw.provisioning,
             push: raw.push,
             grace_period_ms: raw.grace_period_ms,
+            registration_lease_ms: raw.registration_lease_ms,
             max_write_batch: raw.max_write_batch,
         })
     }

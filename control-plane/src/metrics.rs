@@ -71,6 +71,7 @@ pub struct Metrics {
     pub registrations_pool_empty: AtomicU64,
     pub registrations_bad_request: AtomicU64,
     pub registrations_released: AtomicU64,
+    pub registrations_reclaimed: AtomicU64,
     pub replicas_recorded: AtomicU64,
     pub consumers_registered: AtomicU64,
     pub provision_attempt_failures: AtomicU64,
@@ -92,6 +93,7 @@ impl Default for Metrics {
             registrations_pool_empty: AtomicU64::new(0),
             registrations_bad_request: AtomicU64::new(0),
             registrations_released: AtomicU64::new(0),
+            registrations_reclaimed: AtomicU64::new(0),
             replicas_recorded: AtomicU64::new(0),
             consumers_registered: AtomicU64::new(0),
             provision_attempt_failures: AtomicU64::new(0),
@@ -147,6 +149,12 @@ impl Metrics {
             "prealloc_registrations_released_total",
             "Registrations given back (DELETE /v1/registrations).",
             &self.registrations_released,
+        );
+        counter(
+            &mut o,
+            "prealloc_registrations_reclaimed_total",
+            "Provisional registrations never confirmed within registration_lease_ms: resource back in the pool.",
+            &self.registrations_reclaimed,
         );
         counter(
             &mut o,

@@ -65,6 +65,7 @@ impl ControlPlane {
             .context("meta `version` in the database is not a number")?;
         let registry = Registry::from_snapshot(&config, &snap)?;
         let (entries, leaving) = registry.route_window(crate::now_ms());
+        let leases = registry.leases();
         let registering = registry.registering();
         let routes = Routes::new(
             epoch,
@@ -84,6 +85,7 @@ impl ControlPlane {
         });
         let core = Arc::new(core);
         core.expiry.push(leaving);
+        core.leases.push(leases);
         let (tx, rx) = mpsc::channel(65_536);
         let writer = Writer::new(tx, core.writer_failure.subscribe());
         let writer_core = core.clone();
@@ -103,6 +105,7 @@ impl ControlPlane {
             tasks.spawn(crate::allocator::provision(plane.clone(), id, manager));
         }
         tasks.spawn(crate::expiry::run(plane.clone()));
+        tasks.spawn(crate::expiry::run_leases(plane.clone()));
         if let Some(rx) = replicate_rx {
             if let Some(tx) = &core.replicate_tx {
                 for c in registering {

@@ -68,6 +68,9 @@ struct Consumer {
     replicas: Vec<(usize, u64)>,
     created_ms: u64,
     registered_ms: Option<u64>,
+    /// When the filter confirmed the sign-up (or a copy proved the data
+    /// exists); `None` while the registration is a provisional lease.
+    confirmed_ms: Option<u64>,
 }
 
 /// Why a registration was refused.
@@ -82,6 +85,15 @@ pub enum RegisterError {
         resource_type: String,
         location: String,
     },
+}
+
+/// Why a give-back was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReleaseError {
+    UnknownConsumer,
+    /// The registration was confirmed: managers hold the consumer's data, so
+    /// its resource is never handed to anyone else.
+    Confirmed,
 }
 
 /// Why a replica report was refused.
@@ -114,6 +126,8 @@ pub struct Registry {
     target: ReplicationTarget,
     /// How long a registered consumer stays in the routing table (`grace_period_ms`).
     grace_ms: u64,
+    /// How long a registration may stay unconfirmed (`registration_lease_ms`).
+    lease_ms: u64,
     managers: Vec<Manager>,
     manager_idx: HashMap<String, usize>,
     pools: Vec<Pool>,
@@ -149,6 +163,7 @@ impl Registry {
         let mut reg = Registry {
             target: config.replication.target,
             grace_ms: config.grace_period_ms,
+            lease_ms: config.registration_lease_ms,
             managers,
             manager_idx,
             pools: Vec::new(),
@@ -250,6 +265,7 @@ impl Registry {
                     } else {
                         None
                     },
+                    confirmed_ms: c.confirmed_ms,
                 },
             );
         }
@@ -531,6 +547,7 @@ impl Registry {
             replicas: vec![(m, now_ms)],
             created_ms: now_ms,
             registered_ms: None,
+            confirmed_ms: None,
         };
         if self.target_reached(pool, &c.replicas) {
             c.registered_ms = Some(now_ms);
@@ -566,10 +583,23 @@ impl Registry {
         self.consumers.contains_key(consumer)
     }
 
-    /// Gives a consumer's resource back to its pool and forgets the consumer.
-    /// Returns the pool, or `None` for an unknown consumer.
-    pub fn release(&mut self, consumer: &ConsumerId, ops: &mut Vec<Op>) -> Option<usize> {
-        let c = self.consumers.remove(consumer)?;
+    /// Gives a provisional registration's resource back to its pool and forgets
+    /// the consumer (a refused sign-up, or a lease that ran out). A confirmed
+    /// registration is never given back. Returns the pool.
+    pub fn release(
+        &mut self,
+        consumer: &ConsumerId,
+        ops: &mut Vec<Op>,
+    ) -> Result<usize, ReleaseError> {
+        match self.consumers.get(consumer) {
+            None => return Err(ReleaseError::UnknownConsumer),
+            Some(c) if c.confirmed_ms.is_some() => return Err(ReleaseError::Confirmed),
+            Some(_) => {}
+        }
+        let c = self
+            .consumers
+            .remove(consumer)
+            .ok_or(ReleaseError::UnknownConsumer)?;
         let r = self
             .resources
             .get_mut(&c.resource)
@@ -581,7 +611,50 @@ impl Registry {
         ops.push(Op::Unassign {
             resource: c.resource,
         });
-        Some(pool)
+        Ok(pool)
+    }
+
+    /// Confirms a registration (the first manager accepted the sign-up): it is
+    /// no longer a lease. `Ok(false)` when it already was confirmed.
+    pub fn confirm(
+        &mut self,
+        consumer: &ConsumerId,
+        now_ms: u64,
+        ops: &mut Vec<Op>,
+    ) -> Result<bool, ReplicaError> {
+        let c = self
+            .consumers
+            .get_mut(consumer)
+            .ok_or(ReplicaError::UnknownConsumer)?;
+        if c.confirmed_ms.is_some() {
+            return Ok(false);
+        }
+        c.confirmed_ms = Some(now_ms);
+        ops.push(Op::Confirm {
+            resource: c.resource,
+            at_ms: now_ms,
+        });
+        Ok(true)
+    }
+
+    /// When a provisional registration's lease runs out; `None` once confirmed.
+    pub fn lease_end(&self, consumer: &ConsumerId) -> Option<u64> {
+        let c = self.consumers.get(consumer)?;
+        match c.confirmed_ms {
+            Some(_) => None,
+            None => Some(c.created_ms.saturating_add(self.lease_ms)),
+        }
+    }
+
+    /// Every provisional registration with the end of its lease, earliest first.
+    pub fn leases(&self) -> Vec<(u64, ConsumerId)> {
+        let mut v: Vec<(u64, ConsumerId)> = self
+            .consumers
+            .keys()
+            .filter_map(|id| self.lease_end(id).map(|end| (end, id.clone())))
+            .collect();
+        v.sort();
+        v
     }
 
     fn target_reached(&self, pool: usize, replicas: &[(usize, u64)]) -> bool {
@@ -642,6 +715,14 @@ impl Registry {
             manager: manager.to_owned(),
             at_ms: now_ms,
         }));
+        // A confirmed copy proves the sign-up reached the first manager.
+        if c.confirmed_ms.is_none() {
+            c.confirmed_ms = Some(now_ms);
+            ops.push(Op::Confirm {
+                resource: c.resource,
+                at_ms: now_ms,
+            });
+        }
         let became_registered = reached && c.registered_ms.is_none();
         if became_registered {
             c.registered_ms = Some(now_ms);
@@ -868,6 +949,7 @@ impl Registry {
             location: p.location.clone(),
             created_ms: c.created_ms,
             registered_ms: c.registered_ms,
+            confirmed_ms: c.confirmed_ms,
             resource: ResourceRecord {
                 id: r.id,
                 resource_type: p.resource_type.clone(),
@@ -1039,6 +1121,8 @@ pub struct ConsumerRecord {
     pub location: String,
     pub created_ms: u64,
     pub registered_ms: Option<u64>,
+    /// When the sign-up was confirmed; `None` while the registration is a lease.
+    pub confirmed_ms: Option<u64>,
     pub resource: ResourceRecord,
     /// The manager that holds the resource and received the sign-up.
     pub first_manager: ManagerRef,

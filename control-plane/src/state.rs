@@ -12,14 +12,16 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::{mpsc, watch, Notify};
 
-/// Registered consumers waiting for their grace period to end, earliest first.
+/// Consumers waiting for a deadline, earliest first: the end of a registered
+/// consumer's grace period (`Core::expiry`), or of a provisional
+/// registration's lease (`Core::leases`).
 #[derive(Default)]
-pub struct Expiry {
+pub struct Deadlines {
     queue: Mutex<VecDeque<(u64, ConsumerId)>>,
     pub notify: Notify,
 }
 
-impl Expiry {
+impl Deadlines {
     /// Queues consumers with the time each leaves the routing table.
     pub fn push(&self, leaving: impl IntoIterator<Item = (u64, ConsumerId)>) {
         let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
@@ -50,7 +52,10 @@ pub struct Core {
     pub metrics: Metrics,
     /// One per pool: wakes its allocator when depth or eligibility changed.
     pub pool_notify: Vec<Notify>,
-    pub expiry: Expiry,
+    /// Registered consumers: when each leaves the routing table.
+    pub expiry: Deadlines,
+    /// Provisional registrations: when each lease ends.
+    pub leases: Deadlines,
     /// Active mode: consumers that need copies.
     pub replicate_tx: Option<mpsc::UnboundedSender<ConsumerId>>,
     pub client: ManagerClient,
@@ -72,7 +77,8 @@ impl Core {
             routes,
             metrics: Metrics::default(),
             pool_notify: (0..pools).map(|_| Notify::new()).collect(),
-            expiry: Expiry::default(),
+            expiry: Deadlines::default(),
+            leases: Deadlines::default(),
             replicate_tx: None,
             client: ManagerClient::default(),
             provision_permits: tokio::sync::Semaphore::new(permits),

@@ -161,6 +161,9 @@ impl WriterLoop {
         if !b.leaving.is_empty() {
             core.expiry.push(b.leaving.drain(..));
         }
+        if !b.leases.is_empty() {
+            core.leases.push(b.leases.drain(..));
+        }
         if let Some(tx) = &core.replicate_tx {
             for c in b.to_replicate.drain(..) {
                 let _ = tx.send(c);
@@ -207,6 +210,8 @@ impl WriterLoop {
             .fetch_add(c.bad_request, Ordering::Relaxed);
         m.registrations_released
             .fetch_add(c.released, Ordering::Relaxed);
+        m.registrations_reclaimed
+            .fetch_add(c.reclaimed, Ordering::Relaxed);
         m.replicas_recorded.fetch_add(c.replicas, Ordering::Relaxed);
         m.consumers_registered
             .fetch_add(c.registered, Ordering::Relaxed);

@@ -60,6 +60,8 @@ pub struct ConsumerRow {
     pub registered: bool,
     pub created_ms: u64,
     pub registered_ms: Option<u64>,
+    /// When the registration was confirmed; `None` while it is provisional.
+    pub confirmed_ms: Option<u64>,
 }
 
 /// One confirmed copy of a consumer's data, keyed by the consumer's resource.
@@ -104,6 +106,11 @@ pub enum Op {
     SetRegistered {
         resource: u64,
         registered_ms: u64,
+    },
+    /// The registration is confirmed: it is no longer reclaimed, nor given back.
+    Confirm {
+        resource: u64,
+        at_ms: u64,
     },
     PutReplica(ReplicaRow),
 }

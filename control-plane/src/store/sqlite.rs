@@ -6,12 +6,13 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use std::path::{Path, PathBuf};
 
 /// Schema migrations, applied in order; the `migrations` table records which ran.
-const MIGRATIONS: &[(&str, &str)] = &[(
-    "0001_initial",
-    // Consumers live in their resource's row and replicas are keyed by resource id:
-    // resource ids grow, so a registration touches pages at the end of the trees
-    // instead of random pages, which keeps each group commit small.
-    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+const MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "0001_initial",
+        // Consumers live in their resource's row and replicas are keyed by resource id:
+        // resource ids grow, so a registration touches pages at the end of the trees
+        // instead of random pages, which keeps each group commit small.
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
      CREATE TABLE manager_availability (
          manager TEXT PRIMARY KEY, availability TEXT NOT NULL) WITHOUT ROWID;
      CREATE TABLE resources (
@@ -30,7 +31,15 @@ const MIGRATIONS: &[(&str, &str)] = &[(
          manager TEXT NOT NULL,
          at_ms INTEGER NOT NULL,
          PRIMARY KEY (resource, manager)) WITHOUT ROWID;",
-)];
+    ),
+    (
+        "0002_registration_lease",
+        // A registration is provisional until confirmed (the first manager
+        // accepted the sign-up); consumers from before count as confirmed.
+        "ALTER TABLE resources ADD COLUMN confirmed_ms INTEGER;
+         UPDATE resources SET confirmed_ms = consumer_created_ms WHERE consumer IS NOT NULL;",
+    ),
+];
 
 /// A store in one SQLite file.
 pub struct SqliteStore {
@@ -207,7 +216,7 @@ impl Store for SqliteStore {
             .collect::<Result<_, _>>()?;
         let mut st = c.prepare(
             "SELECT id, resource_type, name, location, manager, state, consumer, created_ms,
-                    consumer_created_ms, registered_ms
+                    consumer_created_ms, registered_ms, confirmed_ms
              FROM resources ORDER BY id",
         )?;
         let mut rows = st.query([])?;
@@ -227,6 +236,7 @@ impl Store for SqliteStore {
                     registered: registered_ms.is_some(),
                     created_ms: r.get::<_, Option<i64>>(8)?.unwrap_or(0) as u64,
                     registered_ms,
+                    confirmed_ms: r.get::<_, Option<i64>>(10)?.map(|v| v as u64),
                 });
             }
             snap.resources.push(ResourceRow {
@@ -322,7 +332,8 @@ impl Store for SqliteStore {
                     let n = tx
                         .prepare_cached(
                             "UPDATE resources SET state = 'assigned', consumer = ?2,
-                             consumer_created_ms = ?3, registered_ms = ?4 WHERE id = ?1",
+                             consumer_created_ms = ?3, registered_ms = ?4, confirmed_ms = NULL
+                             WHERE id = ?1",
                         )?
                         .execute(params![
                             to_i64(*resource),
@@ -337,7 +348,8 @@ impl Store for SqliteStore {
                 Op::Unassign { resource } => {
                     tx.prepare_cached(
                         "UPDATE resources SET state = 'ready', consumer = NULL,
-                         consumer_created_ms = NULL, registered_ms = NULL WHERE id = ?1",
+                         consumer_created_ms = NULL, registered_ms = NULL, confirmed_ms = NULL
+                         WHERE id = ?1",
                     )?
                     .execute(params![to_i64(*resource)])?;
                     tx.prepare_cached("DELETE FROM replicas WHERE resource = ?1")?
@@ -349,6 +361,10 @@ impl Store for SqliteStore {
                 } => {
                     tx.prepare_cached("UPDATE resources SET registered_ms = ?2 WHERE id = ?1")?
                         .execute(params![to_i64(*resource), to_i64(*registered_ms)])?;
+                }
+                Op::Confirm { resource, at_ms } => {
+                    tx.prepare_cached("UPDATE resources SET confirmed_ms = ?2 WHERE id = ?1")?
+                        .execute(params![to_i64(*resource), to_i64(*at_ms)])?;
                 }
                 Op::PutReplica(r) => {
                     tx.prepare_cached(

@@ -95,10 +95,19 @@ proptest! {
                     }
                 }
                 Step::Release(i) if !consumers.is_empty() => {
-                    let c = consumers.swap_remove(i % consumers.len());
-                    let rid = reg.consumer_record(&c).unwrap().resource.id;
-                    prop_assert!(reg.release(&c, &mut ops).is_some());
-                    handed.remove(&rid);
+                    let k = i % consumers.len();
+                    let rec = reg.consumer_record(&consumers[k]).unwrap();
+                    if rec.confirmed_ms.is_some() {
+                        // A copy exists: the sign-up succeeded, the resource stays bound.
+                        prop_assert_eq!(
+                            reg.release(&consumers[k], &mut ops),
+                            Err(prealloc_control_plane::registry::ReleaseError::Confirmed)
+                        );
+                    } else {
+                        let c = consumers.swap_remove(k);
+                        prop_assert!(reg.release(&c, &mut ops).is_ok());
+                        handed.remove(&rec.resource.id);
+                    }
                 }
                 Step::Availability(m, a) => {
                     let a = [Availability::Available, Availability::Draining, Availability::Down][a as usize];

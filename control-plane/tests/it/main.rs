@@ -6,6 +6,7 @@ mod cli;
 mod config;
 mod durability;
 mod layering;
+mod leases;
 mod provisioning;
 mod registrations;
 mod replication;

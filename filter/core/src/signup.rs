@@ -80,6 +80,41 @@ pub fn giveback_call(cfg: &SignupConfig, consumer: &ConsumerId) -> Call {
     }
 }
 
+/// `POST /v1/registrations/{consumer}/confirm`: the first manager accepted the
+/// sign-up; the registration stops being a lease the control plane reclaims.
+pub fn confirm_call(cfg: &SignupConfig, consumer: &ConsumerId) -> Call {
+    Call {
+        headers: vec![
+            (":method", "POST".to_owned()),
+            (":path", format!("{REGISTRATIONS_PATH}/{consumer}/confirm")),
+            (":authority", cfg.authority.clone()),
+            ("authorization", format!("Bearer {}", cfg.token)),
+            ("content-length", "0".to_owned()),
+        ],
+        body: None,
+    }
+}
+
+/// Judges the confirmation's answer: `Ok` when the registration is confirmed
+/// (the cookie may be issued); else the 503 the client gets instead of the
+/// manager's answer, without a cookie (the registration was reclaimed, or will
+/// be when its lease ends).
+pub fn on_confirm_response(status: Option<u32>, retry_after_s: u32) -> Result<(), LocalReply> {
+    match status {
+        Some(200..=299) => Ok(()),
+        Some(404) => Err(LocalReply::unavailable(
+            "registration_expired",
+            "the sign-up took longer than its registration lease; sign up again",
+            retry_after_s,
+        )),
+        _ => Err(LocalReply::unavailable(
+            "control_plane_unreachable",
+            "the registration service could not confirm the sign-up; sign up again",
+            retry_after_s,
+        )),
+    }
+}
+
 /// A local reply the filter sends instead of forwarding the sign-up.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalReply {
@@ -204,7 +239,8 @@ pub fn signup_claims(reg: &Registration, now_unix_s: u64, max_age_s: u64) -> Cla
 /// What to do with the first manager's answer to a forwarded sign-up.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SignupAnswer {
-    /// 2xx: add this `Set-Cookie` (the registering cookie) to the response.
+    /// 2xx: confirm the registration ([`confirm_call`]), then add this
+    /// `Set-Cookie` (the registering cookie) to the response; never before.
     Accepted { set_cookie: String },
     /// Anything else: pass the answer through without a cookie, give the registration back.
     Refused,
@@ -298,7 +334,8 @@ impl GiveBacks {
         now_ms: u64,
     ) -> GiveBackResult {
         match status {
-            Some(200..=299 | 404) => GiveBackResult::Done,
+            // 409: the registration was confirmed after all; it is not ours to give back.
+            Some(200..=299 | 404 | 409) => GiveBackResult::Done,
             _ if attempt.saturating_add(1) >= GIVEBACK_ATTEMPTS => GiveBackResult::Lost,
             _ => {
                 let delay = 1000u64 << attempt.min(16);
@@ -528,6 +565,7 @@ mod tests {
         let (c, a) = g.take_due(now).pop().unwrap();
         assert_eq!(g.settle(c.clone(), a, Some(204), now), GiveBackResult::Done);
         assert_eq!(g.settle(c.clone(), a, Some(404), now), GiveBackResult::Done);
+        assert_eq!(g.settle(c.clone(), a, Some(409), now), GiveBackResult::Done);
         assert_eq!(
             g.settle(c, a, None, now),
             GiveBackResult::Retry,

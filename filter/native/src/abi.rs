@@ -173,6 +173,7 @@ extern "C" {
         details: ModuleBuffer,
     );
     pub fn envoy_dynamic_module_callback_http_filter_continue_decoding(filter: FilterEnvoy);
+    pub fn envoy_dynamic_module_callback_http_filter_continue_encoding(filter: FilterEnvoy);
     /// Re-runs cluster selection (the cluster specifier), not the route match.
     pub fn envoy_dynamic_module_callback_http_clear_route_cluster_cache(filter: FilterEnvoy);
 
@@ -271,6 +272,7 @@ pub const IMPORTS: &[&str] = &[
     "envoy_dynamic_module_callback_http_add_header",
     "envoy_dynamic_module_callback_http_send_response",
     "envoy_dynamic_module_callback_http_filter_continue_decoding",
+    "envoy_dynamic_module_callback_http_filter_continue_encoding",
     "envoy_dynamic_module_callback_http_clear_route_cluster_cache",
     "envoy_dynamic_module_callback_http_filter_http_callout",
     "envoy_dynamic_module_callback_http_filter_config_define_counter",

@@ -74,6 +74,12 @@ enum Signup {
     },
     /// Sent to the first manager; its answer decides cookie or give-back.
     Forwarded(Registration),
+    /// The manager accepted: its answer is held while the control plane
+    /// confirms the registration (`callout`); then the cookie, or a 503.
+    Confirming {
+        callout: u64,
+        set_cookie: String,
+    },
     /// Answered locally, or done.
     Replied,
 }
@@ -213,24 +219,7 @@ impl Stream {
     }
 
     fn start_signup(&mut self, f: FilterEnvoy, sc: &config::SignupConfig) -> u32 {
-        let call = signup::registration_call(sc);
-        let refs = call.header_refs();
-        let headers = host::module_headers(&refs);
-        let body = call.body.as_deref().unwrap_or_default();
-        let mut id = 0u64;
-        let timeout = u64::try_from(sc.timeout.as_millis()).unwrap_or(u64::MAX);
-        // SAFETY: live stream; every buffer outlives the call and Envoy copies them.
-        let init = unsafe {
-            abi::envoy_dynamic_module_callback_http_filter_http_callout(
-                f,
-                &mut id,
-                ModuleBuffer::of(sc.cluster.as_bytes()),
-                headers.as_ptr(),
-                headers.len(),
-                ModuleBuffer::of(body),
-                timeout,
-            )
-        };
+        let (init, id) = callout(f, sc, &signup::registration_call(sc));
         if init == abi::CALLOUT_INIT_SUCCESS {
             self.signup = Signup::Registering { callout: id };
             return abi::HEADERS_STOP_ITERATION;
@@ -307,7 +296,7 @@ impl Stream {
 
     fn response_headers(&mut self, f: FilterEnvoy) -> u32 {
         match std::mem::replace(&mut self.signup, Signup::Replied) {
-            Signup::Forwarded(reg) => self.on_signup_response(f, reg),
+            Signup::Forwarded(reg) => return self.on_signup_response(f, reg),
             other => {
                 self.signup = other;
                 if let Some(c) = self.upgrade_cookie.take() {
@@ -320,17 +309,48 @@ impl Stream {
         abi::HEADERS_CONTINUE
     }
 
-    /// The first manager answered the forwarded sign-up.
-    fn on_signup_response(&mut self, f: FilterEnvoy, reg: Registration) {
+    /// The first manager answered the forwarded sign-up: an accepted one is
+    /// held until the control plane confirms the registration.
+    fn on_signup_response(&mut self, f: FilterEnvoy, reg: Registration) -> u32 {
+        let shared = Arc::clone(&self.shared);
         let status = host::header(f, abi::RESPONSE_HEADER, ":status")
             .and_then(|v| std::str::from_utf8(v).ok())
             .and_then(|s| s.parse::<u32>().ok());
-        match signup::on_signup_response(&self.shared.cfg.cookie, &reg, status, now_s()) {
+        match signup::on_signup_response(&shared.cfg.cookie, &reg, status, now_s()) {
             SignupAnswer::Accepted { set_cookie } => {
-                host::add_header(f, abi::RESPONSE_HEADER, "set-cookie", &set_cookie);
-                self.bump(f, Counter::SignupsOk, 1);
+                let Some(sc) = &shared.cfg.signup else {
+                    return abi::HEADERS_CONTINUE;
+                };
+                let (init, id) = callout(f, sc, &signup::confirm_call(sc, &reg.consumer));
+                if init == abi::CALLOUT_INIT_SUCCESS {
+                    self.signup = Signup::Confirming {
+                        callout: id,
+                        set_cookie,
+                    };
+                    return abi::HEADERS_STOP_ITERATION;
+                }
+                host::log(
+                    abi::LOG_WARN,
+                    &format!(
+                        "[prealloc] cannot confirm the registration of {} (callout init result {init}); answering 503",
+                        reg.consumer
+                    ),
+                );
+                self.bump(f, Counter::SignupsUnavailable, 1);
+                reply_with(
+                    f,
+                    &LocalReply::unavailable(
+                        "control_plane_unreachable",
+                        "the registration service could not confirm the sign-up; sign up again",
+                        shared.cfg.retry_after_s,
+                    ),
+                );
+                abi::HEADERS_STOP_ITERATION
             }
-            SignupAnswer::Unsigned(why) => host::log(abi::LOG_WARN, &format!("[prealloc] {why}")),
+            SignupAnswer::Unsigned(why) => {
+                host::log(abi::LOG_WARN, &format!("[prealloc] {why}"));
+                abi::HEADERS_CONTINUE
+            }
             SignupAnswer::Refused => {
                 host::log(
                     abi::LOG_INFO,
@@ -342,10 +362,55 @@ impl Stream {
                     ),
                 );
                 self.bump(f, Counter::SignupsRefused, 1);
-                self.shared.give_back(reg.consumer);
+                shared.give_back(reg.consumer);
+                abi::HEADERS_CONTINUE
             }
         }
     }
+
+    /// The control plane answered the confirmation: the cookie, or a 503 instead.
+    fn on_confirmation(&mut self, f: FilterEnvoy, status: Option<u32>, set_cookie: &str) {
+        match signup::on_confirm_response(status, self.shared.cfg.retry_after_s) {
+            Ok(()) => {
+                host::add_header(f, abi::RESPONSE_HEADER, "set-cookie", set_cookie);
+                self.bump(f, Counter::SignupsOk, 1);
+                host::continue_encoding(f);
+            }
+            Err(reply) => {
+                host::log(
+                    abi::LOG_WARN,
+                    &format!(
+                        "[prealloc] the registration was not confirmed: {}; answering 503 without a cookie",
+                        reply.body
+                    ),
+                );
+                self.bump(f, Counter::SignupsUnavailable, 1);
+                reply_with(f, &reply);
+            }
+        }
+    }
+}
+
+/// A control-plane call from the stream: (init result, callout id).
+fn callout(f: FilterEnvoy, sc: &config::SignupConfig, call: &signup::Call) -> (u32, u64) {
+    let refs = call.header_refs();
+    let headers = host::module_headers(&refs);
+    let body = call.body.as_deref().unwrap_or_default();
+    let mut id = 0u64;
+    let timeout = u64::try_from(sc.timeout.as_millis()).unwrap_or(u64::MAX);
+    // SAFETY: live stream; every buffer outlives the call and Envoy copies them.
+    let init = unsafe {
+        abi::envoy_dynamic_module_callback_http_filter_http_callout(
+            f,
+            &mut id,
+            ModuleBuffer::of(sc.cluster.as_bytes()),
+            headers.as_ptr(),
+            headers.len(),
+            ModuleBuffer::of(body),
+            timeout,
+        )
+    };
+    (init, id)
 }
 
 /// The pipeline's table read: one shard read lock in process memory.
@@ -563,18 +628,34 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_response_body(
     _f: FilterEnvoy,
-    _m: FilterModule,
+    m: FilterModule,
     _end_of_stream: bool,
 ) -> u32 {
-    abi::BODY_CONTINUE
+    guarded(
+        "on_http_filter_response_body",
+        abi::BODY_CONTINUE,
+        || match stream_of(m).map(|s| &s.signup) {
+            // The manager's answer is held while the registration is confirmed:
+            // going on would send its headers before the cookie is known.
+            Some(Signup::Confirming { .. }) => abi::BODY_STOP_ITERATION_AND_BUFFER,
+            _ => abi::BODY_CONTINUE,
+        },
+    )
 }
 
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_response_trailers(
     _f: FilterEnvoy,
-    _m: FilterModule,
+    m: FilterModule,
 ) -> u32 {
-    abi::TRAILERS_CONTINUE
+    guarded(
+        "on_http_filter_response_trailers",
+        abi::TRAILERS_CONTINUE,
+        || match stream_of(m).map(|s| &s.signup) {
+            Some(Signup::Confirming { .. }) => abi::TRAILERS_STOP_ITERATION,
+            _ => abi::TRAILERS_CONTINUE,
+        },
+    )
 }
 
 #[no_mangle]
@@ -607,13 +688,21 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done(
 ) {
     guarded("on_http_filter_http_callout_done", (), || {
         let Some(stream) = stream_of(m) else { return };
-        if !matches!(stream.signup, Signup::Registering { callout } if callout == callout_id) {
-            return;
-        }
         // SAFETY: this hook's own arguments, read within it.
         let (status, retry_after, body) =
             unsafe { host::callout_answer(result, headers, headers_len, chunks, chunks_len) };
-        stream.on_registration(f, status, retry_after.as_deref(), &body);
+        match std::mem::replace(&mut stream.signup, Signup::Replied) {
+            Signup::Registering { callout } if callout == callout_id => {
+                stream.on_registration(f, status, retry_after.as_deref(), &body);
+            }
+            Signup::Confirming {
+                callout,
+                set_cookie,
+            } if callout == callout_id => {
+                stream.on_confirmation(f, status, &set_cookie);
+            }
+            other => stream.signup = other,
+        }
     })
 }
 

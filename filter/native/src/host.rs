@@ -187,6 +187,11 @@ pub fn continue_decoding(filter: FilterEnvoy) {
     unsafe { abi::envoy_dynamic_module_callback_http_filter_continue_decoding(filter) }
 }
 
+pub fn continue_encoding(filter: FilterEnvoy) {
+    // SAFETY: live stream.
+    unsafe { abi::envoy_dynamic_module_callback_http_filter_continue_encoding(filter) }
+}
+
 /// Headers of a control-plane call, as the ABI wants them.
 pub fn module_headers<'a>(headers: &'a [(&'a str, &'a str)]) -> Vec<ModuleHeader> {
     headers

@@ -23,6 +23,7 @@ const OK: u32 = 0;
 const NOT_FOUND: u32 = 1;
 const CAS_MISMATCH: u32 = 8;
 const STREAM_HTTP_REQUEST: u32 = 0;
+const STREAM_HTTP_RESPONSE: u32 = 1;
 
 /// The ABI 0.2.1 imports, with statuses and enums as plain integers.
 #[allow(clashing_extern_declarations)]
@@ -330,6 +331,11 @@ pub fn send_response(status: u32, headers: Vec<(&str, &str)>, body: &[u8]) -> bo
 pub fn resume_request() -> bool {
     // SAFETY: no pointers.
     unsafe { ffi::proxy_continue_stream(STREAM_HTTP_REQUEST) == OK }
+}
+
+pub fn resume_response() -> bool {
+    // SAFETY: no pointers.
+    unsafe { ffi::proxy_continue_stream(STREAM_HTTP_RESPONSE) == OK }
 }
 
 pub fn dispatch(

@@ -176,6 +176,9 @@ enum Signup {
     Registering { token: u32 },
     /// Sent to the first manager; its answer decides cookie or give-back.
     Forwarded(Registration),
+    /// The manager accepted: its answer is held while the control plane
+    /// confirms the registration (call `token`); then the cookie, or a 503.
+    Confirming { token: u32, set_cookie: String },
     /// Answered locally, or done.
     Replied,
 }
@@ -393,9 +396,10 @@ impl Http {
         }
     }
 
-    /// The first manager answered the forwarded sign-up.
-    fn on_signup_response(&mut self, reg: Registration) {
-        let st = &self.st;
+    /// The first manager answered the forwarded sign-up: an accepted one is
+    /// held until the control plane confirms the registration.
+    fn on_signup_response(&mut self, reg: Registration) -> Action {
+        let st = Rc::clone(&self.st);
         let status = host::header_bytes(MapType::HttpResponseHeaders, ":status").and_then(|v| {
             std::str::from_utf8(&v)
                 .ok()
@@ -403,11 +407,34 @@ impl Http {
         });
         match signup::on_signup_response(&st.cfg.cookie, &reg, status, st.now_s()) {
             SignupAnswer::Accepted { set_cookie } => {
-                host::add_header(MapType::HttpResponseHeaders, "set-cookie", &set_cookie);
-                st.metrics.inc(Counter::SignupsOk);
+                let Some(sc) = &st.cfg.signup else {
+                    return Action::Continue;
+                };
+                let call = signup::confirm_call(sc, &reg.consumer);
+                match host::dispatch(&sc.cluster, call.header_refs(), None, sc.timeout) {
+                    Ok(token) => {
+                        self.signup = Signup::Confirming { token, set_cookie };
+                        Action::Pause
+                    }
+                    Err(status) => {
+                        host::warn(&format!(
+                            "[prealloc http {}] cannot confirm the registration of {} ({status:?}); answering 503",
+                            self.id, reg.consumer
+                        ));
+                        st.metrics.inc(Counter::SignupsUnavailable);
+                        self.signup = Signup::Replied;
+                        send_reply(&LocalReply::unavailable(
+                            "control_plane_unreachable",
+                            "the registration service could not confirm the sign-up; sign up again",
+                            st.cfg.retry_after_s,
+                        ));
+                        Action::Pause
+                    }
+                }
             }
             SignupAnswer::Unsigned(why) => {
                 host::warn(&format!("[prealloc http {}] {why}", self.id));
+                Action::Continue
             }
             SignupAnswer::Refused => {
                 host::info(&format!(
@@ -419,6 +446,27 @@ impl Http {
                 ));
                 st.metrics.inc(Counter::SignupsRefused);
                 st.give_back(reg.consumer);
+                Action::Continue
+            }
+        }
+    }
+
+    /// The control plane answered the confirmation: the cookie, or a 503 instead.
+    fn on_confirmation(&mut self, set_cookie: &str) {
+        let st = Rc::clone(&self.st);
+        match signup::on_confirm_response(host::call_response_status(), st.cfg.retry_after_s) {
+            Ok(()) => {
+                host::add_header(MapType::HttpResponseHeaders, "set-cookie", set_cookie);
+                st.metrics.inc(Counter::SignupsOk);
+                host::resume_response();
+            }
+            Err(reply) => {
+                host::warn(&format!(
+                    "[prealloc http {}] the registration was not confirmed: {}; answering 503 without a cookie",
+                    self.id, reply.body
+                ));
+                st.metrics.inc(Counter::SignupsUnavailable);
+                send_reply(&reply);
             }
         }
     }
@@ -459,6 +507,12 @@ impl Context for Http {
         super::panic::enter("on_http_call_response", self.id);
         if matches!(self.signup, Signup::Registering { token: t } if t == token) {
             self.on_registration(body_size);
+        } else if matches!(&self.signup, Signup::Confirming { token: t, .. } if *t == token) {
+            if let Signup::Confirming { set_cookie, .. } =
+                std::mem::replace(&mut self.signup, Signup::Replied)
+            {
+                self.on_confirmation(&set_cookie);
+            }
         }
     }
 }
@@ -489,7 +543,7 @@ impl HttpContext for Http {
         super::panic::enter("on_http_response_headers", self.id);
         if matches!(self.signup, Signup::Forwarded(_)) {
             if let Signup::Forwarded(reg) = std::mem::replace(&mut self.signup, Signup::Replied) {
-                self.on_signup_response(reg);
+                return self.on_signup_response(reg);
             }
         } else if let Some(c) = self.upgrade_cookie.take() {
             if host::add_header(MapType::HttpResponseHeaders, "set-cookie", &c) {
@@ -497,5 +551,21 @@ impl HttpContext for Http {
             }
         }
         Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, _body_size: usize, _end_of_stream: bool) -> Action {
+        // The manager's answer is held while the registration is confirmed:
+        // continuing would send its headers before the cookie is known.
+        match self.signup {
+            Signup::Confirming { .. } => Action::Pause,
+            _ => Action::Continue,
+        }
+    }
+
+    fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
+        match self.signup {
+            Signup::Confirming { .. } => Action::Pause,
+            _ => Action::Continue,
+        }
     }
 }

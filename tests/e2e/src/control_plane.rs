@@ -80,6 +80,8 @@ pub struct ControlPlaneConfig {
     /// `None` = "all" managers of the location.
     pub replication_target: Option<usize>,
     pub grace_period_ms: u64,
+    /// How long a registration waits for its confirmation (`None`: the control plane's default).
+    pub registration_lease_ms: Option<u64>,
     /// More keys of the `[replication]` table (e.g. `retry_max_ms`).
     pub replication_extra: toml::Table,
     pub envoy_token: String,
@@ -97,6 +99,7 @@ impl ControlPlaneConfig {
             replication: Replication::Reported,
             replication_target: None,
             grace_period_ms: 60_000,
+            registration_lease_ms: None,
             replication_extra: toml::Table::new(),
             envoy_token: TEST_ENVOY_TOKEN.to_owned(),
             admin_token: TEST_ADMIN_TOKEN.to_owned(),
@@ -115,6 +118,9 @@ impl ControlPlaneConfig {
             "grace_period_ms".into(),
             Value::Integer(self.grace_period_ms as i64),
         );
+        if let Some(ms) = self.registration_lease_ms {
+            root.insert("registration_lease_ms".into(), Value::Integer(ms as i64));
+        }
         let mut tokens = toml::Table::new();
         tokens.insert("envoy".into(), s(&self.envoy_token));
         tokens.insert("admin".into(), s(&self.admin_token));

@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Prefix of the manager API (replication and provisioning endpoints).
 pub const MANAGER_API_PREFIX: &str = "/prealloc/v1/";
@@ -126,6 +126,8 @@ struct State {
     provisioned: Vec<Provisioned>,
     /// Status answered to sign-ups; 2xx accepts.
     signup_status: u16,
+    /// How long a sign-up waits before it is answered (a slow manager).
+    signup_delay: Duration,
     /// Forced status for every manager-API call (fault injection); `None` serves normally.
     api_status: Option<u16>,
     /// Bearer token the manager API requires, if any.
@@ -213,6 +215,12 @@ impl TestManager {
     /// Answers sign-ups with `status` from now on (2xx accepts; anything else refuses).
     pub fn set_signup_status(&self, status: u16) {
         self.lock().signup_status = status;
+    }
+
+    /// Answers every sign-up `delay` late from now on, as a slow manager would
+    /// (`Duration::ZERO`: at once again).
+    pub fn delay_signups(&self, delay: Duration) {
+        self.lock().signup_delay = delay;
     }
 
     /// Refuses every sign-up from now on with 409.
@@ -402,6 +410,13 @@ async fn handle(name: String, state: Arc<Mutex<State>>, req: Request<Incoming>) 
     } else {
         bytes::Bytes::new()
     };
+
+    if resource.is_some() {
+        let delay = state.lock().unwrap_or_else(|p| p.into_inner()).signup_delay;
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+    }
 
     let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
     let record = |st: &mut State, kind, consumer: Option<String>, held, status| {

@@ -34,6 +34,8 @@ pub struct StackOptions {
     pub replication: Replication,
     /// How long a registered consumer stays in the routing table.
     pub grace_period_ms: u64,
+    /// How long a registration waits for its confirmation (`None`: the control plane's default).
+    pub registration_lease_ms: Option<u64>,
     /// Envoys sharing the one control plane.
     pub envoys: usize,
     pub envoy: EnvoyOptions,
@@ -54,6 +56,7 @@ impl StackOptions {
         StackOptions {
             replication,
             grace_period_ms: 3000,
+            registration_lease_ms: None,
             envoys: 1,
             envoy: EnvoyOptions::default(),
             listen_port: 0,
@@ -123,6 +126,7 @@ impl Stack {
         );
         cfg.replication = opts.replication;
         cfg.grace_period_ms = opts.grace_period_ms;
+        cfg.registration_lease_ms = opts.registration_lease_ms;
         cfg.pools = vec![("mailbox".into(), "local".into(), opts.pool_depth)];
         // Active copies refused by a test manager are retried quickly, so a copy lands soon after it is allowed.
         cfg.replication_extra

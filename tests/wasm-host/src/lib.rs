@@ -861,6 +861,11 @@ impl HttpStream<'_> {
         self.with_context(|c| c.local_reply.clone())
     }
 
+    /// Whether the filter resumed the paused response (`proxy_continue_stream`).
+    pub fn response_resumed(&self) -> bool {
+        self.with_context(|c| c.resumed_response)
+    }
+
     /// Whether the filter resumed the paused request (`proxy_continue_stream`).
     pub fn request_resumed(&self) -> bool {
         self.with_context(|c| c.resumed_request)

@@ -15,6 +15,7 @@ mod docs;
 mod envoy_harness;
 mod forged_cookie;
 mod harness;
+mod leases;
 mod pinned;
 mod poller_faults;
 mod propagation;

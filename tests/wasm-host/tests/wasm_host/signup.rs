@@ -131,7 +131,24 @@ fn a_registered_signup_goes_to_the_first_manager_and_gets_a_registering_cookie()
         .iter()
         .any(|c| c.name == "clear_route_cache"));
 
-    s.response_headers(&[(":status", "201")], false);
+    // The manager accepted: the answer is held until the registration is confirmed.
+    let action = s.response_headers(&[(":status", "201")], false);
+    assert_eq!(action, Action::Pause, "held for the confirmation");
+    assert!(
+        s.forwarded_response_header_values("set-cookie").is_empty(),
+        "no cookie before it"
+    );
+    let confirm = host
+        .pending_http_calls()
+        .pop()
+        .expect("a confirmation call");
+    assert_eq!(confirm.header(":method"), Some("POST"));
+    assert_eq!(
+        confirm.header(":path").map(str::to_owned),
+        Some(format!("/v1/registrations/{}/confirm", consumer(3)))
+    );
+    host.answer_http_call(confirm.token, 200, &[], b"{}");
+    assert!(s.response_resumed(), "the held answer goes on");
     let set = s.forwarded_response_header_values("set-cookie");
     assert_eq!(set.len(), 1, "{set:?}");
     for attribute in [
@@ -351,4 +368,35 @@ fn a_missing_control_plane_cluster_gets_a_503_not_a_hang() {
     assert_eq!(reply.status, 503);
     assert_eq!(error_of(&reply.body), "control_plane_unreachable");
     assert!(host.pending_http_calls().is_empty());
+}
+
+#[test]
+fn a_signup_whose_registration_was_reclaimed_gets_a_503_and_no_cookie() {
+    let (host, vm) = signup_filter();
+    let (mut s, call) = start_signup(&host, &vm);
+    answer_registration(&host, &call, &registration(4));
+    assert_eq!(
+        s.response_headers(&[(":status", "201")], false),
+        Action::Pause
+    );
+    let confirm = host
+        .pending_http_calls()
+        .pop()
+        .expect("a confirmation call");
+    // The lease ran out first: the control plane no longer knows the registration.
+    host.answer_http_call(
+        confirm.token,
+        404,
+        &[],
+        br#"{"error":"unknown_consumer","message":"x"}"#,
+    );
+    let reply = s
+        .local_reply()
+        .expect("a 503 instead of the manager's answer");
+    assert_eq!(reply.status, 503);
+    assert_eq!(error_of(&reply.body), "registration_expired");
+    assert!(s.forwarded_response_header_values("set-cookie").is_empty());
+    assert!(!s.response_resumed());
+    host.tick(&vm);
+    assert_eq!(host.counter(SIGNUPS_OK), 0);
 }
