@@ -25,6 +25,11 @@ commands:
   demo [--once] [--build wasm|native] [--mode active|reported] [--port N]
                setup, build, then run the demo: control plane, Envoy and three
                managers on loopback; --once runs the story once and exits
+  fuzz TARGET|all [--runs N] [--seconds S] [FILE...]
+               coverage-guided libFuzzer on the stable toolchain (fuzz/README.md):
+               N executions per target (default 1000000), or S seconds; new
+               coverage is merged into fuzz/corpus/TARGET; with FILEs, runs
+               just those inputs
 ";
 
 fn main() -> ExitCode {
@@ -38,6 +43,7 @@ fn main() -> ExitCode {
         Some("check") => check(),
         Some("test") => test(&args[1..]),
         Some("demo") => demo(&args[1..]),
+        Some("fuzz") => fuzz(&args[1..]),
         Some("-h" | "--help" | "help") | None => {
             print!("{}", USAGE.replace("{ENVOY}", ENVOY_VERSION));
             Ok(())
@@ -220,10 +226,17 @@ fn gates() -> Vec<(&'static str, Command)> {
     let mut fmt = cargo();
     fmt.args(["fmt", "--all", "--", "--check"]);
     gates.push(("rustfmt (workspace)", fmt));
-    for manifest in ["bench/Cargo.toml", "bench/noop-filter/Cargo.toml"] {
+    for (name, manifest) in [
+        ("rustfmt (bench)", "bench/Cargo.toml"),
+        (
+            "rustfmt (bench noop filter)",
+            "bench/noop-filter/Cargo.toml",
+        ),
+        ("rustfmt (fuzz drivers)", "fuzz/libfuzzer/Cargo.toml"),
+    ] {
         let mut fmt = cargo();
         fmt.args(["fmt", "--all", "--manifest-path", manifest, "--", "--check"]);
-        gates.push(("rustfmt (bench)", fmt));
+        gates.push((name, fmt));
     }
     let mut clippy = cargo();
     clippy.args([
@@ -339,4 +352,159 @@ fn demo(extra: &[String]) -> Result<(), String> {
     }
     #[cfg(not(unix))]
     run(&mut cmd)
+}
+
+/// The fuzz targets (`fuzz/src/lib.rs` `TARGETS`, one libFuzzer binary each).
+const FUZZ_TARGETS: &[&str] = &[
+    "cookie",
+    "request",
+    "table",
+    "wire",
+    "poller",
+    "signup",
+    "filter_config",
+    "control_plane_config",
+];
+
+/// SanitizerCoverage instrumentation, as `cargo fuzz` sets it, with stable
+/// flags only: no nightly toolchain needed. The fuzz build also turns on
+/// debug assertions and overflow checks, so an overflow is a crash.
+const FUZZ_RUSTFLAGS: &str = "-Cpasses=sancov-module \
+    -Cllvm-args=-sanitizer-coverage-level=4 \
+    -Cllvm-args=-sanitizer-coverage-inline-8bit-counters \
+    -Cllvm-args=-sanitizer-coverage-pc-table \
+    -Cllvm-args=-sanitizer-coverage-trace-compares \
+    --cfg fuzzing -Cdebug-assertions -Coverflow-checks";
+
+fn host_triple() -> Result<String, String> {
+    let v = output(Command::new("rustc").arg("-vV")).ok_or("cannot run rustc -vV")?;
+    v.lines()
+        .find_map(|l| l.strip_prefix("host: "))
+        .map(str::to_owned)
+        .ok_or_else(|| "rustc -vV names no host".to_owned())
+}
+
+fn fuzz(args: &[String]) -> Result<(), String> {
+    let usage = "usage: cargo xtask fuzz TARGET|all [--runs N] [--seconds S] [FILE...]";
+    let mut targets = Vec::new();
+    let mut runs: Option<u64> = None;
+    let mut seconds: Option<u64> = None;
+    let mut files = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut number = |flag: &str| -> Result<u64, String> {
+            it.next()
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| format!("{flag} needs a number; {usage}"))
+        };
+        match a.as_str() {
+            "--runs" => runs = Some(number("--runs")?),
+            "--seconds" => seconds = Some(number("--seconds")?),
+            "all" if targets.is_empty() => targets.extend(FUZZ_TARGETS.iter().copied()),
+            t if targets.is_empty() => match FUZZ_TARGETS.iter().find(|n| **n == t) {
+                Some(n) => targets.push(*n),
+                None => {
+                    return Err(format!(
+                        "unknown fuzz target {t:?}; targets: {}, all",
+                        FUZZ_TARGETS.join(", ")
+                    ))
+                }
+            },
+            f => files.push(f.to_owned()),
+        }
+    }
+    if targets.is_empty() {
+        return Err(format!(
+            "{usage}\ntargets: {}, all",
+            FUZZ_TARGETS.join(", ")
+        ));
+    }
+    let triple = host_triple()?;
+    let target_dir = root().join("target/fuzz");
+    let mut build = cargo();
+    build
+        .args([
+            "build",
+            "--release",
+            "--manifest-path",
+            "fuzz/libfuzzer/Cargo.toml",
+        ])
+        .args(["--target", &triple])
+        .env("CARGO_TARGET_DIR", &target_dir)
+        .env(
+            "RUSTFLAGS",
+            FUZZ_RUSTFLAGS
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" "),
+        );
+    for t in &targets {
+        build.args(["--bin", t]);
+    }
+    run(&mut build)?;
+    let bin_dir = target_dir.join(&triple).join("release");
+    for t in targets {
+        let bin = bin_dir.join(t);
+        let corpus = root().join("fuzz/corpus").join(t);
+        let artifacts = root().join("target/fuzz/artifacts").join(t);
+        let scratch = root().join("target/fuzz/corpus").join(t);
+        for d in [&corpus, &artifacts, &scratch] {
+            std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+        }
+        let prefix = format!("-artifact_prefix={}/", artifacts.display());
+        if !files.is_empty() {
+            run(Command::new(&bin).arg(&prefix).args(&files))?;
+            continue;
+        }
+        // New finds go to the scratch directory (listed first); the committed
+        // corpus is only read here.
+        let mut cmd = Command::new(&bin);
+        cmd.arg(&scratch)
+            .arg(&corpus)
+            .arg(&prefix)
+            .arg("-max_len=8192")
+            .arg("-print_final_stats=1");
+        match (runs, seconds) {
+            (_, Some(s)) => cmd.arg(format!("-max_total_time={s}")),
+            (r, None) => cmd.arg(format!("-runs={}", r.unwrap_or(1_000_000))),
+        };
+        if let Err(e) = run(&mut cmd) {
+            return Err(format!(
+                "{e}\nfuzz target {t} failed: the input is in {} (crash-*); once fixed, \
+                 copy it to fuzz/regressions/{t}/ so the replay test keeps it",
+                artifacts.display()
+            ));
+        }
+        // The committed corpus becomes the smallest set of inputs with the
+        // coverage of everything seen: libFuzzer merges both into an empty directory.
+        let minimal = root().join("target/fuzz/minimal").join(t);
+        let _ = std::fs::remove_dir_all(&minimal);
+        std::fs::create_dir_all(&minimal).map_err(|e| format!("{}: {e}", minimal.display()))?;
+        run(Command::new(&bin)
+            .arg("-merge=1")
+            .arg(&minimal)
+            .arg(&corpus)
+            .arg(&scratch)
+            .arg(&prefix))?;
+        replace_dir(&minimal, &corpus)?;
+        let _ = std::fs::remove_dir_all(&scratch);
+        let n = std::fs::read_dir(&corpus).map(|d| d.count()).unwrap_or(0);
+        eprintln!(
+            "xtask: fuzz {t}: no crash; {} holds {n} inputs (minimised)",
+            corpus.display()
+        );
+    }
+    Ok(())
+}
+
+/// Makes `to` hold exactly the files of `from`.
+fn replace_dir(from: &Path, to: &Path) -> Result<(), String> {
+    let err = |p: &Path, e: std::io::Error| format!("{}: {e}", p.display());
+    for e in std::fs::read_dir(to).map_err(|e| err(to, e))?.flatten() {
+        std::fs::remove_file(e.path()).map_err(|er| err(&e.path(), er))?;
+    }
+    for e in std::fs::read_dir(from).map_err(|e| err(from, e))?.flatten() {
+        std::fs::copy(e.path(), to.join(e.file_name())).map_err(|er| err(&e.path(), er))?;
+    }
+    Ok(())
 }
