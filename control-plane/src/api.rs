@@ -623,6 +623,16 @@ where
     let body = Limited::new(req.into_body(), MAX_BODY);
     let bytes = match body.collect().await {
         Ok(c) => c.to_bytes(),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            return Err(error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("the body is larger than {MAX_BODY} bytes; nothing was written"),
+            ))
+        }
         Err(e) => {
             return Err(error(
                 StatusCode::BAD_REQUEST,

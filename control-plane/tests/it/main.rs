@@ -2,6 +2,7 @@
 
 mod allocator_props;
 mod auth;
+mod bad_input;
 mod cli;
 mod config;
 mod durability;
