@@ -55,6 +55,16 @@ async fn state(p: &Plane) -> Vec<Value> {
     out
 }
 
+/// Method, path, token, body; the status and error code it must get.
+type Case = (
+    Method,
+    String,
+    &'static str,
+    Vec<u8>,
+    StatusCode,
+    &'static str,
+);
+
 #[tokio::test]
 async fn bad_requests_get_a_clear_4xx_and_change_nothing() {
     let p = Plane::start(&Setup::default()).await;
@@ -67,7 +77,7 @@ async fn bad_requests_get_a_clear_4xx_and_change_nothing() {
     let unknown = "AAAAAAAAAAAAAAAAAAAAAA";
     let big = format!(r#"{{"resource_type":"{}"}}"#, "m".repeat(70 * 1024)).into_bytes();
     let replicas = format!("/v1/consumers/{live}/replicas");
-    let cases: Vec<(Method, String, &str, Vec<u8>, StatusCode, &str)> = vec![
+    let cases: Vec<Case> = vec![
         (
             Method::POST,
             "/v1/registrations".into(),
