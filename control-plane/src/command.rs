@@ -220,6 +220,24 @@ impl Write for SetAvailability {
             b.all_pools = true;
             tracing::info!(manager = %self.manager, availability = self.availability.as_str(), "availability changed");
         }
+        if changed && self.availability == Availability::Down {
+            // The replication target stops waiting for a down manager: whoever
+            // has every other copy is registered now.
+            let settled = reg.settle_targets(b.now_ms, &mut b.ops);
+            if !settled.is_empty() {
+                tracing::info!(manager = %self.manager, consumers = settled.len(), "registered without waiting for a down manager");
+            }
+            for consumer in settled {
+                b.counts.registered += 1;
+                if let Some(entry) = reg.route_entry(&consumer) {
+                    b.changes.push((consumer.clone(), Some(entry)));
+                }
+                b.leaving.extend(
+                    reg.route_window_end(&consumer)
+                        .map(|end| (end, consumer.clone())),
+                );
+            }
+        }
         let idx = reg
             .manager_index(&self.manager)
             .ok_or(Refusal::UnknownManager(self.manager))?;

@@ -657,25 +657,62 @@ impl Registry {
         v
     }
 
+    /// Managers of the pool's location that count towards the target: the
+    /// target never waits for a manager that is down.
+    fn target_members(&self, pool: usize) -> impl Iterator<Item = usize> + '_ {
+        self.pools[pool]
+            .members
+            .iter()
+            .copied()
+            .filter(|&m| self.managers[m].availability != Availability::Down)
+    }
+
     fn target_reached(&self, pool: usize, replicas: &[(usize, u64)]) -> bool {
-        let members = &self.pools[pool].members;
+        let held = |m: usize| replicas.iter().any(|&(r, _)| r == m);
         match self.target {
-            ReplicationTarget::All => members.iter().all(|m| replicas.iter().any(|(r, _)| r == m)),
+            ReplicationTarget::All => self.target_members(pool).all(held),
             ReplicationTarget::Count(n) => {
+                let members = &self.pools[pool].members;
                 let in_location = replicas.iter().filter(|(r, _)| members.contains(r)).count();
-                in_location >= n.min(members.len())
+                in_location >= n.min(self.target_members(pool).count())
             }
         }
     }
 
-    /// How many copies make this consumer registered.
+    /// How many copies make this consumer registered (as things stand: a
+    /// manager that is down does not count).
     pub fn target_size(&self, consumer: &ConsumerId) -> Option<usize> {
         let c = self.consumers.get(consumer)?;
-        let n = self.pools[self.resources[&c.resource].pool].members.len();
+        let up = self
+            .target_members(self.resources[&c.resource].pool)
+            .count();
         Some(match self.target {
-            ReplicationTarget::All => n,
-            ReplicationTarget::Count(k) => k.min(n),
+            ReplicationTarget::All => up,
+            ReplicationTarget::Count(k) => k.min(up),
         })
+    }
+
+    /// Registering consumers that reach their target as things stand (after a
+    /// manager went down, the target stops waiting for it): marked registered,
+    /// and returned.
+    pub fn settle_targets(&mut self, now_ms: u64, ops: &mut Vec<Op>) -> Vec<ConsumerId> {
+        let reached: Vec<ConsumerId> = self
+            .consumers
+            .iter()
+            .filter(|(_, c)| c.registered_ms.is_none())
+            .filter(|(_, c)| self.target_reached(self.resources[&c.resource].pool, &c.replicas))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &reached {
+            if let Some(c) = self.consumers.get_mut(id) {
+                c.registered_ms = Some(now_ms);
+                ops.push(Op::SetRegistered {
+                    resource: c.resource,
+                    registered_ms: now_ms,
+                });
+            }
+        }
+        reached
     }
 
     /// Records one confirmed copy (idempotent).

@@ -81,6 +81,65 @@ async fn unknown_consumer_is_404_and_unknown_manager_is_400() {
 }
 
 #[tokio::test]
+async fn a_manager_going_down_registers_whoever_holds_every_other_copy() {
+    // `target = "all"`, reported mode: two of three copies, then the third
+    // manager goes down for good. Its consumers must not stay registering.
+    let p = Plane::start(&Setup::default()).await;
+    p.wait_depth(10).await;
+    let reg = p.register().await;
+    let c = reg["consumer"].as_str().unwrap().to_owned();
+    let first = reg["manager"].as_str().unwrap().to_owned();
+    let rest = others(&first);
+    let (_, ack) = p.replica(&c, &rest[0]).await;
+    assert_eq!(ack["state"], "registering");
+    // A second consumer with only the first copy stays registering.
+    let lone = p.register().await;
+    let lone_first = lone["manager"].as_str().unwrap().to_owned();
+    let lone = lone["consumer"].as_str().unwrap().to_owned();
+    let start = p.routes("since=0").await;
+    let (since, epoch) = (start["version"].as_u64().unwrap(), &start["epoch"]);
+
+    let (s, _) = p
+        .call(
+            hyper::Method::PUT,
+            &format!("/v1/managers/{}/availability", rest[1]),
+            Some(crate::support::ADMIN),
+            Some(serde_json::json!({"availability": "down"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (_, rec) = p.consumer(&c).await;
+    assert_eq!(rec["state"], "registered", "{rec}");
+    assert_eq!(rec["replication_target"], 2, "{rec}");
+    let (_, rec) = p.consumer(&lone).await;
+    assert_eq!(rec["state"], "registering", "one copy of two: {rec}");
+    // Envoys learn it from the next delta.
+    let delta = p
+        .routes(&format!("since={since}&epoch={}", epoch.as_str().unwrap()))
+        .await;
+    assert_eq!(delta["kind"], "delta", "{delta}");
+    let entry = delta["upsert"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["consumer"] == c.as_str())
+        .unwrap_or_else(|| panic!("no route change for {c}: {delta}"));
+    assert_eq!(entry["state"], "registered", "{delta}");
+
+    // Durable: a restart keeps it registered.
+    let db = p.stop().await;
+    let p = Plane::start_on(&Setup::default(), db).await;
+    let (_, rec) = p.consumer(&c).await;
+    assert_eq!(rec["state"], "registered", "after restart: {rec}");
+    // The lone consumer registers once every manager that is up holds it.
+    for m in others(&lone_first).iter().filter(|m| **m != rest[1]) {
+        p.replica(&lone, m).await;
+    }
+    let (_, rec) = p.consumer(&lone).await;
+    assert_eq!(rec["state"], "registered", "{rec}");
+}
+
+#[tokio::test]
 async fn a_numeric_target_registers_after_that_many_copies() {
     let p = Plane::start(&Setup {
         target: "2",
@@ -231,40 +290,49 @@ async fn active_mode_waits_for_the_sign_up_and_retries_failed_copies() {
 }
 
 #[tokio::test]
-async fn active_mode_skips_down_managers_until_they_come_back() {
+async fn active_mode_skips_down_managers_and_the_target_does_not_wait_for_them() {
     let (ms, p) = active_setup(3).await;
     let reg = p.register().await;
     let c = reg["consumer"].as_str().unwrap().to_owned();
     let first = index(reg["manager"].as_str().unwrap());
     let down = (first + 1) % 3;
     let down_id = format!("m{}", down + 1);
-    p.call(
-        hyper::Method::PUT,
-        &format!("/v1/managers/{down_id}/availability"),
-        Some(crate::support::ADMIN),
-        Some(serde_json::json!({"availability": "down"})),
-    )
-    .await;
+    let path = format!("/v1/managers/{down_id}/availability");
+    let set = |availability: &'static str| {
+        p.call(
+            hyper::Method::PUT,
+            &path,
+            Some(crate::support::ADMIN),
+            Some(serde_json::json!({ "availability": availability })),
+        )
+    };
+    set("down").await;
     ms[first].hold(&c, b"x");
-    p.wait_consumer(&c, "copied to the available manager", |v| {
-        v["replicas"].as_array().unwrap().len() == 2
-    })
-    .await;
+    // `target = "all"` counts the managers that are not down: two copies make it registered.
+    let v = p
+        .wait_consumer(&c, "registered without the down manager", |v| {
+            v["state"] == "registered"
+        })
+        .await;
+    assert_eq!(v["replicas"].as_array().unwrap().len(), 2, "{v}");
+    assert_eq!(v["replication_target"], 2, "{v}");
     assert!(
         ms[down].held(&c).is_none(),
         "nothing copied to a down manager"
     );
-    assert_eq!(p.consumer(&c).await.1["state"], "registering");
-    p.call(
-        hyper::Method::PUT,
-        &format!("/v1/managers/{down_id}/availability"),
-        Some(crate::support::ADMIN),
-        Some(serde_json::json!({"availability": "available"})),
-    )
-    .await;
-    p.wait_consumer(&c, "registered", |v| v["state"] == "registered")
+
+    // Back: a new consumer needs all three again.
+    set("available").await;
+    let reg = p.register().await;
+    let c2 = reg["consumer"].as_str().unwrap().to_owned();
+    ms[index(reg["manager"].as_str().unwrap())].hold(&c2, b"y");
+    let v = p
+        .wait_consumer(&c2, "registered on all three", |v| {
+            v["state"] == "registered"
+        })
         .await;
-    assert!(ms[down].held(&c).is_some());
+    assert_eq!(v["replicas"].as_array().unwrap().len(), 3, "{v}");
+    assert!(ms[down].held(&c2).is_some());
 }
 
 #[tokio::test]
