@@ -138,6 +138,26 @@ struct State {
     refuse_copies: bool,
 }
 
+/// Seeds one manager's data from anywhere (see [`TestManager::holder`]).
+#[derive(Clone)]
+pub struct Holder {
+    name: String,
+    state: Arc<Mutex<State>>,
+}
+
+impl Holder {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// [`TestManager::hold`].
+    pub fn hold(&self, consumer: &str) {
+        let data = format!("seeded:{consumer}@{}", self.name).into_bytes();
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.data.insert(consumer.to_owned(), data);
+    }
+}
+
 /// A hyper server on 127.0.0.1 implementing the manager contract; stops when dropped.
 pub struct TestManager {
     name: String,
@@ -190,9 +210,16 @@ impl TestManager {
 
     /// Seeds the consumer's data directly, as if it had signed up or been replicated here.
     pub fn hold(&self, consumer: &str) {
-        let mut st = self.lock();
-        let data = format!("seeded:{consumer}@{}", self.name).into_bytes();
-        st.data.insert(consumer.to_owned(), data);
+        self.holder().hold(consumer);
+    }
+
+    /// A handle that can seed data from another task while the manager is
+    /// shared elsewhere (e.g. concurrent sign-up tasks reporting copies).
+    pub fn holder(&self) -> Holder {
+        Holder {
+            name: self.name.clone(),
+            state: self.state.clone(),
+        }
     }
 
     /// Whether the manager holds the consumer's data now.

@@ -7,8 +7,9 @@
 //! can be injected.
 
 use crate::server::{json_reply, reply, Reply, ServerHandle};
+use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::Request;
+use hyper::{Request, Response};
 use prealloc_wire::{
     Availability, ConsumerId, ConsumerState, ErrorBody, ManagerRoute, RouteEntry, RoutesKind,
     RoutesResponse, ROUTES_PATH,
@@ -60,6 +61,10 @@ struct Table {
     /// `(since, epoch, arrived)` of every poll being held right now.
     held: Vec<(u64, Option<String>, Instant)>,
     fault: Option<Fault>,
+    /// Polls are never answered (a control plane that accepts and hangs).
+    hang: bool,
+    /// Answers claim more bytes than they carry, and the connection closes mid-body.
+    truncate: bool,
 }
 
 /// The routes stub; stops when dropped.
@@ -88,6 +93,8 @@ impl RoutesStub {
             polls: Vec::new(),
             held: Vec::new(),
             fault: None,
+            hang: false,
+            truncate: false,
         }));
         let (notify, _) = watch::channel(1u64);
         let server = {
@@ -192,6 +199,21 @@ impl RoutesStub {
     pub fn set_fault(&self, fault: Option<Fault>) {
         self.lock().fault = fault;
         // Release held polls so the fault is seen now, not after their wait.
+        let v = *self.notify.borrow();
+        self.notify.send_replace(v);
+    }
+
+    /// From now on polls are accepted and never answered (`false`: served again).
+    pub fn set_hang(&self, hang: bool) {
+        self.lock().hang = hang;
+        let v = *self.notify.borrow();
+        self.notify.send_replace(v);
+    }
+
+    /// From now on every answer is cut short: its `content-length` promises
+    /// more than is sent, so the connection ends mid-body (`false`: whole again).
+    pub fn set_truncate(&self, truncate: bool) {
+        self.lock().truncate = truncate;
         let v = *self.notify.borrow();
         self.notify.send_replace(v);
     }
@@ -369,6 +391,32 @@ fn answer(t: &Table, since: u64, epoch: Option<&str>) -> Option<RoutesResponse> 
 }
 
 async fn handle(
+    table: Arc<Mutex<Table>>,
+    changes: watch::Receiver<u64>,
+    req: Request<Incoming>,
+) -> Reply {
+    if lock(&table).hang {
+        // Until the poller gives up and resets the stream (which drops this future).
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
+    let reply = serve_poll(table.clone(), changes, req).await;
+    if !lock(&table).truncate {
+        return reply;
+    }
+    let (mut parts, body) = reply.into_parts();
+    let bytes = http_body_util::BodyExt::collect(body)
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let promised = bytes.len() + 64;
+    parts.headers.insert(
+        hyper::header::CONTENT_LENGTH,
+        hyper::header::HeaderValue::from(promised),
+    );
+    Response::from_parts(parts, Full::new(bytes.slice(..bytes.len() / 2)))
+}
+
+async fn serve_poll(
     table: Arc<Mutex<Table>>,
     mut changes: watch::Receiver<u64>,
     req: Request<Incoming>,

@@ -81,6 +81,9 @@ impl StackOptions {
 pub struct Stack {
     // Envoys first: dropped before the servers they route to.
     pub envoys: Vec<Envoy>,
+    /// What each Envoy was started with (for [`Stack::restart_envoy`]).
+    envoy_configs: Vec<EnvoyConfig>,
+    envoy_options: EnvoyOptions,
     pub cp: ControlPlane,
     pub managers: Vec<TestManager>,
     pub default: DefaultBackend,
@@ -136,7 +139,7 @@ impl Stack {
         cfg.envoy_token = opts.tokens.0.clone();
         cfg.admin_token = opts.tokens.1.clone();
         let cp = ControlPlane::start_on(cfg, ([127, 0, 0, 1], opts.control_plane_port).into());
-        let envoys = (0..opts.envoys)
+        let envoy_configs: Vec<EnvoyConfig> = (0..opts.envoys)
             .map(|i| {
                 let mut ec = EnvoyConfig::new(
                     managers
@@ -156,16 +159,34 @@ impl Stack {
                 if i == 0 {
                     ec.listen_port = opts.listen_port;
                 }
-                Envoy::start(&ec, &opts.envoy)
+                ec
             })
+            .collect();
+        let envoys = envoy_configs
+            .iter()
+            .map(|ec| Envoy::start(ec, &opts.envoy))
             .collect();
         Stack {
             envoys,
+            envoy_configs,
+            envoy_options: opts.envoy.clone(),
             cp,
             managers,
             default,
             replication: opts.replication,
         }
+    }
+
+    /// Kills Envoy #`i` (SIGKILL) and starts a fresh one with the same config on
+    /// the same listener port; returns once the new one is ready, which is before
+    /// its poller has fetched the table.
+    pub fn restart_envoy(&mut self, i: usize) {
+        let port = self.envoys[i].addr().port();
+        let mut ec = self.envoy_configs[i].clone();
+        ec.listen_port = port;
+        drop(self.envoys.remove(i));
+        self.envoys
+            .insert(i, Envoy::start(&ec, &self.envoy_options));
     }
 
     pub fn manager(&self, id: &str) -> &TestManager {

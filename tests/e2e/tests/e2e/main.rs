@@ -13,6 +13,7 @@ mod control_plane;
 mod demo;
 mod docs;
 mod envoy_harness;
+mod faults;
 mod forged_cookie;
 mod harness;
 mod leases;
