@@ -6,8 +6,7 @@
 //! Faults (an error status or a garbage body), a new epoch and a history gap
 //! can be injected.
 
-use crate::server::{json_reply, reply, Reply, ServerHandle};
-use http_body_util::Full;
+use crate::server::{cut_short, json_reply, reply, Reply, ServerHandle};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use prealloc_wire::{
@@ -408,12 +407,11 @@ async fn handle(
         .await
         .map(|b| b.to_bytes())
         .unwrap_or_default();
-    let promised = bytes.len() + 64;
     parts.headers.insert(
         hyper::header::CONTENT_LENGTH,
-        hyper::header::HeaderValue::from(promised),
+        hyper::header::HeaderValue::from(bytes.len()),
     );
-    Response::from_parts(parts, Full::new(bytes.slice(..bytes.len() / 2)))
+    Response::from_parts(parts, cut_short(bytes.slice(..bytes.len() / 2)))
 }
 
 async fn serve_poll(

@@ -5,7 +5,8 @@
 //! test's own runtime; dropping the handle stops it and closes its sockets.
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -15,8 +16,31 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use tokio::sync::oneshot;
 
+/// The body every harness server answers with: whole, or (for fault tests)
+/// one that fails part-way.
+pub type Body = BoxBody<Bytes, std::io::Error>;
 /// The response type every harness server answers with.
-pub type Reply = Response<Full<Bytes>>;
+pub type Reply = Response<Body>;
+
+/// A body that sends `data` and then fails, so the server drops the
+/// connection mid-body (whatever length the headers promised).
+pub fn cut_short(data: Bytes) -> Body {
+    struct CutShort(Option<Bytes>);
+    impl hyper::body::Body for CutShort {
+        type Data = Bytes;
+        type Error = std::io::Error;
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, std::io::Error>>> {
+            std::task::Poll::Ready(Some(match self.0.take() {
+                Some(d) => Ok(hyper::body::Frame::data(d)),
+                None => Err(std::io::Error::other("cut short on purpose")),
+            }))
+        }
+    }
+    BodyExt::boxed(CutShort(Some(data)))
+}
 
 /// A running server; stops when dropped.
 pub struct ServerHandle {
@@ -111,7 +135,11 @@ pub fn reply(status: u16, content_type: &str, body: impl Into<Bytes>) -> Reply {
     Response::builder()
         .status(status)
         .header("content-type", content_type)
-        .body(Full::new(body.into()))
+        .body(
+            Full::new(body.into())
+                .map_err(|never| match never {})
+                .boxed(),
+        )
         .expect("valid response parts")
 }
 

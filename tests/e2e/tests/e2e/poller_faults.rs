@@ -1,9 +1,11 @@
-//! The poller keeps the last good table through control-plane errors, and resyncs on a new epoch.
+//! The poller keeps the last good table through control-plane errors (garbage,
+//! 500, truncated, oversized, wrong-epoch and hanging answers), never traps, and
+//! resyncs on a new epoch.
 
 use crate::support::{cookie_for, new_consumer, served_by, tally, DataPlane, CATCH_UP};
 use prealloc_e2e::routes_stub::Fault;
 use prealloc_wire::{ConsumerState, RoutesKind};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 each_build! {
     #[tokio::test]
@@ -95,6 +97,74 @@ each_build! {
         let cookie = cookie_for(&olga, ConsumerState::Registering, &["m1"]);
         let served = served_by(&mut dp.client(), &cookie, 6).await;
         assert!(served.iter().all(|s| s == "m1"), "{served:?}");
+        dp.assert_no_violations();
+    }
+}
+
+each_build! {
+    #[tokio::test]
+    async fn truncated_oversized_wrong_epoch_and_hanging_answers_keep_the_last_good_table(build) {
+        // A short long-poll, so a hanging answer times out after 0.5 s + the margin.
+        let dp = DataPlane::start_with(build, |cfg| cfg.poller["wait_ms"] = 500.into());
+        let nina = new_consumer();
+        for m in ["m1", "m2"] {
+            dp.manager(m).hold(nina.as_str());
+        }
+        dp.routes
+            .upsert(&nina, ConsumerState::Registering, &["m1", "m2"]);
+        dp.caught_up();
+        let cookie = cookie_for(&nina, ConsumerState::Registering, &["m1"]);
+        // Each bad answer, if applied, would send nina to m3, which lacks her data.
+        let wrong_epoch = serde_json::json!({
+            "epoch": "another-database", "version": dp.routes.version() + 1, "kind": "delta",
+            "managers": [], "remove": [],
+            "upsert": [{"consumer": nina.as_str(), "state": "registering", "replicas": ["m3"]}],
+        })
+        .to_string();
+        // Larger than Envoy's default http.async_response_buffer_limit (32 MiB).
+        let oversized = format!(
+            r#"{{"epoch":"x","version":99,"kind":"full","managers":[],"remove":[],"upsert":[],"pad":"{}"}}"#,
+            "m3".repeat(20 << 20)
+        );
+
+        let mut seen = Vec::new();
+        for (what, fault) in [
+            ("wrong-epoch delta", Some(wrong_epoch)),
+            ("oversized (40 MiB)", Some(oversized)),
+            ("truncated mid-body", None),
+            ("hanging", None),
+        ] {
+            let before = dp.envoy.stat("prealloc_poller_errors");
+            let t0 = Instant::now();
+            match (what, fault) {
+                (_, Some(body)) => dp.routes.set_fault(Some(Fault { status: 200, body })),
+                ("truncated mid-body", None) => dp.routes.set_truncate(true),
+                _ => dp.routes.set_hang(true),
+            }
+            dp.envoy
+                .wait_for_stat("prealloc_poller_errors", CATCH_UP, |v| v > before);
+            seen.push(format!("{what}: counted after {:?}", t0.elapsed()));
+            let counts = tally(&served_by(&mut dp.client(), &cookie, 10).await);
+            assert_eq!(
+                counts.values().copied().collect::<Vec<_>>(),
+                [5, 5],
+                "{what}: still both replicas: {counts:?}"
+            );
+            dp.routes.set_fault(None);
+            dp.routes.set_truncate(false);
+            dp.routes.set_hang(false);
+        }
+        println!("poller faults ({}): {}", build.name(), seen.join("; "));
+
+        // Healthy again: the next change arrives, and nothing trapped on the way.
+        dp.manager("m3").hold(nina.as_str());
+        dp.routes
+            .upsert(&nina, ConsumerState::Registering, &["m1", "m2", "m3"]);
+        dp.caught_up();
+        let counts = tally(&served_by(&mut dp.client(), &cookie, 9).await);
+        assert_eq!(counts.len(), 3, "{counts:?}");
+        let log = dp.envoy.log();
+        assert!(!log.contains("[prealloc] panic in"), "the filter trapped:\n{log}");
         dp.assert_no_violations();
     }
 }
