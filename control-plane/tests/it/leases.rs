@@ -33,19 +33,6 @@ async fn give_back(p: &Plane, consumer: &str) -> (StatusCode, serde_json::Value)
     .await
 }
 
-async fn metric(p: &Plane, name: &str) -> u64 {
-    let req = crate::support::request(Method::GET, "/metrics", None, None);
-    let resp = p.app.handle(req).await;
-    let body = http_body_util::BodyExt::collect(resp.into_body())
-        .await
-        .unwrap()
-        .to_bytes();
-    String::from_utf8_lossy(&body)
-        .lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or(0)
-}
-
 #[tokio::test]
 async fn a_confirmed_registration_is_never_given_back() {
     let p = Plane::start(&Setup::default()).await;
@@ -124,10 +111,7 @@ async fn an_unconfirmed_registration_is_given_back_or_reclaimed_when_its_lease_e
     // The resource is back: ready again (the pool may now stand above its target).
     let depth = p.pools().await[0]["depth"].as_u64().unwrap();
     assert!(depth >= 10, "depth {depth}");
-    assert_eq!(
-        metric(&p, "prealloc_registrations_reclaimed_total").await,
-        1
-    );
+    assert_eq!(p.metric("prealloc_registrations_reclaimed_total").await, 1);
     // A confirmation after the reclaim is refused: the filter then answers 503, no cookie.
     let (s, v) = confirm(&p, b).await;
     assert_eq!(
@@ -145,10 +129,7 @@ async fn a_confirmed_registration_outlives_its_lease() {
     assert_eq!(confirm(&p, &c).await.0, StatusCode::OK);
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(p.consumer(&c).await.0, StatusCode::OK);
-    assert_eq!(
-        metric(&p, "prealloc_registrations_reclaimed_total").await,
-        0
-    );
+    assert_eq!(p.metric("prealloc_registrations_reclaimed_total").await, 0);
 }
 
 /// The control plane committed a registration and stopped before anyone

@@ -290,6 +290,37 @@ async fn active_mode_waits_for_the_sign_up_and_retries_failed_copies() {
 }
 
 #[tokio::test]
+async fn a_copy_answered_after_its_timeout_is_retried_and_counted_once() {
+    let (ms, p) = active_setup(3).await;
+    let reg = p.register().await;
+    let c = reg["consumer"].as_str().unwrap().to_owned();
+    let first = index(reg["manager"].as_str().unwrap());
+    let slow = (first + 1) % 3;
+    // The copy lands at once, but the answer comes after the timeout, twice.
+    ms[slow].state.slow_puts.store(2, Ordering::SeqCst);
+    ms[first].hold(&c, b"data");
+    let rec = p
+        .wait_consumer(&c, "registered", |v| v["state"] == "registered")
+        .await;
+    let managers: Vec<&str> = rec["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["manager"].as_str().unwrap())
+        .collect();
+    let distinct: std::collections::BTreeSet<_> = managers.iter().collect();
+    assert_eq!(managers.len(), 3, "{rec}");
+    assert_eq!(distinct.len(), 3, "a copy counted twice: {rec}");
+    assert!(
+        ms[slow].state.puts.load(Ordering::SeqCst) >= 3,
+        "both slow answers were retried"
+    );
+    assert_eq!(ms[slow].state.slow_puts.load(Ordering::SeqCst), 0);
+    assert_eq!(p.metric("prealloc_replicas_recorded_total").await, 2);
+    assert!(p.metric("prealloc_active_copy_failures_total").await >= 2);
+}
+
+#[tokio::test]
 async fn active_mode_skips_down_managers_and_the_target_does_not_wait_for_them() {
     let (ms, p) = active_setup(3).await;
     let reg = p.register().await;

@@ -256,6 +256,20 @@ impl Plane {
         }
     }
 
+    /// A counter or gauge from `GET /metrics` (0 when absent).
+    pub async fn metric(&self, name: &str) -> u64 {
+        let req = request(Method::GET, "/metrics", None, None);
+        let resp = self.app.handle(req).await;
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        String::from_utf8_lossy(&body)
+            .lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or(0)
+    }
+
     /// Polls the consumer record until `pred` holds.
     pub async fn wait_consumer(
         &self,
@@ -347,6 +361,9 @@ pub struct ManagerState {
     /// Requests still to fail with 500, per kind.
     pub fail_provision: AtomicU32,
     pub fail_put: AtomicU32,
+    /// PUTs still to store the copy and then answer too late (after the
+    /// control plane's timeout): the copy landed, the caller never heard.
+    pub slow_puts: AtomicU32,
     /// Provisioning answers after this many ms.
     pub provision_delay_ms: AtomicU32,
     pub puts: AtomicU32,
@@ -459,6 +476,10 @@ async fn handle(
             }
             st.puts.fetch_add(1, Ordering::SeqCst);
             st.data.lock().unwrap().insert((*id).to_owned(), body);
+            if take_one(&st.slow_puts) {
+                // Longer than the test config's replication.timeout_ms (1000).
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+            }
             reply(StatusCode::NO_CONTENT, Bytes::new())
         }
         _ => reply(StatusCode::NOT_FOUND, Bytes::new()),

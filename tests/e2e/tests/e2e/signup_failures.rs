@@ -1,5 +1,5 @@
-//! Sign-ups through real Envoy where things could go wrong: a manager refusing (registration
-//! given back), the control plane down (503), path tricks around the sign-up path.
+//! Sign-ups through real Envoy where things could go wrong: a manager refusing, failing or
+//! unreachable (registration given back, no capacity leaked), the control plane down (503), path tricks around the sign-up path.
 
 use prealloc_e2e::client::Client;
 use prealloc_e2e::control_plane::Replication;
@@ -104,6 +104,79 @@ each_build! {
             before,
             "the control plane kept copying a given-back consumer"
         );
+        stack.assert_no_violations();
+    }
+}
+
+/// `(capacity used on the managers, what accounts for it)`: resources in the
+/// pool (ready or being provisioned) plus consumers holding one. Equal when no
+/// capacity leaked.
+async fn capacity(stack: &Stack) -> (u64, u64) {
+    let managers = stack.cp.admin("GET", "/v1/managers", None).await.json();
+    let used = managers
+        .as_array()
+        .expect("managers")
+        .iter()
+        .map(|m| m["capacity"]["mailbox"]["used"].as_u64().expect("used"))
+        .sum();
+    let pools = stack.cp.admin("GET", "/v1/pools", None).await.json();
+    let pooled = pools[0]["ready_total"].as_u64().expect("ready_total")
+        + pools[0]["provisioning"].as_u64().expect("provisioning");
+    let consumers = stack.cp.admin("GET", "/v1/consumers", None).await.json();
+    (
+        used,
+        pooled + consumers.as_array().map_or(0, Vec::len) as u64,
+    )
+}
+
+each_build! {
+    #[tokio::test]
+    async fn failing_and_unreachable_managers_on_sign_up_leak_nothing(build) {
+        let mut stack = Stack::start(&StackOptions::new(Replication::Reported).with_build(build));
+        let mut c = Client::new(stack.envoys[0].addr());
+        // The pool fills (one sign-up goes through), then the managers go bad.
+        stack.sign_up(&mut c, STEP_TIMEOUT).await.expect("a first sign-up");
+        let before = capacity(&stack).await;
+        assert_eq!(before.0, before.1, "accounting before the faults");
+        stack.manager("m1").set_signup_status(500);
+        stack.manager("m2").set_signup_status(503);
+        // m3 stops: Envoy cannot connect to it.
+        let gone = stack.managers.iter().position(|m| m.name() == "m3").unwrap();
+        drop(stack.managers.remove(gone));
+
+        let mut statuses = Vec::new();
+        for _ in 0..9 {
+            let r = post_signup(&mut c).await;
+            assert!(r.status >= 500, "{} {}", r.status, r.text());
+            assert!(consumer_cookie(&r).unwrap().is_none(), "{:?}", r.headers);
+            statuses.push(r.status);
+        }
+        // Every registration is given back: only the first consumer is left, and
+        // no capacity stays used by the failed sign-ups.
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        loop {
+            let listed = stack.cp.admin("GET", "/v1/consumers", None).await.json();
+            let n = listed.as_array().map_or(0, Vec::len);
+            let now = capacity(&stack).await;
+            if n == 1 && now.0 == now.1 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "registrations not given back: {n} consumers, capacity used {} vs accounted {}",
+                now.0,
+                now.1
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let refused = stack.envoys[0].settled_stat("prealloc_signups_refused");
+        println!(
+            "failing managers on sign-up ({}): answers {statuses:?}, {refused} given back, capacity used {} before, {} after, all accounted for",
+            build.name(),
+            before.0,
+            capacity(&stack).await.0
+        );
+        assert_eq!(refused, 9);
         stack.assert_no_violations();
     }
 }
