@@ -121,6 +121,20 @@ const ROUTES: &[(Method, &str, Access, Endpoint)] = &[
     (Method::GET, "v1/pools", Access::Admin, Endpoint::Pools),
 ];
 
+/// The API as `(method, path pattern, who may call it)`, `*` standing for one
+/// segment, and who being `"open"`, `"envoy"` (the envoy or the admin token)
+/// or `"admin"`: for docs and for tests that walk every endpoint.
+pub fn access_table() -> impl Iterator<Item = (Method, &'static str, &'static str)> {
+    ROUTES.iter().map(|(m, path, access, _)| {
+        let who = match access {
+            Access::Open => "open",
+            Access::Envoy => "envoy",
+            Access::Admin => "admin",
+        };
+        (m.clone(), *path, who)
+    })
+}
+
 /// Matches path segments against a [`ROUTES`] pattern; `Some(arg)` on a match,
 /// `arg` being the segment under `*` (empty without one).
 fn match_path<'p>(pattern: &str, segs: &[&'p str]) -> Option<&'p str> {

@@ -306,7 +306,7 @@ impl Config {
     pub fn parse(text: &str, base: &Path) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: PathBuf::from("<text>"),
-            message: e.to_string(),
+            message: parse_error_message(text, &e),
         })?;
         Config::validate(raw, base).map_err(|message| ConfigError::Invalid {
             path: PathBuf::from("<text>"),
@@ -464,4 +464,19 @@ fn valid_name(s: &str) -> bool {
         && s.len() <= 64
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Where and what, without the source line: TOML's own rendering quotes the
+/// offending line, which may hold a token (e.g. a misspelt key under `[tokens]`).
+fn parse_error_message(text: &str, e: &toml::de::Error) -> String {
+    let what = e.message().trim_end();
+    match e.span() {
+        Some(span) => {
+            let before = text.get(..span.start).unwrap_or(text);
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("line {line}, column {column}: {what}")
+        }
+        None => what.to_owned(),
+    }
 }

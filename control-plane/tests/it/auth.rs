@@ -53,6 +53,67 @@ async fn envoy_token_on_an_admin_endpoint_is_403_naming_the_admin_token() {
 }
 
 #[tokio::test]
+async fn every_endpoint_refuses_what_its_table_row_does_not_allow() {
+    // Walks the API table itself, so an endpoint added later is covered too.
+    let p = Plane::start(&Setup::default()).await;
+    let mut checked = 0;
+    for (method, pattern, who) in prealloc_control_plane::api::access_table() {
+        let path = format!("/{}", pattern.replace('*', "AAAAAAAAAAAAAAAAAAAAAA"));
+        let body = (method != Method::GET).then(|| serde_json::json!({}));
+        let status = |token| {
+            let (m, path, body) = (method.clone(), path.clone(), body.clone());
+            let p = &p;
+            async move { p.call(m, &path, token, body).await.0 }
+        };
+        match who {
+            "open" => {
+                assert_eq!(status(None).await, StatusCode::OK, "{method} {path}");
+            }
+            "envoy" => {
+                assert_eq!(
+                    status(None).await,
+                    StatusCode::UNAUTHORIZED,
+                    "{method} {path}"
+                );
+                let s = status(Some("not-a-token-at-all-xxxx")).await;
+                assert_eq!(s, StatusCode::FORBIDDEN, "{method} {path}");
+                for token in [ENVOY, ADMIN] {
+                    let s = status(Some(token)).await;
+                    assert!(
+                        s != StatusCode::UNAUTHORIZED && s != StatusCode::FORBIDDEN,
+                        "{method} {path} refused a good token: {s}"
+                    );
+                }
+            }
+            "admin" => {
+                assert_eq!(
+                    status(None).await,
+                    StatusCode::UNAUTHORIZED,
+                    "{method} {path}"
+                );
+                let (s, v) = p
+                    .call(method.clone(), &path, Some(ENVOY), body.clone())
+                    .await;
+                assert_eq!(
+                    s,
+                    StatusCode::FORBIDDEN,
+                    "{method} {path} with the envoy token"
+                );
+                assert_eq!(v["error"], "wrong_token", "{method} {path}");
+                let s = status(Some(ADMIN)).await;
+                assert!(
+                    s != StatusCode::UNAUTHORIZED && s != StatusCode::FORBIDDEN,
+                    "{method} {path} refused the admin token: {s}"
+                );
+            }
+            other => panic!("unknown access {other:?}"),
+        }
+        checked += 1;
+    }
+    assert!(checked >= 13, "only {checked} endpoints in the table");
+}
+
+#[tokio::test]
 async fn unknown_token_is_403_and_admin_token_works_everywhere() {
     let p = Plane::start(&Setup::default()).await;
     let (s, v) = p

@@ -39,6 +39,11 @@ fn defaults_are_reported_mode_target_all_and_loopback() {
         c.listen.to_string(),
         prealloc_control_plane::config::DEFAULT_LISTEN
     );
+    assert!(
+        c.listen.ip().is_loopback(),
+        "listens on {} unless configured",
+        c.listen
+    );
     assert_eq!(c.replication.mode, ReplicationMode::Reported);
     assert_eq!(c.replication.target, ReplicationTarget::All);
 }
@@ -138,4 +143,26 @@ fn missing_file_error_names_the_path() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("/nonexistent/prealloc.toml"), "{e}");
+}
+
+#[test]
+fn a_parse_error_names_the_line_but_never_quotes_it() {
+    // A misspelt key under [tokens], its value a real token: the error must
+    // say where and what, and must not print the secret.
+    let db = Db::new();
+    let secret = "do-not-print-this-token-0123456789";
+    let text = Setup::default()
+        .toml(&db.path())
+        .replace("[tokens]\n", &format!("[tokens]\nenvoyy = \"{secret}\"\n"));
+    let line = text.lines().position(|l| l.starts_with("envoyy")).unwrap() + 1;
+    let e = refuse(&text);
+    assert!(e.contains("envoyy"), "{e}");
+    assert!(e.contains(&format!("line {line}")), "{e}");
+    assert!(!e.contains(secret), "the secret was printed: {e}");
+    // A syntax error on a token line too.
+    let text = Setup::default()
+        .toml(&db.path())
+        .replace("[tokens]\n", &format!("[tokens]\nenvoy = \"{secret}\n"));
+    let e = refuse(&text);
+    assert!(!e.contains(secret), "the secret was printed: {e}");
 }

@@ -40,6 +40,10 @@ fn is_filter_counter(c: Counter) -> bool {
 pub struct FilterShared {
     pub cfg: FilterConfig,
     verifier: Verifier,
+    /// Unique per configuration ever created (never reused, unlike an
+    /// address): a worker's verified-cookie cache belongs to one generation,
+    /// so a new configuration with other keys never sees the old answers.
+    generation: u64,
     /// Envoy's counter id per [`Counter::index`].
     counters: Vec<Option<usize>>,
     /// Registrations to give back; the main thread sends them (`bootstrap.rs`),
@@ -124,7 +128,7 @@ impl Stream {
             }
             w.refresh_availability();
             let now = now_s();
-            let config_id = Arc::as_ptr(&shared) as usize;
+            let config_id = shared.generation;
             // Disjoint fields of the worker: the cache, the view, the counter.
             let crate::state::Worker {
                 rr,
@@ -470,7 +474,9 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
                     .flatten()
             })
             .collect();
+        static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let shared = Arc::new(FilterShared {
+            generation: GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             verifier: Verifier::from_config(&cfg.cookie),
             cfg,
             counters,

@@ -27,9 +27,9 @@ pub struct Worker {
     /// Reused buffer for the request header list.
     pub headers: Vec<EnvoyHeader>,
     /// Cookie values this worker already verified, for the filter
-    /// configuration identified by the number (its address): another
-    /// configuration starts a new cache.
-    pub cookies: (usize, VerifiedCookies),
+    /// configuration of that generation (`FilterShared::generation`, never
+    /// reused; 0 = none yet): another configuration starts a new cache.
+    pub cookies: (u64, VerifiedCookies),
 }
 
 thread_local! {

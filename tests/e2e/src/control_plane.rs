@@ -88,6 +88,8 @@ pub struct ControlPlaneConfig {
     pub admin_token: String,
     /// Raw TOML appended at the end (e.g. a `[push]` or `[provisioning]` table) for anything not modelled here.
     pub extra_toml: String,
+    /// `RUST_LOG` of the binary (`None`: `PREALLOC_CP_LOG`, else `info`).
+    pub log_level: Option<String>,
 }
 
 impl ControlPlaneConfig {
@@ -104,6 +106,7 @@ impl ControlPlaneConfig {
             envoy_token: TEST_ENVOY_TOKEN.to_owned(),
             admin_token: TEST_ADMIN_TOKEN.to_owned(),
             extra_toml: String::new(),
+            log_level: None,
         }
     }
 
@@ -249,7 +252,9 @@ impl ControlPlane {
             .arg(&config_path)
             .env(
                 "RUST_LOG",
-                std::env::var("PREALLOC_CP_LOG").unwrap_or_else(|_| "info".into()),
+                self.cfg.log_level.clone().unwrap_or_else(|| {
+                    std::env::var("PREALLOC_CP_LOG").unwrap_or_else(|_| "info".into())
+                }),
             )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

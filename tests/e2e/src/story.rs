@@ -49,6 +49,8 @@ pub struct StackOptions {
     pub tokens: (String, String),
     /// Which build of the data plane every Envoy runs.
     pub build: Build,
+    /// The control plane's `RUST_LOG` (`None`: the harness default).
+    pub control_plane_log: Option<String>,
 }
 
 impl StackOptions {
@@ -67,6 +69,7 @@ impl StackOptions {
                 crate::control_plane::TEST_ADMIN_TOKEN.to_owned(),
             ),
             build: Build::Wasm,
+            control_plane_log: None,
         }
     }
 
@@ -138,6 +141,7 @@ impl Stack {
             .insert("retry_max_ms".into(), toml::Value::Integer(200));
         cfg.envoy_token = opts.tokens.0.clone();
         cfg.admin_token = opts.tokens.1.clone();
+        cfg.log_level = opts.control_plane_log.clone();
         let cp = ControlPlane::start_on(cfg, ([127, 0, 0, 1], opts.control_plane_port).into());
         let envoy_configs: Vec<EnvoyConfig> = (0..opts.envoys)
             .map(|i| {

@@ -23,6 +23,7 @@ mod propagation;
 mod robustness;
 mod round_robin;
 mod routes_stub;
+mod secrets;
 mod signup;
 mod signup_failures;
 mod spoofing;
