@@ -55,7 +55,7 @@ fn default_max_batch() -> usize {
     1024
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Tokens {
     /// Bearer token of Envoys: routes and registrations.
@@ -64,7 +64,17 @@ pub struct Tokens {
     pub admin: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// Never prints the tokens (a `{:?}` of the config must be safe to log).
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokens")
+            .field("envoy", &"<redacted>")
+            .field("admin", &"<redacted>")
+            .finish()
+    }
+}
+
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ManagerConfig {
     pub id: String,
@@ -85,6 +95,22 @@ pub struct ManagerConfig {
     /// Bearer token sent on calls to this manager.
     #[serde(default)]
     pub token: Option<String>,
+}
+
+/// Everything but the token's value.
+impl std::fmt::Debug for ManagerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ManagerConfig")
+            .field("id", &self.id)
+            .field("cluster", &self.cluster)
+            .field("location", &self.location)
+            .field("admin_url", &self.admin_url)
+            .field("capacity", &self.capacity)
+            .field("availability", &self.availability)
+            .field("provision", &self.provision)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 fn default_availability() -> Availability {
@@ -376,6 +402,14 @@ impl Config {
                     "key `{at}.location`: {:?} must be 1-64 characters of A-Z a-z 0-9 . _ -",
                     m.location
                 ));
+            }
+            if let Some(t) = &m.token {
+                if *t == raw.tokens.admin || *t == raw.tokens.envoy {
+                    return Err(format!(
+                        "key `{at}.token`: must differ from `tokens.admin` and `tokens.envoy`: \
+                         it is sent to the manager, which would then hold that token's powers"
+                    ));
+                }
             }
             crate::manager_client::BaseUrl::parse(&m.admin_url)
                 .map_err(|e| format!("key `{at}.admin_url`: {e}"))?;

@@ -166,3 +166,33 @@ fn a_parse_error_names_the_line_but_never_quotes_it() {
     let e = refuse(&text);
     assert!(!e.contains(secret), "the secret was printed: {e}");
 }
+
+#[test]
+fn tokens_never_show_in_the_configs_debug_output_and_a_manager_token_is_its_own() {
+    let db = Db::new();
+    let setup = Setup {
+        manager_token: Some("manager-token-0123456789abcdef".into()),
+        ..Setup::default()
+    };
+    let c = Config::parse(&setup.toml(&db.path()), Path::new("/")).unwrap();
+    let dbg = format!("{c:?}");
+    for secret in [
+        crate::support::ENVOY,
+        crate::support::ADMIN,
+        "manager-token-0123456789abcdef",
+    ] {
+        assert!(!dbg.contains(secret), "{dbg}");
+    }
+    for reused in [crate::support::ADMIN, crate::support::ENVOY] {
+        let setup = Setup {
+            manager_token: Some(reused.into()),
+            ..Setup::default()
+        };
+        let e = refuse(&setup.toml(&db.path()));
+        assert!(
+            e.contains("managers[0].token") && e.contains("must differ"),
+            "{e}"
+        );
+        assert!(!e.contains(reused), "{e}");
+    }
+}

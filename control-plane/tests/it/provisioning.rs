@@ -169,6 +169,14 @@ async fn calls_to_managers_carry_the_configured_token() {
             "{seen:?}"
         );
     }
+    // The admin API shows the managers, never their tokens.
+    for path in ["/v1/managers", "/v1/managers/m1"] {
+        let (s, v) = p
+            .call(hyper::Method::GET, path, Some(crate::support::ADMIN), None)
+            .await;
+        assert_eq!(s, hyper::StatusCode::OK);
+        assert!(!v.to_string().contains("manager-secret-123"), "{path}: {v}");
+    }
 }
 
 #[tokio::test]

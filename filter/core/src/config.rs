@@ -340,15 +340,43 @@ pub fn parse(bytes: &[u8]) -> Result<PluginConfig, ConfigError> {
 
 /// Deserializes JSON, naming the dotted path of the field that failed
 /// (`filter.cookie.max_age_s`); an empty path for syntax errors.
-fn from_json<T: serde::de::DeserializeOwned>(
-    bytes: &[u8],
-) -> Result<T, (String, serde_json::Error)> {
+fn from_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, (String, String)> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let field = if path == "." { String::new() } else { path };
-        (field, e.into_inner())
+        let message = e.into_inner().to_string();
+        let message = if is_secret_field(&field) {
+            redact_quoted(&message)
+        } else {
+            message
+        };
+        (field, message)
     })
+}
+
+/// Fields whose values are secrets: cookie keys and bearer tokens.
+fn is_secret_field(field: &str) -> bool {
+    field.contains("keys") || field.ends_with("token")
+}
+
+/// serde quotes the offending value (`invalid type: string "…", expected a
+/// sequence`); for a secret field every quoted part is replaced, so a
+/// misplaced key never reaches Envoy's log.
+fn redact_quoted(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut parts = message.split('"');
+    if let Some(first) = parts.next() {
+        out.push_str(first);
+    }
+    for (i, part) in parts.enumerate() {
+        // Odd pieces are inside quotes.
+        out.push_str(if i % 2 == 0 { "\"<redacted>" } else { "\"" });
+        if i % 2 == 1 {
+            out.push_str(part);
+        }
+    }
+    out
 }
 
 /// The native build's cluster specifier: where requests without a verified
@@ -776,6 +804,31 @@ mod tests {
             let e = parse_err(&json);
             assert!(e.to_string().contains(needle), "for {json:?}: {e}");
         }
+    }
+
+    #[test]
+    fn a_misplaced_secret_is_not_quoted_in_the_error() {
+        let secret = "a-cookie-key-that-is-long-enough-0123456789";
+        for json in [
+            format!(r#"{{"filter":{{"cookie":{{"keys":"{secret}"}}}}}}"#),
+            format!(r#"{{"filter":{{"cookie":{{"keys":[["{secret}"]]}}}}}}"#),
+            format!(r#"{{"poller":{{"token":{{"{secret}":1}}}}}}"#),
+            format!(
+                r#"{{"filter":{{"signup":{{"path":"/s","token":["{secret}"],"resource_type":"m"}}}}}}"#
+            ),
+        ] {
+            let e = parse(json.as_bytes()).unwrap_err();
+            let shown = e.to_string();
+            assert!(!shown.contains(secret), "{shown}");
+            assert!(!e.field.is_empty(), "names the field: {shown}");
+        }
+        // Other fields keep their quoted values (they help).
+        let e = parse(br#"{"filter":{"when_all_down":7,"cookie":{"keys":[]}}}"#).unwrap_err();
+        assert_eq!(e.field, "filter.when_all_down", "{e}");
+        assert_eq!(
+            redact_quoted(r#"invalid type: string "k", expected x"#),
+            r#"invalid type: string "<redacted>", expected x"#
+        );
     }
 
     #[test]

@@ -97,10 +97,10 @@ impl Client {
         body: &[u8],
     ) -> std::io::Result<Response> {
         let addr = self.addr;
-        let mut builder = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", "prealloc.test");
+        let mut builder = Request::builder().method(method).uri(path);
+        if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
+            builder = builder.header("host", "prealloc.test");
+        }
         for (n, v) in headers {
             builder = builder.header(
                 HeaderName::from_bytes(n.as_bytes()).map_err(std::io::Error::other)?,

@@ -309,3 +309,33 @@ fn the_example_control_plane_configs_pass_check_config() {
     }
     assert!(checked >= 1, "no example config in {}", dir.display());
 }
+
+#[test]
+fn no_shipped_envoy_config_lets_a_request_past_a_failed_filter() {
+    // FAIL_OPEN would skip the wasm filter, and a client's route header would
+    // then pick the cluster: every config a user copies says FAIL_RELOAD for the
+    // filter (and FAIL_CLOSED for the poller), nothing says FAIL_OPEN.
+    let root = workspace_root();
+    for file in [
+        "envoy/prealloc.yaml.tmpl",
+        "envoy/docker/envoy.yaml",
+        "README.md",
+    ] {
+        let text = std::fs::read_to_string(root.join(file)).expect(file);
+        let policies: Vec<&str> = text
+            .lines()
+            .map(str::trim_start)
+            .filter(|l| l.starts_with("failure_policy:"))
+            .collect();
+        assert!(
+            policies.iter().any(|l| l.contains("FAIL_RELOAD")),
+            "{file}: the filter's failure_policy is not FAIL_RELOAD: {policies:?}"
+        );
+        assert!(
+            policies
+                .iter()
+                .all(|l| l.contains("FAIL_RELOAD") || l.contains("FAIL_CLOSED")),
+            "{file}: {policies:?}"
+        );
+    }
+}

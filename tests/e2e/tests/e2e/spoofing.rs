@@ -148,3 +148,42 @@ each_build! {
         dp.assert_no_violations();
     }
 }
+
+each_build! {
+    #[tokio::test]
+    async fn the_host_header_and_oversized_headers_choose_nothing(build) {
+        let dp = DataPlane::start(build);
+        let fay = new_consumer();
+        dp.manager("m1").hold(fay.as_str());
+        let cookie = cookie_for(&fay, ConsumerState::Registering, &["m1"]);
+        let mut c = dp.client();
+        let m2 = dp.manager("m2").addr().to_string();
+        let cp = dp.routes.addr().to_string();
+        for host in ["manager_m2", "prealloc_control_plane", "m2", &m2, &cp] {
+            let r = c.get("/", &[("host", host)]).await;
+            assert_eq!(r.served_by().as_deref(), Some("default"), "anonymous, Host {host}");
+            let r = c.get("/", &[("host", host), ("cookie", &cookie)]).await;
+            assert_eq!(r.served_by().as_deref(), Some("m1"), "fay, Host {host}");
+        }
+        // Over Envoy's header limit (60 KiB by default): refused before any filter runs.
+        let huge = format!("prealloc={}", "A".repeat(70 * 1024));
+        let r = prealloc_e2e::client::Client::new(dp.envoy.addr())
+            .send("GET", "/", &[("cookie", &huge)], b"")
+            .await;
+        if let Ok(r) = &r {
+            assert_eq!(r.status, 431, "{}", r.text());
+            assert!(r.served_by().is_none());
+        }
+        // Under Envoy's limit but over the filter's cookie cap (3000 bytes): anonymous.
+        let long = format!("prealloc={}", "A".repeat(4000));
+        let r = dp.client().get("/", &[("cookie", &long)]).await;
+        assert_eq!(r.served_by().as_deref(), Some("default"));
+        assert!(dp.managers.iter().all(|m| m.name() == "m1" || m.requests().is_empty()));
+        assert_eq!(
+            dp.routes.polls().iter().filter(|p| !p.authorized).count(),
+            0,
+            "nothing reached the control plane"
+        );
+        dp.assert_no_violations();
+    }
+}
