@@ -12,6 +12,7 @@ const DOCS: &[&str] = &[
     "README.md",
     "ARCHITECTURE.md",
     "BENCHMARKS.md",
+    "SECURITY.md",
     "docs/MANAGER-CONTRACT.md",
     "filter/README.md",
     "control-plane/README.md",
