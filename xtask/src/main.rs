@@ -25,6 +25,10 @@ commands:
   demo [--once] [--build wasm|native] [--mode active|reported] [--port N]
                setup, build, then run the demo: control plane, Envoy and three
                managers on loopback; --once runs the story once and exits
+  soak [--minutes N] [--build wasm|native]
+               setup, build, then a bounded soak (default 5 minutes): sign-ups,
+               traffic and active replication with one fault of each kind;
+               prints memory and invariant figures, fails on a violation
   fuzz TARGET|all [--runs N] [--seconds S] [FILE...]
                coverage-guided libFuzzer on the stable toolchain (fuzz/README.md):
                N executions per target (default 1000000), or S seconds; new
@@ -43,6 +47,7 @@ fn main() -> ExitCode {
         Some("check") => check(),
         Some("test") => test(&args[1..]),
         Some("demo") => demo(&args[1..]),
+        Some("soak") => soak(&args[1..]),
         Some("fuzz") => fuzz(&args[1..]),
         Some("-h" | "--help" | "help") | None => {
             print!("{}", USAGE.replace("{ENVOY}", ENVOY_VERSION));
@@ -352,6 +357,21 @@ fn demo(extra: &[String]) -> Result<(), String> {
     }
     #[cfg(not(unix))]
     run(&mut cmd)
+}
+
+fn soak(extra: &[String]) -> Result<(), String> {
+    let envs = build_all()?;
+    run(cargo().args([
+        "build",
+        "--quiet",
+        "--package",
+        "prealloc-e2e",
+        "--bin",
+        "prealloc-soak",
+    ]))?;
+    run(Command::new(root().join("target/debug/prealloc-soak"))
+        .args(extra)
+        .envs(envs))
 }
 
 /// The fuzz targets (`fuzz/src/lib.rs` `TARGETS`, one libFuzzer binary each).

@@ -341,6 +341,11 @@ impl ControlPlane {
         self.launch();
     }
 
+    /// The process id while it runs (for memory sampling).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Whether the process is running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))

@@ -525,6 +525,11 @@ impl Envoy {
         format!("{ip}:{port}").parse().expect("listener address")
     }
 
+    /// The process id (for memory sampling).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The listener's address (where clients connect).
     pub fn addr(&self) -> SocketAddr {
         self.listener

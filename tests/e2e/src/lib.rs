@@ -6,4 +6,5 @@ pub mod envoy;
 pub mod manager;
 pub mod routes_stub;
 pub mod server;
+pub mod soak;
 pub mod story;

@@ -26,6 +26,7 @@ mod routes_stub;
 mod secrets;
 mod signup;
 mod signup_failures;
+mod soak;
 mod spoofing;
 mod story;
 mod story_load;
