@@ -220,9 +220,11 @@ impl Write for SetAvailability {
             b.all_pools = true;
             tracing::info!(manager = %self.manager, availability = self.availability.as_str(), "availability changed");
         }
-        if changed && self.availability == Availability::Down {
+        if self.availability == Availability::Down {
             // The replication target stops waiting for a down manager: whoever
-            // has every other copy is registered now.
+            // has every other copy is registered now. (Also when it was down
+            // already: the control plane settles this way at start-up, for
+            // managers the config or the database says are down.)
             let settled = reg.settle_targets(b.now_ms, &mut b.ops);
             if !settled.is_empty() {
                 tracing::info!(manager = %self.manager, consumers = settled.len(), "registered without waiting for a down manager");

@@ -503,7 +503,15 @@ fn valid_name(s: &str) -> bool {
 /// Where and what, without the source line: TOML's own rendering quotes the
 /// offending line, which may hold a token (e.g. a misspelt key under `[tokens]`).
 fn parse_error_message(text: &str, e: &toml::de::Error) -> String {
-    let what = e.message().trim_end();
+    // Values are quoted in type errors (`invalid type: string "…"`): any of
+    // them may be a token, so everything from the first quote to the last goes.
+    let message = e.message().trim_end();
+    let what = match (message.find('"'), message.rfind('"')) {
+        (Some(a), Some(b)) if a < b => {
+            format!("{}\"…\"{}", &message[..a], &message[b + 1..])
+        }
+        _ => message.to_owned(),
+    };
     match e.span() {
         Some(span) => {
             let before = text.get(..span.start).unwrap_or(text);
@@ -511,6 +519,6 @@ fn parse_error_message(text: &str, e: &toml::de::Error) -> String {
             let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
             format!("line {line}, column {column}: {what}")
         }
-        None => what.to_owned(),
+        None => what,
     }
 }

@@ -9,6 +9,7 @@ use crate::routes::Routes;
 use crate::state::{Core, Plane};
 use crate::store::{Op, SqliteStore, Store};
 use anyhow::Context;
+use prealloc_wire::Availability;
 use rand::RngCore;
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -103,6 +104,29 @@ impl ControlPlane {
         }
         for (id, manager) in provisioning {
             tasks.spawn(crate::allocator::provision(plane.clone(), id, manager));
+        }
+        // Consumers that were only waiting for a manager that is down now
+        // (retired in the config, or marked down before a restart) settle.
+        let down: Vec<String> = core
+            .registry()
+            .managers()
+            .iter()
+            .filter(|m| m.availability == Availability::Down)
+            .map(|m| m.id.clone())
+            .collect();
+        if !down.is_empty() {
+            let plane = plane.clone();
+            tasks.spawn(async move {
+                for manager in down {
+                    let write = crate::command::SetAvailability {
+                        manager: manager.clone(),
+                        availability: Availability::Down,
+                    };
+                    if let Err(e) = plane.writer.call(write).await {
+                        tracing::warn!(%manager, error = ?e, "could not settle the consumers waiting for a down manager");
+                    }
+                }
+            });
         }
         tasks.spawn(crate::expiry::run(plane.clone()));
         tasks.spawn(crate::expiry::run_leases(plane.clone()));

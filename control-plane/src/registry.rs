@@ -667,15 +667,20 @@ impl Registry {
             .filter(|&m| self.managers[m].availability != Availability::Down)
     }
 
+    /// Whether the copies meet the target: only copies on managers that are
+    /// not down count, and at least one such copy is needed (a consumer whose
+    /// only copies sit on down managers, or a location with every manager
+    /// down, waits).
     fn target_reached(&self, pool: usize, replicas: &[(usize, u64)]) -> bool {
-        let held = |m: usize| replicas.iter().any(|&(r, _)| r == m);
+        let held = |m: &usize| replicas.iter().any(|&(r, _)| r == *m);
+        let up = self.target_members(pool).count();
+        let held_up = self.target_members(pool).filter(held).count();
+        if held_up == 0 {
+            return false;
+        }
         match self.target {
-            ReplicationTarget::All => self.target_members(pool).all(held),
-            ReplicationTarget::Count(n) => {
-                let members = &self.pools[pool].members;
-                let in_location = replicas.iter().filter(|(r, _)| members.contains(r)).count();
-                in_location >= n.min(self.target_members(pool).count())
-            }
+            ReplicationTarget::All => held_up == up,
+            ReplicationTarget::Count(n) => held_up >= n.min(up),
         }
     }
 

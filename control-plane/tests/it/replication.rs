@@ -139,6 +139,77 @@ async fn a_manager_going_down_registers_whoever_holds_every_other_copy() {
     assert_eq!(rec["state"], "registered", "{rec}");
 }
 
+async fn set_availability(p: &Plane, manager: &str, availability: &str) {
+    let (s, v) = p
+        .call(
+            hyper::Method::PUT,
+            &format!("/v1/managers/{manager}/availability"),
+            Some(crate::support::ADMIN),
+            Some(serde_json::json!({ "availability": availability })),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+}
+
+#[tokio::test]
+async fn only_copies_on_managers_that_are_up_count() {
+    // target = 2 over two managers; the consumer's only copy is on its first
+    // manager, which goes down: one copy on a down manager is no copy at all.
+    let mut setup = Setup {
+        target: "2",
+        ..Setup::default()
+    };
+    setup.managers.truncate(2);
+    let p = Plane::start(&setup).await;
+    p.wait_depth(10).await;
+    let reg = p.register().await;
+    let c = reg["consumer"].as_str().unwrap().to_owned();
+    let first = reg["manager"].as_str().unwrap().to_owned();
+    let other = if first == "m1" { "m2" } else { "m1" };
+    set_availability(&p, &first, "down").await;
+    let (_, rec) = p.consumer(&c).await;
+    assert_eq!(rec["state"], "registering", "{rec}");
+    let (_, ack) = p.replica(&c, other).await;
+    assert_eq!(
+        ack["state"], "registered",
+        "one copy on the one manager up: {ack}"
+    );
+}
+
+#[tokio::test]
+async fn with_every_manager_down_nobody_becomes_registered() {
+    let p = Plane::start(&Setup::default()).await;
+    p.wait_depth(10).await;
+    let c = p.register().await["consumer"].as_str().unwrap().to_owned();
+    for m in ["m1", "m2", "m3"] {
+        set_availability(&p, m, "down").await;
+    }
+    let (_, rec) = p.consumer(&c).await;
+    assert_eq!(rec["state"], "registering", "{rec}");
+}
+
+#[tokio::test]
+async fn a_manager_retired_in_the_config_settles_its_waiting_consumers_at_start() {
+    let p = Plane::start(&Setup::default()).await;
+    p.wait_depth(10).await;
+    let reg = p.register().await;
+    let c = reg["consumer"].as_str().unwrap().to_owned();
+    let rest = others(reg["manager"].as_str().unwrap());
+    p.replica(&c, &rest[0]).await;
+    let db = p.stop().await;
+    // The operator retires rest[1] in the config (no availability in the database).
+    let mut config = Setup::default().config(&db.path());
+    config
+        .managers
+        .iter_mut()
+        .find(|m| m.id == rest[1])
+        .unwrap()
+        .availability = prealloc_wire::Availability::Down;
+    let p = Plane::start_with(config, db).await;
+    p.wait_consumer(&c, "registered at start", |v| v["state"] == "registered")
+        .await;
+}
+
 #[tokio::test]
 async fn a_numeric_target_registers_after_that_many_copies() {
     let p = Plane::start(&Setup {
@@ -316,6 +387,11 @@ async fn a_copy_answered_after_its_timeout_is_retried_and_counted_once() {
         "both slow answers were retried"
     );
     assert_eq!(ms[slow].state.slow_puts.load(Ordering::SeqCst), 0);
+    // Metrics follow the commit (the record above may be seen a moment earlier).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while p.metric("prealloc_replicas_recorded_total").await < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert_eq!(p.metric("prealloc_replicas_recorded_total").await, 2);
     assert!(p.metric("prealloc_active_copy_failures_total").await >= 2);
 }

@@ -127,7 +127,13 @@ impl Plane {
     }
 
     pub async fn start_on(setup: &Setup, db: Db) -> Plane {
-        let cp = ControlPlane::start(setup.config(&db.path()))
+        let config = setup.config(&db.path());
+        Plane::start_with(config, db).await
+    }
+
+    /// Starts with a config a test adjusted (from [`Setup::config`] on `db`).
+    pub async fn start_with(config: Config, db: Db) -> Plane {
+        let cp = ControlPlane::start(config)
             .await
             .expect("control plane starts");
         let app = cp.app();

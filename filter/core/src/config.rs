@@ -361,22 +361,16 @@ fn is_secret_field(field: &str) -> bool {
 }
 
 /// serde quotes the offending value (`invalid type: string "…", expected a
-/// sequence`); for a secret field every quoted part is replaced, so a
+/// sequence`); for a secret field everything from the first quote to the
+/// last is replaced (a secret may itself hold an escaped quote), so a
 /// misplaced key never reaches Envoy's log.
 fn redact_quoted(message: &str) -> String {
-    let mut out = String::with_capacity(message.len());
-    let mut parts = message.split('"');
-    if let Some(first) = parts.next() {
-        out.push_str(first);
+    let head = message.find('"').and_then(|a| message.get(..a));
+    let tail = message.rfind('"').and_then(|b| message.get(b + 1..));
+    match (head, tail) {
+        (Some(head), Some(tail)) => format!("{head}\"<redacted>\"{tail}"),
+        _ => message.to_owned(),
     }
-    for (i, part) in parts.enumerate() {
-        // Odd pieces are inside quotes.
-        out.push_str(if i % 2 == 0 { "\"<redacted>" } else { "\"" });
-        if i % 2 == 1 {
-            out.push_str(part);
-        }
-    }
-    out
 }
 
 /// The native build's cluster specifier: where requests without a verified
@@ -827,6 +821,11 @@ mod tests {
         assert_eq!(e.field, "filter.when_all_down", "{e}");
         assert_eq!(
             redact_quoted(r#"invalid type: string "k", expected x"#),
+            r#"invalid type: string "<redacted>", expected x"#
+        );
+        // A secret holding an escaped quote is redacted whole.
+        assert_eq!(
+            redact_quoted(r#"invalid type: string "ab\"cd\"ef", expected x"#),
             r#"invalid type: string "<redacted>", expected x"#
         );
     }

@@ -376,6 +376,8 @@ pub struct EnvoyOptions {
     pub concurrency: u32,
     /// `--log-level`.
     pub log_level: String,
+    /// `--component-log-level` (e.g. `wasm:debug,dynamic_modules:debug`), if any.
+    pub component_log_level: Option<String>,
     /// How long to wait for `/ready`.
     pub ready_timeout: Duration,
     /// `ENVOY_DYNAMIC_MODULES_SEARCH_PATH` (the native build's directory).
@@ -389,6 +391,7 @@ impl Default for EnvoyOptions {
         EnvoyOptions {
             concurrency: 1,
             log_level: std::env::var("PREALLOC_ENVOY_LOG_LEVEL").unwrap_or_else(|_| "info".into()),
+            component_log_level: None,
             ready_timeout: Duration::from_secs(30),
             dynamic_modules_dir: None,
             wrapper: Vec::new(),
@@ -450,6 +453,11 @@ impl Envoy {
             .arg("--admin-address-path")
             .arg(&admin_file)
             .args(["--log-level", &opts.log_level])
+            .args(
+                opts.component_log_level
+                    .iter()
+                    .flat_map(|c| ["--component-log-level", c.as_str()]),
+            )
             .args(["--concurrency", &opts.concurrency.to_string()])
             // Several Envoys run in parallel; hot restart would make them share memory.
             .arg("--disable-hot-restart")

@@ -3,10 +3,11 @@
 //! schedule, while the memory of Envoy and the control plane is sampled.
 //!
 //! `cargo xtask soak --minutes N` runs it (the `prealloc-soak` binary); the
-//! e2e suite runs a 20-second version of the same code. It passes with zero
-//! violations, zero answers that are neither a manager's 200 nor a documented
-//! 503, and no acknowledged sign-up lost; memory is reported, with Envoy's
-//! growth over the fault-free window checked against a bound.
+//! e2e suite runs a 20-second version of the same code. It passes with every
+//! fault run, zero violations, zero answers that are neither a manager's 200
+//! nor a documented 503, and no acknowledged sign-up lost; memory is reported,
+//! and on runs of a minute or more Envoy's growth from just after its restart
+//! to the end (faults 3 to 7 included) is checked against a bound.
 
 use crate::client::Client;
 use crate::control_plane::Replication;
@@ -118,13 +119,20 @@ impl SoakReport {
         b as i64 - a as i64
     }
 
-    /// Whether the soak held: zero violations, no bad answer, nothing lost,
-    /// Envoy's memory flat.
+    /// Whether Envoy's memory stayed flat; judged on runs of a minute or
+    /// more (a shorter window holds too few samples to tell).
+    pub fn memory_flat(&self) -> bool {
+        self.duration < Duration::from_secs(60) || self.envoy_growth() < ENVOY_GROWTH_BOUND as i64
+    }
+
+    /// Whether the soak held: every fault ran, zero violations, no bad answer,
+    /// nothing lost, Envoy's memory flat.
     pub fn passed(&self) -> bool {
-        self.violations == 0
+        self.faults.len() == SCHEDULE.len()
+            && self.violations == 0
             && self.bad.is_empty()
             && self.lost.is_empty()
-            && self.envoy_growth() < ENVOY_GROWTH_BOUND as i64
+            && self.memory_flat()
     }
 
     /// The figures, one per line.
@@ -312,6 +320,9 @@ pub async fn run(opts: &SoakOptions, say: &mut dyn FnMut(&str)) -> SoakReport {
     // Registered consumers leave the table after 2 s: Envoy's table stays small.
     so.grace_period_ms = 2000;
     so.pool_depth = 50;
+    // Room for every sign-up of a long soak (the test default of 1000 per
+    // manager would run out after about 3000).
+    so.manager_capacity = 10_000_000;
     let mut stack = Stack::start(&so);
     let envoy_addr = stack.envoys[0].addr();
     // The pool has filled once one sign-up goes through.
@@ -381,7 +392,7 @@ pub async fn run(opts: &SoakOptions, say: &mut dyn FnMut(&str)) -> SoakReport {
                 ));
                 fault(&mut stack, next_fault, hold).await;
                 if next_fault <= 2 {
-                    report.window_start = t0.elapsed() + Duration::from_secs(1);
+                    report.window_start = t0.elapsed() + Duration::from_secs(2);
                 }
             }
         }

@@ -51,6 +51,8 @@ pub struct StackOptions {
     pub build: Build,
     /// The control plane's `RUST_LOG` (`None`: the harness default).
     pub control_plane_log: Option<String>,
+    /// `mailbox` capacity of each manager.
+    pub manager_capacity: u64,
 }
 
 impl StackOptions {
@@ -70,6 +72,7 @@ impl StackOptions {
             ),
             build: Build::Wasm,
             control_plane_log: None,
+            manager_capacity: 1000,
         }
     }
 
@@ -127,7 +130,10 @@ impl Stack {
         let mut cfg = ControlPlaneConfig::new(
             managers
                 .iter()
-                .map(|m| ManagerSpec::new(m.name(), &m.url()))
+                .map(|m| ManagerSpec {
+                    capacity: vec![("mailbox".to_owned(), opts.manager_capacity)],
+                    ..ManagerSpec::new(m.name(), &m.url())
+                })
                 .collect(),
         );
         cfg.replication = opts.replication;

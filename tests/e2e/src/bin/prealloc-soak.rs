@@ -16,7 +16,8 @@ Runs sign-ups, traffic and active replication through one Envoy for N minutes
 (default 5) with one fault of each kind (control plane kill -9, Envoy restart,
 a manager down, draining, slow, failing, refusing copies), sampling Envoy's
 and the control plane's memory every second. Prints the figures; exits 1 on a
-violation, a bad answer, a lost sign-up or Envoy memory growth over the bound.
+violation, a bad answer, a lost sign-up, a fault that did not run, or (on runs
+of a minute or more) Envoy memory growth over the bound.
 ";
 
 fn parse() -> Result<SoakOptions, String> {
@@ -30,7 +31,9 @@ fn parse() -> Result<SoakOptions, String> {
                 let v = value("--minutes")?;
                 let m: f64 = v
                     .parse()
-                    .map_err(|_| format!("--minutes {v:?}: not a number"))?;
+                    .ok()
+                    .filter(|m: &f64| m.is_finite() && *m > 0.0 && *m < 10_000.0)
+                    .ok_or(format!("--minutes {v:?}: a positive number of minutes"))?;
                 duration = Duration::from_secs_f64(m * 60.0);
             }
             "--seconds" => {

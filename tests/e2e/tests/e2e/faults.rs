@@ -306,7 +306,7 @@ each_build! {
         // Backoff is capped (max_backoff_ms 1000 in the test config): the poller
         // keeps trying about once a second, not in a tight loop and not never.
         assert!(
-            (2..=15).contains(&errors_down),
+            (4..=12).contains(&errors_down),
             "{errors_down} poller errors in {down:?}"
         );
 
@@ -393,7 +393,12 @@ each_build! {
             bad.len()
         );
         assert!(bad.is_empty(), "answers that were not a manager's 200: {bad:?}");
-        assert!(complete < Duration::from_secs(5), "table complete only after {complete:?}");
+        // From ready (listener up, poller started) to the whole table: the first poll.
+        assert!(
+            complete - ready < Duration::from_secs(3),
+            "table complete {:?} after the new Envoy was ready",
+            complete - ready
+        );
         // After: registered consumers spread over their replicas again.
         let mut client = Client::new(addr);
         let b = send_requests(&mut client, &people[0].cookie, 6).await.unwrap();
@@ -415,6 +420,16 @@ async fn until(what: &str, mut check: impl AsyncFnMut() -> bool) -> Duration {
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// Capacity the control plane counts as used on `manager` (reserved, ready or assigned).
+async fn used_on(stack: &Stack, manager: &str) -> u64 {
+    let v = stack
+        .cp
+        .admin("GET", &format!("/v1/managers/{manager}"), None)
+        .await
+        .json();
+    v["capacity"]["mailbox"]["used"].as_u64().expect("used")
 }
 
 async fn get(client: &mut Client, cookie: &str) -> Response {
@@ -470,8 +485,8 @@ each_build! {
             assert_ne!(s.first, "m1", "a new sign-up on a draining manager");
         }
 
-        // Back: sign-ups reach it again (its pre-allocated resources count again,
-        // and the pool tops up there).
+        // Back: sign-ups reach it again, and pre-allocation reserves there again.
+        let used_before = used_on(&stack, "m1").await;
         assert_eq!(stack.cp.set_availability("m1", Availability::Available).await.status, 200);
         let t0 = Instant::now();
         let mut on_m1 = 0;
@@ -482,16 +497,18 @@ each_build! {
         }
         timings.push(("available (first sign-ups)", t0.elapsed()));
         assert!(on_m1 > 0, "no sign-up reached m1 after it came back");
-        let pools = stack.cp.admin("GET", "/v1/pools", None).await.json();
-        let ready_m1 = pools[0]["ready_by_manager"]["m1"].as_u64().unwrap_or(0);
-        assert!(ready_m1 > 0, "pre-allocation on m1 resumed: {pools}");
+        let t = until("pre-allocation reserves on m1 again", async || {
+            used_on(&stack, "m1").await > used_before
+        })
+        .await;
+        timings.push(("pre-allocation on m1 (after the sign-ups)", t));
 
         println!(
             "availability changes ({}): {}; {on_m1} of 9 sign-ups on m1 once back",
             build.name(),
             timings
                 .iter()
-                .map(|(w, t)| format!("{w} routed after {t:?}"))
+                .map(|(w, t)| format!("{w}: {t:?}"))
                 .collect::<Vec<_>>()
                 .join(", ")
         );

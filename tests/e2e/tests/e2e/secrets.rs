@@ -1,6 +1,6 @@
 //! Tokens, cookie keys and cookies never reach a log: a whole story (sign-up,
 //! traffic, active copies, admin calls, refused tokens) with the control plane
-//! at `debug`, then both logs are searched for every secret.
+//! and the filter at `debug`, then both logs are searched for every secret.
 
 use prealloc_e2e::client::Client;
 use prealloc_e2e::control_plane::Replication;
@@ -13,6 +13,9 @@ each_build! {
     async fn tokens_keys_and_cookies_never_reach_a_log(build) {
         let mut opts = StackOptions::new(Replication::Active).with_build(build);
         opts.control_plane_log = Some("debug".into());
+        // The filter's own debug lines too (Envoy's would print request
+        // headers, tokens included: run Envoy itself at info or above).
+        opts.envoy.component_log_level = Some("wasm:debug,dynamic_modules:debug".into());
         let stack = Stack::start(&opts);
         let mut c = Client::new(stack.envoys[0].addr());
         let s = stack.sign_up(&mut c, STEP_TIMEOUT).await.expect("sign-up");

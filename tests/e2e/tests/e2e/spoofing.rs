@@ -170,9 +170,13 @@ each_build! {
         let r = prealloc_e2e::client::Client::new(dp.envoy.addr())
             .send("GET", "/", &[("cookie", &huge)], b"")
             .await;
-        if let Ok(r) = &r {
-            assert_eq!(r.status, 431, "{}", r.text());
-            assert!(r.served_by().is_none());
+        match &r {
+            Ok(r) => {
+                assert_eq!(r.status, 431, "{}", r.text());
+                assert!(r.served_by().is_none());
+            }
+            // Envoy may also close the connection on a head this large.
+            Err(e) => println!("70 KiB header: connection closed ({e})"),
         }
         // Under Envoy's limit but over the filter's cookie cap (3000 bytes): anonymous.
         let long = format!("prealloc={}", "A".repeat(4000));
