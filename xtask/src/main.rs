@@ -14,8 +14,9 @@ const USAGE: &str = "\
 usage: cargo xtask <command>
 
 commands:
-  setup        install the wasm32-wasip1 target, cargo-nextest and Envoy {ENVOY}
-               into .tools/ (once)
+  setup        install the wasm32-wasip1 target, cargo-nextest, Envoy {ENVOY}
+               and promtool (unpacked from Debian's prometheus package, where
+               apt can fetch it) into .tools/ (once)
   build-wasm   build target/wasm32-wasip1/release/prealloc_filter.wasm
   build-native build target/release/libprealloc_native.so (the Envoy dynamic module)
   check        the gates: rustfmt, clippy (native, wasm32, bench/) with -D warnings
@@ -102,12 +103,61 @@ fn output(cmd: &mut Command) -> Option<String> {
 /// Paths the tests and the demo are given through the environment.
 struct Tools {
     envoy: PathBuf,
+    /// `promtool` (checks the shipped Prometheus rules), when it could be had.
+    promtool: Option<PathBuf>,
 }
 
 fn setup() -> Result<Tools, String> {
     ensure_wasm_target()?;
     let envoy = ensure_envoy()?;
-    Ok(Tools { envoy })
+    let promtool = ensure_promtool();
+    Ok(Tools { envoy, promtool })
+}
+
+/// `promtool` from Debian's `prometheus` package, unpacked into `.tools/`
+/// (no service installed or started); `None`, with a note, where apt cannot
+/// fetch it: the observability test then checks the files without it.
+fn ensure_promtool() -> Option<PathBuf> {
+    let dir = root().join(".tools/prometheus");
+    let local = dir.join("usr/bin/promtool");
+    let works = |p: &Path| output(Command::new(p).arg("--version")).is_some();
+    if works(&local) {
+        return Some(local);
+    }
+    if works(Path::new("promtool")) {
+        return Some(PathBuf::from("promtool"));
+    }
+    let debs = root().join(".tools/debs");
+    let _ = std::fs::create_dir_all(&debs);
+    let download = || {
+        run(Command::new("apt-get")
+            .args(["download", "-qq", "prometheus"])
+            .current_dir(&debs))
+    };
+    if download().is_err() {
+        // Package lists may be missing on a fresh machine (needs root).
+        let _ = run(Command::new("apt-get").args(["update", "-qq"]));
+        if let Err(e) = download() {
+            eprintln!("xtask: promtool unavailable ({e}); the rules are checked without it");
+            return None;
+        }
+    }
+    let deb = std::fs::read_dir(&debs)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("prometheus_") && n.ends_with(".deb"))
+        })?;
+    if let Err(e) = run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&dir)) {
+        eprintln!(
+            "xtask: could not unpack {} ({e}); the rules are checked without promtool",
+            deb.display()
+        );
+        return None;
+    }
+    works(&local).then_some(local)
 }
 
 /// The wasm target: rustup knows whether it is there.
@@ -210,7 +260,7 @@ fn build_all() -> Result<Vec<(&'static str, PathBuf)>, String> {
     let wasm = build_wasm()?;
     let native = build_native()?;
     run(cargo().args(["build", "--package", "prealloc-control-plane", "--bins"]))?;
-    Ok(vec![
+    let mut envs = vec![
         ("PREALLOC_ENVOY", tools.envoy),
         ("PREALLOC_WASM", wasm),
         ("PREALLOC_NATIVE", native),
@@ -218,7 +268,9 @@ fn build_all() -> Result<Vec<(&'static str, PathBuf)>, String> {
             "PREALLOC_CONTROL_PLANE",
             root().join("target/debug/prealloc-control-plane"),
         ),
-    ])
+    ];
+    envs.extend(tools.promtool.map(|p| ("PREALLOC_PROMTOOL", p)));
+    Ok(envs)
 }
 
 fn has_nextest() -> bool {

@@ -13,6 +13,7 @@ const DOCS: &[&str] = &[
     "ARCHITECTURE.md",
     "BENCHMARKS.md",
     "SECURITY.md",
+    "observability/README.md",
     "docs/MANAGER-CONTRACT.md",
     "filter/README.md",
     "control-plane/README.md",

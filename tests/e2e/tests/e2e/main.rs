@@ -17,6 +17,7 @@ mod faults;
 mod forged_cookie;
 mod harness;
 mod leases;
+mod observability;
 mod pinned;
 mod poller_faults;
 mod propagation;
