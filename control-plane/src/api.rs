@@ -55,6 +55,7 @@ enum Endpoint {
     Manager,
     Availability,
     Pools,
+    Pollers,
 }
 
 /// The API, declared once: method, path (`*` is one segment, handed to the
@@ -119,6 +120,7 @@ const ROUTES: &[(Method, &str, Access, Endpoint)] = &[
         Endpoint::Availability,
     ),
     (Method::GET, "v1/pools", Access::Admin, Endpoint::Pools),
+    (Method::GET, "v1/pollers", Access::Admin, Endpoint::Pollers),
 ];
 
 /// The API as `(method, path pattern, who may call it)`, `*` standing for one
@@ -289,6 +291,7 @@ impl App {
             Endpoint::Manager => self.managers(Some(arg)),
             Endpoint::Availability => self.availability(arg, req).await,
             Endpoint::Pools => self.pools(),
+            Endpoint::Pollers => self.pollers(),
         }
     }
 
@@ -311,7 +314,12 @@ impl App {
         let core = &self.plane.core;
         let text = {
             let reg = core.registry();
-            core.metrics.render(&reg, &core.routes)
+            core.metrics.render(
+                &reg,
+                &core.routes,
+                &core.pollers,
+                core.config.push.max_wait_ms.saturating_mul(2),
+            )
         };
         let mut r = Response::new(Full::new(Bytes::from(text)));
         r.headers_mut().insert(
@@ -331,6 +339,12 @@ impl App {
             .wait_ms
             .unwrap_or(DEFAULT_WAIT_MS)
             .min(core.config.push.max_wait_ms);
+        // Seen (and counted as waiting) until this poll is answered.
+        let _seen = q.node.as_deref().map(|node| {
+            let current_epoch = q.epoch.as_deref() == Some(core.routes.epoch());
+            core.pollers
+                .arrived(node, q.since, current_epoch, crate::now_ms())
+        });
         let answer = core
             .routes
             .poll(&q, Duration::from_millis(wait), core.stop.subscribe())
@@ -521,6 +535,30 @@ impl App {
         json(StatusCode::OK, &v)
     }
 
+    /// Every Envoy seen polling, with how far its table is behind (null when
+    /// it holds another epoch's: its next answer is a full snapshot).
+    fn pollers(&self) -> Resp {
+        let core = &self.plane.core;
+        let current = core.routes.version();
+        let v: Vec<serde_json::Value> = core
+            .pollers
+            .list()
+            .into_iter()
+            .map(|p| {
+                let behind = p.current_epoch.then(|| current.saturating_sub(p.version));
+                serde_json::json!({
+                    "node": p.node,
+                    "version": p.version,
+                    "behind": behind,
+                    "last_poll_ms": p.last_poll_ms,
+                    "waiting": p.waiting,
+                    "polls": p.polls,
+                })
+            })
+            .collect();
+        json(StatusCode::OK, &v)
+    }
+
     async fn availability<B>(&self, id: &str, req: Request<B>) -> Resp
     where
         B: Body,
@@ -687,9 +725,18 @@ pub fn parse_routes_query(q: &str) -> Result<RoutesQuery, String> {
                         .map_err(|_| format!("wait_ms={v:?} is not a number of milliseconds"))?,
                 )
             }
+            "node" => {
+                if !prealloc_wire::is_valid_node(v) {
+                    return Err(format!(
+                        "node={v:?} must be 1..={} characters of A-Z a-z 0-9 . _ ~ -",
+                        prealloc_wire::MAX_NODE_LEN
+                    ));
+                }
+                out.node = Some(v.to_owned());
+            }
             other => {
                 return Err(format!(
-                    "unknown query parameter {other:?} on {ROUTES_PATH}; use since, epoch, wait_ms"
+                    "unknown query parameter {other:?} on {ROUTES_PATH}; use since, epoch, wait_ms, node"
                 ))
             }
         }

@@ -3,7 +3,7 @@
 
 // Layers, bottom up (a module imports only modules of the layers below it;
 // `tests/it/layering.rs` checks it):
-// 1. config, store, registry (pure domain), routes, metrics, manager_client
+// 1. config, store, registry (pure domain), routes, metrics, manager_client, pollers
 // 2. batch (one group commit being built), command (the writes), state (shared core)
 // 3. writer, allocator, replicator, expiry, api
 // 4. plane (wiring), server
@@ -16,6 +16,7 @@ pub mod expiry;
 pub mod manager_client;
 pub mod metrics;
 pub mod plane;
+pub mod pollers;
 pub mod registry;
 pub mod replicator;
 pub mod routes;

@@ -1,5 +1,6 @@
 //! Prometheus metrics: counters and histograms updated in place, gauges read at scrape time.
 
+use crate::pollers::Pollers;
 use crate::registry::Registry;
 use crate::routes::Routes;
 use std::fmt::Write;
@@ -125,7 +126,15 @@ fn esc(s: &str) -> String {
 
 impl Metrics {
     /// The Prometheus text exposition.
-    pub fn render(&self, registry: &Registry, routes: &Routes) -> String {
+    /// `connected_within_ms`: a poller seen this recently (or with a poll
+    /// held) counts as connected.
+    pub fn render(
+        &self,
+        registry: &Registry,
+        routes: &Routes,
+        pollers: &Pollers,
+        connected_within_ms: u64,
+    ) -> String {
         let mut o = String::with_capacity(4096);
         counter(
             &mut o,
@@ -299,6 +308,7 @@ impl Metrics {
         let _ = writeln!(o, "# HELP prealloc_routes_version Version of the pushed routing table.\n# TYPE prealloc_routes_version gauge\nprealloc_routes_version {}", routes.version());
         let _ = writeln!(o, "# HELP prealloc_routes_entries Consumers in the routing table.\n# TYPE prealloc_routes_entries gauge\nprealloc_routes_entries {}", routes.len());
         let _ = writeln!(o, "# HELP prealloc_routes_waiting_pollers Long-polls currently held.\n# TYPE prealloc_routes_waiting_pollers gauge\nprealloc_routes_waiting_pollers {}", routes.waiting());
+        let _ = writeln!(o, "# HELP prealloc_pollers_connected Envoys (poller node ids) with a poll held or seen within twice push.max_wait_ms.\n# TYPE prealloc_pollers_connected gauge\nprealloc_pollers_connected {}", pollers.connected(crate::now_ms(), connected_within_ms));
         o
     }
 }

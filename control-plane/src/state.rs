@@ -5,6 +5,7 @@ use crate::command::Writer;
 use crate::config::Config;
 use crate::manager_client::ManagerClient;
 use crate::metrics::Metrics;
+use crate::pollers::Pollers;
 use crate::registry::Registry;
 use crate::routes::Routes;
 use prealloc_wire::ConsumerId;
@@ -50,6 +51,8 @@ pub struct Core {
     registry: Mutex<Registry>,
     pub routes: Routes,
     pub metrics: Metrics,
+    /// The Envoys polling the routes, as last seen.
+    pub pollers: Pollers,
     /// One per pool: wakes its allocator when depth or eligibility changed.
     pub pool_notify: Vec<Notify>,
     /// Registered consumers: when each leaves the routing table.
@@ -76,6 +79,7 @@ impl Core {
             registry: Mutex::new(registry),
             routes,
             metrics: Metrics::default(),
+            pollers: Pollers::default(),
             pool_notify: (0..pools).map(|_| Notify::new()).collect(),
             expiry: Deadlines::default(),
             leases: Deadlines::default(),

@@ -247,6 +247,22 @@ pub struct RoutesQuery {
     /// How long the server may hold the request when nothing changed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wait_ms: Option<u64>,
+    /// Who polls: the Envoy's node id (see [`is_valid_node`]), so the control
+    /// plane can show which Envoys are connected and what table each holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+}
+
+/// Longest node id a poller may send.
+pub const MAX_NODE_LEN: usize = 128;
+
+/// A node id: 1..=[`MAX_NODE_LEN`] characters of `A-Z a-z 0-9 . _ ~ -` (safe
+/// in a query string and in a log line as they are).
+pub fn is_valid_node(node: &str) -> bool {
+    (1..=MAX_NODE_LEN).contains(&node.len())
+        && node
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._~-".contains(&b))
 }
 
 impl RoutesQuery {
@@ -259,6 +275,10 @@ impl RoutesQuery {
         }
         if let Some(w) = self.wait_ms {
             p.push_str(&format!("&wait_ms={w}"));
+        }
+        if let Some(n) = &self.node {
+            p.push_str("&node=");
+            p.push_str(n);
         }
         p
     }
@@ -412,12 +432,28 @@ mod tests {
 
     #[test]
     fn routes_query_path() {
-        let q = RoutesQuery {
+        let mut q = RoutesQuery {
             since: 4,
             epoch: Some("e".into()),
             wait_ms: Some(100),
+            node: None,
         };
         assert_eq!(q.to_path(), "/v1/routes?since=4&epoch=e&wait_ms=100");
+        q.node = Some("edge-1.eu".into());
+        assert_eq!(
+            q.to_path(),
+            "/v1/routes?since=4&epoch=e&wait_ms=100&node=edge-1.eu"
+        );
+    }
+
+    #[test]
+    fn node_ids_are_short_and_url_safe() {
+        for ok in ["a", "edge-1.eu_west~2", &"n".repeat(MAX_NODE_LEN)] {
+            assert!(is_valid_node(ok), "{ok}");
+        }
+        for bad in ["", "a b", "a&b", "a=b", "é", &"n".repeat(MAX_NODE_LEN + 1)] {
+            assert!(!is_valid_node(bad), "{bad}");
+        }
     }
 
     #[test]

@@ -177,6 +177,87 @@ async fn bad_query_is_400() {
     assert!(v["message"].as_str().unwrap().contains("since"));
 }
 
+async fn pollers(p: &Plane) -> serde_json::Value {
+    let (s, l) = p
+        .call(
+            Method::GET,
+            "/v1/pollers",
+            Some(crate::support::ADMIN),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{l}");
+    l
+}
+
+#[tokio::test]
+async fn pollers_that_name_their_node_are_listed_with_how_far_behind_they_are() {
+    let p = Plane::start(&Setup::default()).await;
+    p.wait_depth(10).await;
+    let (epoch, v) = current(&p).await;
+    // edge-a starts from nothing, edge-b is up to date.
+    p.routes("since=0&node=edge-a").await;
+    p.routes(&format!("since={v}&epoch={epoch}&wait_ms=0&node=edge-b"))
+        .await;
+    p.register().await;
+    // The registration's change is published just after its answer.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let l = loop {
+        let l = pollers(&p).await;
+        if l[1]["behind"].as_u64().is_some_and(|b| b > 0) || Instant::now() > deadline {
+            break l;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(l[0]["node"], "edge-a", "{l}");
+    assert!(
+        l[0]["behind"].is_null(),
+        "another epoch: a full snapshot next: {l}"
+    );
+    assert_eq!(l[1]["node"], "edge-b");
+    assert_eq!(l[1]["version"], v);
+    assert!(l[1]["behind"].as_u64().unwrap() >= 1, "{l}");
+    assert_eq!(l[1]["waiting"], 0, "answered");
+    assert!(p.metric("prealloc_pollers_connected").await == 2);
+
+    // A held poll counts as waiting until it is answered.
+    let (_, now) = current(&p).await;
+    let held = {
+        let app = p.app.clone();
+        let path = format!("/v1/routes?since={now}&epoch={epoch}&wait_ms=5000&node=edge-b");
+        tokio::spawn(async move {
+            app.handle(crate::support::request(
+                Method::GET,
+                &path,
+                Some(ENVOY),
+                None,
+            ))
+            .await
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pollers(&p).await[1]["waiting"] != 1 {
+        assert!(Instant::now() < deadline, "the held poll was never counted");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(pollers(&p).await[1]["behind"], 0);
+    p.register().await;
+    held.await.unwrap();
+    assert_eq!(pollers(&p).await[1]["waiting"], 0);
+
+    // A node id that is not URL-safe is refused.
+    let (s, v) = p
+        .call(
+            Method::GET,
+            "/v1/routes?since=0&node=a%20b",
+            Some(ENVOY),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("node"), "{v}");
+}
+
 #[tokio::test]
 async fn thousands_of_held_pollers_all_wake_on_one_change() {
     let p = Arc::new(Plane::start(&Setup::default()).await);

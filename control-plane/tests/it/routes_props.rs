@@ -71,7 +71,7 @@ proptest! {
                 }
                 Step::Forget => epoch = None,
                 Step::Poll => {
-                    let q = RoutesQuery { since, epoch: epoch.clone(), wait_ms: Some(0) };
+                    let q = RoutesQuery { since, epoch: epoch.clone(), wait_ms: Some(0), node: None };
                     let Some(answer) = routes.answer(&q) else {
                         prop_assert_eq!(&client, &server, "told to wait while behind");
                         continue;

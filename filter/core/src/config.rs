@@ -133,6 +133,8 @@ struct RawPoller {
     min_backoff_ms: u64,
     #[serde(default = "default_max_backoff_ms")]
     max_backoff_ms: u64,
+    #[serde(default)]
+    node_id: Option<String>,
 }
 
 fn default_route_header() -> String {
@@ -301,6 +303,10 @@ pub struct PollerConfig {
     pub wait_ms: u64,
     pub min_backoff_ms: u64,
     pub max_backoff_ms: u64,
+    /// Sent as `node=` on every poll, so the control plane knows this Envoy;
+    /// `None` in the config: the host fills in a default (Envoy's node id, or
+    /// `envoy-<pid>`).
+    pub node_id: Option<String>,
 }
 
 impl fmt::Debug for PollerConfig {
@@ -312,6 +318,7 @@ impl fmt::Debug for PollerConfig {
             .field("wait_ms", &self.wait_ms)
             .field("min_backoff_ms", &self.min_backoff_ms)
             .field("max_backoff_ms", &self.max_backoff_ms)
+            .field("node_id", &self.node_id)
             .finish()
     }
 }
@@ -587,7 +594,19 @@ fn validate_poller(raw: RawPoller) -> Result<PollerConfig, ConfigError> {
             ),
         ));
     }
+    if let Some(node) = &raw.node_id {
+        if !prealloc_wire::is_valid_node(node) {
+            return Err(ConfigError::new(
+                "poller.node_id",
+                format!(
+                    "{node:?} must be 1..={} characters of A-Z a-z 0-9 . _ ~ -",
+                    prealloc_wire::MAX_NODE_LEN
+                ),
+            ));
+        }
+    }
     Ok(PollerConfig {
+        node_id: raw.node_id,
         cluster: raw.cluster,
         authority: raw.authority,
         token: raw.token,
@@ -769,6 +788,11 @@ mod tests {
                 r#"{"poller":{"token":"t","wait_ms":0}}"#.to_owned(),
                 "poller.wait_ms",
                 "between",
+            ),
+            (
+                r#"{"poller":{"token":"t","node_id":"edge 1"}}"#.to_owned(),
+                "poller.node_id",
+                "characters of",
             ),
         ];
         for (json, field, needle) in cases {

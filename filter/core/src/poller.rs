@@ -120,7 +120,13 @@ impl Poller {
             since: self.version,
             epoch: self.epoch.clone(),
             wait_ms: Some(self.cfg.wait_ms),
+            node: self.cfg.node_id.clone(),
         }
+    }
+
+    /// The node id sent on every poll.
+    pub fn node(&self) -> Option<&str> {
+        self.cfg.node_id.as_deref()
     }
 
     /// The applied version and epoch (for logs and tests).
@@ -490,7 +496,19 @@ mod tests {
             wait_ms: 30_000,
             min_backoff_ms: 100,
             max_backoff_ms: 1000,
+            node_id: None,
         }
+    }
+
+    #[test]
+    fn the_node_id_goes_on_every_poll() {
+        let mut p = Poller::new(PollerConfig {
+            node_id: Some("edge-7".into()),
+            ..cfg()
+        });
+        let req = p.poll_due(0).unwrap();
+        let path = &req.headers.iter().find(|(k, _)| *k == ":path").unwrap().1;
+        assert_eq!(path, "/v1/routes?since=0&wait_ms=30000&node=edge-7");
     }
 
     fn id(n: u8) -> ConsumerId {

@@ -295,6 +295,11 @@ pub extern "C" fn envoy_dynamic_module_on_bootstrap_extension_config_new(
                 .iter()
                 .map(|g| define(config_envoy, g.name(), true))
                 .collect();
+            let mut cfg = cfg;
+            // Without a configured node id: one unique to this Envoy process.
+            if cfg.node_id.is_none() {
+                cfg.node_id = Some(format!("envoy-{}", std::process::id()));
+            }
             let state = Bootstrap {
                 config_envoy,
                 tick_ms: cfg.min_backoff_ms.clamp(10, 1000),

@@ -34,6 +34,12 @@ mod ffi {
         pub fn proxy_get_log_level(level: *mut u32) -> u32;
         pub fn proxy_get_current_time_nanoseconds(time: *mut u64) -> u32;
         pub fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
+        pub fn proxy_get_property(
+            path: *const u8,
+            path_size: usize,
+            value: *mut *mut u8,
+            value_size: *mut usize,
+        ) -> u32;
         pub fn proxy_get_buffer_bytes(
             buffer: u32,
             start: usize,
@@ -263,6 +269,19 @@ fn buffer(kind: BufferType, max: usize) -> Option<Vec<u8>> {
     // SAFETY: as in `header_map_raw`.
     unsafe {
         let status = ffi::proxy_get_buffer_bytes(kind as u32, 0, max, &mut data, &mut size);
+        (status == OK && !data.is_null()).then(|| owned(data, size))
+    }
+}
+
+/// A host property, e.g. `["node", "id"]` (`None` if Envoy has none).
+pub fn property(path: &[&str]) -> Option<Vec<u8>> {
+    let joined = path.join("\0");
+    let mut data: *mut u8 = null_mut();
+    let mut size: usize = 0;
+    // SAFETY: pointer and length of a live String; the host allocates the
+    // answer with our allocator (as for header maps) and we take ownership.
+    unsafe {
+        let status = ffi::proxy_get_property(joined.as_ptr(), joined.len(), &mut data, &mut size);
         (status == OK && !data.is_null()).then(|| owned(data, size))
     }
 }

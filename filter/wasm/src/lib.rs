@@ -87,11 +87,25 @@ impl RootContext for Root {
                 self.role = Role::Filter(state);
                 true
             }
-            Ok(PluginConfig::Poller(cfg)) => {
+            Ok(PluginConfig::Poller(mut cfg)) => {
+                // Without a configured node id: Envoy's own, else one unique to this start.
+                if cfg.node_id.is_none() {
+                    let envoy_node = host::property(&["node", "id"])
+                        .and_then(|b| String::from_utf8(b).ok())
+                        .filter(|n| prealloc_wire::is_valid_node(n));
+                    cfg.node_id =
+                        Some(envoy_node.unwrap_or_else(|| {
+                            format!("envoy-{:08x}", host::now().as_nanos() as u32)
+                        }));
+                }
                 let tick = std::time::Duration::from_millis(cfg.min_backoff_ms.clamp(10, 1000));
                 let mut p = Box::new(PollerRoot::new(self.id, cfg, Metrics::define()));
                 host::set_tick_period(tick);
-                host::info(&format!("[prealloc root {}] poller configured", self.id));
+                host::info(&format!(
+                    "[prealloc root {}] poller configured (node {})",
+                    self.id,
+                    p.node().unwrap_or("-")
+                ));
                 p.poll_if_due();
                 self.role = Role::Poller(p);
                 true

@@ -25,6 +25,11 @@ impl PollerRoot {
         }
     }
 
+    /// The node id this poller sends.
+    pub fn node(&self) -> Option<&str> {
+        self.poller.node()
+    }
+
     /// Sends the next long-poll if one is due (none in flight, backoff over).
     pub fn poll_if_due(&mut self) {
         let now = host::now_ms();

@@ -53,6 +53,8 @@ pub struct StackOptions {
     pub control_plane_log: Option<String>,
     /// `mailbox` capacity of each manager.
     pub manager_capacity: u64,
+    /// `poller.node_id` of Envoy #i (missing or `None`: the filter's default).
+    pub node_ids: Vec<Option<String>>,
 }
 
 impl StackOptions {
@@ -73,6 +75,7 @@ impl StackOptions {
             build: Build::Wasm,
             control_plane_log: None,
             manager_capacity: 1000,
+            node_ids: Vec::new(),
         }
     }
 
@@ -166,6 +169,9 @@ impl Stack {
                     "resource_type": "mailbox",
                 });
                 ec.poller["token"] = json!(cp.config().envoy_token);
+                if let Some(Some(node)) = opts.node_ids.get(i) {
+                    ec.poller["node_id"] = json!(node);
+                }
                 if i == 0 {
                     ec.listen_port = opts.listen_port;
                 }

@@ -2,7 +2,7 @@
 
 use crate::support::{cookie_for, served_by, tally};
 use prealloc_e2e::client::Client;
-use prealloc_e2e::control_plane::{ControlPlane, ControlPlaneConfig, ManagerSpec};
+use prealloc_e2e::control_plane::{ControlPlane, ControlPlaneConfig, ManagerSpec, Replication};
 use prealloc_e2e::envoy::{Envoy, EnvoyConfig, EnvoyOptions, TEST_ENVOY_TOKEN};
 use prealloc_e2e::manager::{assert_no_violations, DefaultBackend, TestManager};
 use prealloc_wire::{ConsumerState, Registration};
@@ -118,5 +118,40 @@ each_build! {
         assert_eq!(counts.len(), 2, "{counts:?}");
         assert!(counts.values().all(|n| n.abs_diff(10) <= 1), "{counts:?}");
         assert_no_violations(ms.iter().chain([default.as_manager()]));
+    }
+}
+
+each_build! {
+    #[tokio::test]
+    async fn the_control_plane_lists_every_envoy_polling_it_and_the_table_it_holds(build) {
+        let mut opts = prealloc_e2e::story::StackOptions::new(Replication::Reported).with_build(build);
+        opts.envoys = 2;
+        // Envoy #0 is named in its config; #1 gets the filter's default.
+        opts.node_ids = vec![Some("edge-a".into())];
+        let stack = prealloc_e2e::story::Stack::start(&opts);
+        stack.wait_envoys_caught_up().expect("caught up");
+        let version = stack.routes_version().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let listed = loop {
+            let l = stack.cp.admin("GET", "/v1/pollers", None).await.json();
+            let all = l.as_array().cloned().unwrap_or_default();
+            let caught_up = all.len() == 2 && all.iter().all(|p| p["behind"] == 0 && p["waiting"] == 1);
+            if caught_up || std::time::Instant::now() > deadline {
+                break all;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        };
+        assert_eq!(listed.len(), 2, "{listed:?}");
+        let names: Vec<&str> = listed.iter().map(|p| p["node"].as_str().unwrap()).collect();
+        assert!(names.contains(&"edge-a"), "{names:?}");
+        let default = names.iter().find(|n| **n != "edge-a").unwrap();
+        assert!(default.starts_with("envoy-"), "the default node id: {default}");
+        for p in &listed {
+            assert_eq!(p["version"], version, "{p}");
+            assert_eq!(p["behind"], 0, "{p}");
+            assert_eq!(p["waiting"], 1, "a long-poll held: {p}");
+        }
+        let metrics = stack.cp.metrics();
+        assert!(metrics.contains("prealloc_pollers_connected 2"), "{metrics}");
     }
 }

@@ -23,6 +23,7 @@ fn q(since: u64, epoch: &str, wait_ms: u64) -> RoutesQuery {
         since,
         epoch: Some(epoch.to_owned()),
         wait_ms: Some(wait_ms),
+        node: None,
     }
 }
 
@@ -44,6 +45,7 @@ async fn stub_answers_full_then_delta_then_holds() {
             since: 0,
             epoch: None,
             wait_ms: Some(10),
+            node: None,
         },
         TOKEN,
     )

@@ -499,3 +499,38 @@ fn the_managers_are_written_before_the_entries_that_name_them() {
         .expect("entry written");
     assert!(managers_at < entry_at, "write order: {keys:?}");
 }
+
+#[test]
+fn every_poll_names_the_node_configured_envoys_or_a_default() {
+    // Configured.
+    let host = Host::new();
+    let vm = host.new_vm();
+    let mut cfg = poller_json();
+    cfg["poller"]["node_id"] = "edge-a".into();
+    assert!(vm.configure_plugin(&cfg.to_string()));
+    assert_eq!(query(&next_poll(&host, &vm).0)["node"], "edge-a");
+
+    // Envoy's node id (`node.id`), when the config names none.
+    let host = Host::new();
+    host.set_property(&["node", "id"], b"envoy-eu-7");
+    let vm = host.new_vm();
+    assert!(vm.configure_plugin(&poller_json().to_string()));
+    assert_eq!(query(&next_poll(&host, &vm).0)["node"], "envoy-eu-7");
+
+    // Neither (or one that is not URL-safe): a default unique to this start.
+    let host = Host::new();
+    host.set_property(&["node", "id"], b"not url safe");
+    let vm = host.new_vm();
+    assert!(vm.configure_plugin(&poller_json().to_string()));
+    let node = query(&next_poll(&host, &vm).0)["node"].clone();
+    assert!(
+        node.starts_with("envoy-") && node.len() == "envoy-".len() + 8,
+        "{node}"
+    );
+
+    // A node id that is not URL-safe in the config is refused.
+    let vm = Host::new().new_vm();
+    let mut cfg = poller_json();
+    cfg["poller"]["node_id"] = "a&b".into();
+    assert!(!vm.configure_plugin(&cfg.to_string()));
+}
