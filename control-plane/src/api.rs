@@ -25,7 +25,7 @@ const DEFAULT_WAIT_MS: u64 = 30_000;
 /// The HTTP application; cheap to clone.
 #[derive(Clone)]
 pub struct App {
-    plane: Plane,
+    pub(crate) plane: Plane,
 }
 
 /// Who may call an endpoint.
@@ -37,6 +37,9 @@ enum Access {
     Envoy,
     /// The admin token.
     Admin,
+    /// The status page: no bearer token; the endpoint checks the sign-in
+    /// cookie itself (`status.rs`).
+    Page,
 }
 
 /// The endpoints, each routed by exactly one line of [`ROUTES`].
@@ -56,6 +59,11 @@ enum Endpoint {
     Availability,
     Pools,
     Pollers,
+    StatusPage,
+    StatusSignIn,
+    StatusSignOut,
+    StatusData,
+    StatusAvailability,
 }
 
 /// The API, declared once: method, path (`*` is one segment, handed to the
@@ -121,6 +129,31 @@ const ROUTES: &[(Method, &str, Access, Endpoint)] = &[
     ),
     (Method::GET, "v1/pools", Access::Admin, Endpoint::Pools),
     (Method::GET, "v1/pollers", Access::Admin, Endpoint::Pollers),
+    (Method::GET, "status", Access::Page, Endpoint::StatusPage),
+    (
+        Method::POST,
+        "status/sign-in",
+        Access::Page,
+        Endpoint::StatusSignIn,
+    ),
+    (
+        Method::POST,
+        "status/sign-out",
+        Access::Page,
+        Endpoint::StatusSignOut,
+    ),
+    (
+        Method::GET,
+        "status/data",
+        Access::Page,
+        Endpoint::StatusData,
+    ),
+    (
+        Method::POST,
+        "status/availability",
+        Access::Page,
+        Endpoint::StatusAvailability,
+    ),
 ];
 
 /// The API as `(method, path pattern, who may call it)`, `*` standing for one
@@ -132,6 +165,7 @@ pub fn access_table() -> impl Iterator<Item = (Method, &'static str, &'static st
             Access::Open => "open",
             Access::Envoy => "envoy",
             Access::Admin => "admin",
+            Access::Page => "page",
         };
         (m.clone(), *path, who)
     })
@@ -160,9 +194,9 @@ fn bearer_token(value: &str) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
-type Resp = Response<Full<Bytes>>;
+pub(crate) type Resp = Response<Full<Bytes>>;
 
-fn json<T: Serialize>(status: StatusCode, v: &T) -> Resp {
+pub(crate) fn json<T: Serialize>(status: StatusCode, v: &T) -> Resp {
     let body = serde_json::to_vec(v).unwrap_or_else(|_| b"{}".to_vec());
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
@@ -202,7 +236,7 @@ impl App {
     #[allow(clippy::result_large_err)]
     fn authorize<B>(&self, req: &Request<B>, access: Access) -> Result<(), Resp> {
         let need = match access {
-            Access::Open => return Ok(()),
+            Access::Open | Access::Page => return Ok(()),
             Access::Envoy => "the envoy token (tokens.envoy) or the admin token",
             Access::Admin => "the admin token (tokens.admin)",
         };
@@ -292,6 +326,11 @@ impl App {
             Endpoint::Availability => self.availability(arg, req).await,
             Endpoint::Pools => self.pools(),
             Endpoint::Pollers => self.pollers(),
+            Endpoint::StatusPage => self.status_page(&req),
+            Endpoint::StatusSignIn => self.status_sign_in(req).await,
+            Endpoint::StatusSignOut => self.status_sign_out(&req),
+            Endpoint::StatusData => self.status_data(&req),
+            Endpoint::StatusAvailability => self.status_availability(req).await,
         }
     }
 
@@ -612,7 +651,7 @@ fn not_routed(method: &Method, path: &str, segs: &[&str]) -> Resp {
     r
 }
 
-fn refusal(e: Refusal) -> Resp {
+pub(crate) fn refusal(e: Refusal) -> Resp {
     match e {
         Refusal::Register(RegisterError::UnknownResourceType(t)) => error(
             StatusCode::BAD_REQUEST,
@@ -666,11 +705,27 @@ fn refusal(e: Refusal) -> Resp {
     }
 }
 
-async fn read_json<B, T>(req: Request<B>) -> Result<T, Resp>
+pub(crate) async fn read_json<B, T>(req: Request<B>) -> Result<T, Resp>
 where
     B: Body,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     T: serde::de::DeserializeOwned,
+{
+    let bytes = read_body(req).await?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            "bad_json",
+            format!("the JSON body is not valid here: {e}"),
+        )
+    })
+}
+
+/// The whole body, at most [`MAX_BODY`] bytes.
+pub(crate) async fn read_body<B>(req: Request<B>) -> Result<Bytes, Resp>
+where
+    B: Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let body = Limited::new(req.into_body(), MAX_BODY);
     let bytes = match body.collect().await {
@@ -693,16 +748,10 @@ where
             ))
         }
     };
-    serde_json::from_slice(&bytes).map_err(|e| {
-        error(
-            StatusCode::BAD_REQUEST,
-            "bad_json",
-            format!("the JSON body is not valid here: {e}"),
-        )
-    })
+    Ok(bytes)
 }
 
-fn query_pairs(q: &str) -> impl Iterator<Item = (&str, &str)> {
+pub(crate) fn query_pairs(q: &str) -> impl Iterator<Item = (&str, &str)> {
     q.split('&')
         .filter(|s| !s.is_empty())
         .map(|kv| kv.split_once('=').unwrap_or((kv, "")))

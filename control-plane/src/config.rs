@@ -62,6 +62,9 @@ pub struct Tokens {
     pub envoy: String,
     /// Bearer token of managers and admins: replicas, availability, admin reads (and everything else).
     pub admin: String,
+    /// Optional read-only token for the status page (`GET /status`); the admin token signs in too.
+    #[serde(default)]
+    pub status: Option<String>,
 }
 
 /// Never prints the tokens (a `{:?}` of the config must be safe to log).
@@ -70,6 +73,7 @@ impl std::fmt::Debug for Tokens {
         f.debug_struct("Tokens")
             .field("envoy", &"<redacted>")
             .field("admin", &"<redacted>")
+            .field("status", &self.status.as_ref().map(|_| "<redacted>"))
             .finish()
     }
 }
@@ -356,9 +360,11 @@ impl Config {
         } else {
             base.join(&raw.database)
         };
+        let status = raw.tokens.status.clone().unwrap_or_else(|| "x".repeat(16));
         for (key, tok) in [
             ("tokens.envoy", &raw.tokens.envoy),
             ("tokens.admin", &raw.tokens.admin),
+            ("tokens.status", &status),
         ] {
             if tok.len() < 16 {
                 return Err(format!("key `{key}`: token must be at least 16 characters"));
@@ -371,6 +377,14 @@ impl Config {
         }
         if raw.tokens.envoy == raw.tokens.admin {
             return Err("keys `tokens.envoy` and `tokens.admin`: must differ, or Envoys could change availability".into());
+        }
+        if let Some(st) = &raw.tokens.status {
+            if *st == raw.tokens.admin || *st == raw.tokens.envoy {
+                return Err(
+                    "key `tokens.status`: must differ from `tokens.admin` and `tokens.envoy`"
+                        .into(),
+                );
+            }
         }
         let mut ids = HashSet::new();
         let mut clusters = HashSet::new();

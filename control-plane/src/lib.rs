@@ -3,9 +3,9 @@
 
 // Layers, bottom up (a module imports only modules of the layers below it;
 // `tests/it/layering.rs` checks it):
-// 1. config, store, registry (pure domain), routes, metrics, manager_client, pollers
+// 1. config, store, registry (pure domain), routes, metrics, manager_client, pollers, sessions
 // 2. batch (one group commit being built), command (the writes), state (shared core)
-// 3. writer, allocator, replicator, expiry, api
+// 3. writer, allocator, replicator, expiry, api, status (the status page)
 // 4. plane (wiring), server
 pub mod allocator;
 pub mod api;
@@ -21,7 +21,9 @@ pub mod registry;
 pub mod replicator;
 pub mod routes;
 pub mod server;
+pub mod sessions;
 pub mod state;
+pub mod status;
 pub mod store;
 pub mod writer;
 

@@ -8,6 +8,7 @@ use crate::metrics::Metrics;
 use crate::pollers::Pollers;
 use crate::registry::Registry;
 use crate::routes::Routes;
+use crate::sessions::Sessions;
 use prealloc_wire::ConsumerId;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -53,6 +54,8 @@ pub struct Core {
     pub metrics: Metrics,
     /// The Envoys polling the routes, as last seen.
     pub pollers: Pollers,
+    /// Status-page sign-ins.
+    pub sessions: Sessions,
     /// One per pool: wakes its allocator when depth or eligibility changed.
     pub pool_notify: Vec<Notify>,
     /// Registered consumers: when each leaves the routing table.
@@ -80,6 +83,7 @@ impl Core {
             routes,
             metrics: Metrics::default(),
             pollers: Pollers::default(),
+            sessions: Sessions::default(),
             pool_notify: (0..pools).map(|_| Notify::new()).collect(),
             expiry: Deadlines::default(),
             leases: Deadlines::default(),

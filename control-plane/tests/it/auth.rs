@@ -106,6 +106,18 @@ async fn every_endpoint_refuses_what_its_table_row_does_not_allow() {
                     "{method} {path} refused the admin token: {s}"
                 );
             }
+            "page" => {
+                // The status page checks its sign-in cookie itself: without one
+                // only the sign-in form and sign-in/out answer (status.rs).
+                let s = status(None).await;
+                let allowed = match pattern {
+                    "status" => s == StatusCode::OK,
+                    "status/sign-in" => s == StatusCode::UNAUTHORIZED,
+                    "status/sign-out" => s == StatusCode::SEE_OTHER,
+                    _ => s == StatusCode::UNAUTHORIZED,
+                };
+                assert!(allowed, "{method} {path} without a session answered {s}");
+            }
             other => panic!("unknown access {other:?}"),
         }
         checked += 1;

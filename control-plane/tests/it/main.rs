@@ -16,5 +16,6 @@ mod route_window;
 mod routes;
 mod routes_props;
 mod socket;
+mod status;
 mod storage_faults;
 mod support;
