@@ -577,10 +577,14 @@ impl App {
     /// Every Envoy seen polling, with how far its table is behind (null when
     /// it holds another epoch's: its next answer is a full snapshot).
     fn pollers(&self) -> Resp {
+        json(StatusCode::OK, &self.pollers_view())
+    }
+
+    /// The pollers as `GET /v1/pollers` and the status page show them.
+    pub(crate) fn pollers_view(&self) -> Vec<serde_json::Value> {
         let core = &self.plane.core;
         let current = core.routes.version();
-        let v: Vec<serde_json::Value> = core
-            .pollers
+        core.pollers
             .list()
             .into_iter()
             .map(|p| {
@@ -594,8 +598,7 @@ impl App {
                     "polls": p.polls,
                 })
             })
-            .collect();
-        json(StatusCode::OK, &v)
+            .collect()
     }
 
     async fn availability<B>(&self, id: &str, req: Request<B>) -> Resp
@@ -607,8 +610,16 @@ impl App {
             Ok(b) => b,
             Err(r) => return r,
         };
-        let manager = id.to_owned();
-        let availability = body.availability;
+        self.set_availability(id.to_owned(), body.availability)
+            .await
+    }
+
+    /// Writes a manager's availability; answers the manager as it is now.
+    pub(crate) async fn set_availability(
+        &self,
+        manager: String,
+        availability: prealloc_wire::Availability,
+    ) -> Resp {
         let write = SetAvailability {
             manager,
             availability,
@@ -651,7 +662,7 @@ fn not_routed(method: &Method, path: &str, segs: &[&str]) -> Resp {
     r
 }
 
-pub(crate) fn refusal(e: Refusal) -> Resp {
+fn refusal(e: Refusal) -> Resp {
     match e {
         Refusal::Register(RegisterError::UnknownResourceType(t)) => error(
             StatusCode::BAD_REQUEST,

@@ -3,8 +3,7 @@
 //! signed in with the admin token, can mark a manager available, draining or
 //! down. The session is a random id in an HttpOnly, SameSite=Strict cookie.
 
-use crate::api::{ct_eq, error, json, read_body, read_json, refusal, App, Resp};
-use crate::command::{Refusal, SetAvailability};
+use crate::api::{ct_eq, error, json, read_body, read_json, App, Resp};
 use crate::sessions::{Role, SESSION_MS};
 use bytes::Bytes;
 use http_body_util::Full;
@@ -165,20 +164,7 @@ impl App {
             (managers, pools, reg.consumer_count())
         };
         let version = core.routes.version();
-        let pollers: Vec<serde_json::Value> = core
-            .pollers
-            .list()
-            .into_iter()
-            .map(|p| {
-                serde_json::json!({
-                    "node": p.node,
-                    "version": p.version,
-                    "behind": p.current_epoch.then(|| version.saturating_sub(p.version)),
-                    "last_poll_ms": p.last_poll_ms,
-                    "waiting": p.waiting,
-                })
-            })
-            .collect();
+        let pollers = self.pollers_view();
         let m = &core.metrics;
         let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
         json(
@@ -220,19 +206,8 @@ impl App {
             Ok(c) => c,
             Err(r) => return r,
         };
-        let write = SetAvailability {
-            manager: change.manager,
-            availability: change.availability,
-        };
-        match self.plane.writer.call(write).await {
-            Ok(view) => json(StatusCode::OK, &view),
-            Err(Refusal::UnknownManager(m)) => error(
-                StatusCode::NOT_FOUND,
-                "unknown_manager",
-                format!("no manager {m:?} in the config"),
-            ),
-            Err(e) => refusal(e),
-        }
+        self.set_availability(change.manager, change.availability)
+            .await
     }
 }
 

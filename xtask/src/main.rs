@@ -387,7 +387,9 @@ fn test(extra: &[String]) -> Result<(), String> {
     }
 }
 
-fn demo(extra: &[String]) -> Result<(), String> {
+/// Builds everything the tests need and the harness binary `bin`; its command
+/// with the test environment set.
+fn harness_bin(bin: &str) -> Result<Command, String> {
     let envs = build_all()?;
     run(cargo().args([
         "build",
@@ -395,10 +397,16 @@ fn demo(extra: &[String]) -> Result<(), String> {
         "--package",
         "prealloc-e2e",
         "--bin",
-        "prealloc-demo",
+        bin,
     ]))?;
-    let mut cmd = Command::new(root().join("target/debug/prealloc-demo"));
-    cmd.args(extra).envs(envs);
+    let mut cmd = Command::new(root().join("target/debug").join(bin));
+    cmd.envs(envs);
+    Ok(cmd)
+}
+
+fn demo(extra: &[String]) -> Result<(), String> {
+    let mut cmd = harness_bin("prealloc-demo")?;
+    cmd.args(extra);
     // Become the demo (Unix exec), so Ctrl-C reaches it alone and the shell
     // prompt comes back only after it has stopped every child it started.
     #[cfg(unix)]
@@ -412,18 +420,7 @@ fn demo(extra: &[String]) -> Result<(), String> {
 }
 
 fn soak(extra: &[String]) -> Result<(), String> {
-    let envs = build_all()?;
-    run(cargo().args([
-        "build",
-        "--quiet",
-        "--package",
-        "prealloc-e2e",
-        "--bin",
-        "prealloc-soak",
-    ]))?;
-    run(Command::new(root().join("target/debug/prealloc-soak"))
-        .args(extra)
-        .envs(envs))
+    run(harness_bin("prealloc-soak")?.args(extra))
 }
 
 /// The fuzz targets (`fuzz/src/lib.rs` `TARGETS`, one libFuzzer binary each).

@@ -35,6 +35,25 @@ async fn send(
     )
 }
 
+/// Marks a manager from the page (`cookie`: the session, if any).
+async fn mark(
+    p: &Plane,
+    cookie: Option<&str>,
+    manager: &str,
+    availability: &str,
+) -> (StatusCode, hyper::HeaderMap, String) {
+    let body = serde_json::json!({ "manager": manager, "availability": availability });
+    send(
+        p,
+        Method::POST,
+        "/status/availability",
+        cookie,
+        "application/json",
+        &body.to_string(),
+    )
+    .await
+}
+
 /// Signs in with `token`; the `Cookie` header value on success.
 async fn sign_in(p: &Plane, token: &str) -> Result<String, (StatusCode, String)> {
     let form = format!("token={}", token.replace('+', "%2B"));
@@ -95,15 +114,7 @@ async fn the_page_needs_a_sign_in_and_a_wrong_token_is_told_so() {
     )
     .await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
-    let (s, _, _) = send(
-        &p,
-        Method::POST,
-        "/status/availability",
-        None,
-        "application/json",
-        r#"{"manager":"m1","availability":"down"}"#,
-    )
-    .await;
+    let (s, _, _) = mark(&p, None, "m1", "down").await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
 }
 
@@ -127,15 +138,7 @@ async fn signed_in_with_the_admin_token_the_page_shows_the_state_and_marks_manag
     assert_eq!(d["registrations_total"], 1);
     assert!(d["replication_lag"].as_array().unwrap().len() > 5);
 
-    let (s, _, body) = send(
-        &p,
-        Method::POST,
-        "/status/availability",
-        Some(&cookie),
-        "application/json",
-        r#"{"manager":"m2","availability":"down"}"#,
-    )
-    .await;
+    let (s, _, body) = mark(&p, Some(&cookie), "m2", "down").await;
     assert_eq!(s, StatusCode::OK, "{body}");
     let (_, m) = p
         .call(Method::GET, "/v1/managers/m2", Some(ADMIN), None)
@@ -166,15 +169,7 @@ async fn the_status_token_can_look_but_not_change_anything() {
     let (s, _, body) = send(&p, Method::GET, "/status/data", Some(&cookie), "", "").await;
     assert_eq!(s, StatusCode::OK, "{body}");
     assert_eq!(parse(body.as_bytes())["role"], "read-only");
-    let (s, _, body) = send(
-        &p,
-        Method::POST,
-        "/status/availability",
-        Some(&cookie),
-        "application/json",
-        r#"{"manager":"m1","availability":"down"}"#,
-    )
-    .await;
+    let (s, _, body) = mark(&p, Some(&cookie), "m1", "down").await;
     assert_eq!(s, StatusCode::FORBIDDEN, "{body}");
     let (_, m) = p
         .call(Method::GET, "/v1/managers/m1", Some(ADMIN), None)

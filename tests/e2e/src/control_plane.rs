@@ -442,6 +442,27 @@ impl ControlPlane {
         .await
     }
 
+    /// Waits until the control plane no longer knows `consumer` (given back
+    /// or reclaimed), for at most 15 s.
+    pub async fn wait_forgotten(&self, consumer: &ConsumerId) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let r = self
+                .admin("GET", &format!("/v1/consumers/{consumer}"), None)
+                .await;
+            if r.status == 404 {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{consumer} is still known (not given back or reclaimed): {} {}",
+                r.status,
+                r.text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// `GET /v1/consumers/{id}` as JSON (panics unless 200).
     pub async fn consumer(&self, consumer: &ConsumerId) -> serde_json::Value {
         let r = self

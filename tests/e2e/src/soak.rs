@@ -12,7 +12,7 @@
 use crate::client::Client;
 use crate::control_plane::Replication;
 use crate::envoy::Build;
-use crate::story::{consumer_cookie, Stack, StackOptions, SIGNUP_PATH, STEP_TIMEOUT};
+use crate::story::{consumer_cookie, post_signup, Stack, StackOptions, STEP_TIMEOUT};
 use prealloc_wire::{Availability, ConsumerId};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -227,15 +227,7 @@ async fn client(
     while !stop.load(Ordering::Relaxed) {
         if Instant::now() >= next_signup {
             next_signup += every;
-            match c
-                .send(
-                    "POST",
-                    SIGNUP_PATH,
-                    &[("content-type", "application/json")],
-                    b"{}",
-                )
-                .await
-            {
+            match post_signup(&mut c).await {
                 Ok(r) => match consumer_cookie(&r) {
                     Ok(Some((value, claims))) if r.status < 300 => {
                         let mut t = tally.lock().unwrap_or_else(|p| p.into_inner());

@@ -464,6 +464,31 @@ impl Stack {
     }
 }
 
+/// `POST /signup` with an empty JSON body: a sign-up as a client sends it.
+pub async fn post_signup(client: &mut Client) -> std::io::Result<Response> {
+    client
+        .send(
+            "POST",
+            SIGNUP_PATH,
+            &[("content-type", "application/json")],
+            b"{}",
+        )
+        .await
+}
+
+/// A sign-up once the pool has filled (503 until then, for at most
+/// [`STEP_TIMEOUT`]), whatever it is answered then.
+pub async fn first_signup(client: &mut Client) -> Response {
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    loop {
+        let r = post_signup(client).await.expect("sign-up request");
+        if r.status != 503 || Instant::now() >= deadline {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The Envoy cluster of a manager id.
 pub fn cluster(manager: &str) -> String {
     format!("manager_{manager}")

@@ -153,5 +153,6 @@ each_build! {
         }
         let metrics = stack.cp.metrics();
         assert!(metrics.contains("prealloc_pollers_connected 2"), "{metrics}");
+        stack.assert_no_violations();
     }
 }

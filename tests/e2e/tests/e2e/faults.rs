@@ -8,7 +8,7 @@ use prealloc_e2e::client::{Client, Response};
 use prealloc_e2e::control_plane::Replication;
 use prealloc_e2e::manager::Holder;
 use prealloc_e2e::story::{
-    consumer_cookie, send_requests, SignedUp, Stack, StackOptions, MANAGER_IDS, SIGNUP_PATH,
+    consumer_cookie, post_signup, send_requests, SignedUp, Stack, StackOptions, MANAGER_IDS,
     STEP_TIMEOUT,
 };
 use prealloc_wire::{Availability, ConsumerId, ConsumerState};
@@ -28,16 +28,6 @@ fn options(build: prealloc_e2e::envoy::Build) -> StackOptions {
     o
 }
 
-async fn post_signup(c: &mut Client) -> std::io::Result<Response> {
-    c.send(
-        "POST",
-        SIGNUP_PATH,
-        &[("content-type", "application/json")],
-        b"{}",
-    )
-    .await
-}
-
 /// Signs up `n` consumers through Envoy #0.
 async fn sign_up_many(stack: &Stack, n: usize) -> Vec<SignedUp> {
     let mut c = Client::new(stack.envoys[0].addr());
@@ -48,13 +38,20 @@ async fn sign_up_many(stack: &Stack, n: usize) -> Vec<SignedUp> {
     out
 }
 
-/// Copies `s` to every other manager and reports each copy: registered.
+/// Copies `s` to every other manager and reports each copy, then waits until
+/// every Envoy routes it as registered.
 async fn register(stack: &Stack, s: &SignedUp) {
     for m in MANAGER_IDS.iter().filter(|m| **m != s.first) {
         stack.manager(m).hold(s.consumer.as_str());
         let r = stack.cp.report_replica(&s.consumer, m).await;
         assert_eq!(r.status, 200, "replica report: {}", r.text());
     }
+    stack
+        .wait_routed(&s.consumer, "registered", |e| {
+            e.is_some_and(|e| e.state == ConsumerState::Registered)
+        })
+        .await
+        .unwrap();
 }
 
 /// `(consumer, resource id)` of every consumer the control plane holds.
@@ -260,14 +257,6 @@ each_build! {
         for s in registered {
             register(&stack, s).await;
         }
-        for s in registered {
-            stack
-                .wait_routed(&s.consumer, "registered", |e| {
-                    e.is_some_and(|e| e.state == ConsumerState::Registered)
-                })
-                .await
-                .unwrap();
-        }
         stack.wait_envoys_caught_up().unwrap();
         let envoy = &stack.envoys[0];
         let errors_before = envoy.stat("prealloc_poller_errors");
@@ -314,12 +303,6 @@ each_build! {
         stack.cp.restart();
         // The poller comes back by itself: a change made now reaches this Envoy.
         register(&stack, &pinned[0]).await;
-        stack
-            .wait_routed(&pinned[0].consumer, "registered after the restart", |e| {
-                e.is_some_and(|e| e.state == ConsumerState::Registered)
-            })
-            .await
-            .unwrap();
         let resynced = restarted.elapsed();
         let b = send_requests(&mut client, &pinned[0].cookie, 6).await.unwrap();
         assert_eq!(b.tally().len(), 3, "{:?}", b.served);
@@ -447,12 +430,6 @@ each_build! {
         let pinned = people.iter().find(|s| s.first == "m1").expect("a sign-up on m1").clone();
         let replicated = people.iter().find(|s| s.first != "m1").expect("another").clone();
         register(&stack, &replicated).await;
-        stack
-            .wait_routed(&replicated.consumer, "registered", |e| {
-                e.is_some_and(|e| e.state == ConsumerState::Registered)
-            })
-            .await
-            .unwrap();
         let mut client = Client::new(stack.envoys[0].addr());
         let mut timings = Vec::new();
 

@@ -4,35 +4,14 @@
 //! control plane, gets a 503 without a cookie, and the control plane reclaims
 //! the registration, also across a kill -9.
 
-use prealloc_e2e::client::{Client, Response};
+use prealloc_e2e::client::Client;
 use prealloc_e2e::control_plane::{ControlPlane, Replication};
 use prealloc_e2e::manager::RequestKind;
-use prealloc_e2e::story::{consumer_cookie, Stack, StackOptions, SIGNUP_PATH, STEP_TIMEOUT};
+use prealloc_e2e::story::{
+    consumer_cookie, first_signup, post_signup, Stack, StackOptions, STEP_TIMEOUT,
+};
 use prealloc_wire::ConsumerId;
 use std::time::{Duration, Instant};
-
-async fn post_signup(c: &mut Client) -> Response {
-    c.send(
-        "POST",
-        SIGNUP_PATH,
-        &[("content-type", "application/json")],
-        b"{}",
-    )
-    .await
-    .expect("sign-up request")
-}
-
-/// A first sign-up once the pool has filled (503 until then), answered at once.
-async fn first_signup(c: &mut Client) -> Response {
-    let deadline = Instant::now() + STEP_TIMEOUT;
-    loop {
-        let r = post_signup(c).await;
-        if r.status != 503 || Instant::now() >= deadline {
-            return r;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 fn with_lease(build: prealloc_e2e::envoy::Build, lease_ms: u64) -> StackOptions {
     let mut o = StackOptions::new(Replication::Reported).with_build(build);
@@ -61,26 +40,6 @@ fn metric(text: &str, name: &str) -> Option<u64> {
         .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
 }
 
-/// Waits until the control plane no longer knows `consumer`.
-async fn wait_forgotten(cp: &ControlPlane, consumer: &ConsumerId) {
-    let deadline = Instant::now() + STEP_TIMEOUT;
-    loop {
-        let r = cp
-            .admin("GET", &format!("/v1/consumers/{consumer}"), None)
-            .await;
-        if r.status == 404 {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "registration of {consumer} not reclaimed: {} {}",
-            r.status,
-            r.text()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 each_build! {
     #[tokio::test]
     async fn a_signup_slower_than_its_lease_gets_a_503_and_the_registration_is_reclaimed(build) {
@@ -101,7 +60,7 @@ each_build! {
         for m in &stack.managers {
             m.delay_signups(Duration::from_millis(1500));
         }
-        let r = post_signup(&mut c).await;
+        let r = post_signup(&mut c).await.expect("sign-up request");
         assert_eq!(r.status, 503, "{}", r.text());
         assert_eq!(r.json()["error"], "registration_expired", "{}", r.text());
         assert!(r.header("retry-after").is_some(), "{:?}", r.headers);
@@ -111,7 +70,7 @@ each_build! {
             r.headers
         );
         let late = signed_up_consumer(&stack, 1);
-        wait_forgotten(&stack.cp, &late).await;
+        stack.cp.wait_forgotten(&late).await;
         assert_eq!(
             metric(&stack.cp.metrics(), "prealloc_registrations_reclaimed_total"),
             Some(1),
@@ -142,7 +101,9 @@ each_build! {
             m.delay_signups(Duration::from_millis(1500));
         }
         let addr = stack.envoys[0].addr();
-        let pending = tokio::spawn(async move { post_signup(&mut Client::new(addr)).await });
+        let pending = tokio::spawn(async move {
+            post_signup(&mut Client::new(addr)).await.expect("sign-up request")
+        });
         wait_registrations(&stack.cp, 2).await;
         stack.cp.restart();
         let r = pending.await.expect("sign-up task");
@@ -153,7 +114,9 @@ each_build! {
 
         // Still down when the manager answers: no cookie, and the restarted
         // control plane reclaims the registration when its lease runs out.
-        let pending = tokio::spawn(async move { post_signup(&mut Client::new(addr)).await });
+        let pending = tokio::spawn(async move {
+            post_signup(&mut Client::new(addr)).await.expect("sign-up request")
+        });
         wait_registrations(&stack.cp, 1).await;
         stack.cp.kill9();
         let r = pending.await.expect("sign-up task");
@@ -162,7 +125,7 @@ each_build! {
         assert!(consumer_cookie(&r).unwrap().is_none(), "{:?}", r.headers);
         let orphan = signed_up_consumer(&stack, 2);
         stack.cp.restart();
-        wait_forgotten(&stack.cp, &orphan).await;
+        stack.cp.wait_forgotten(&orphan).await;
         assert_eq!(
             metric(&stack.cp.metrics(), "prealloc_registrations_reclaimed_total"),
             Some(1)

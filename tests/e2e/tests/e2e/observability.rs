@@ -179,5 +179,6 @@ each_build! {
         }
         println!("{} metrics named by the rules and the dashboard, all exported ({})", named.len(), build.name());
         assert!(missing.is_empty(), "named but not exported: {missing:#?}\ncontrol plane: {cp:?}\nEnvoy: {envoy:?}");
+        stack.assert_no_violations();
     }
 }

@@ -4,19 +4,10 @@
 use prealloc_e2e::client::Client;
 use prealloc_e2e::control_plane::Replication;
 use prealloc_e2e::manager::RequestKind;
-use prealloc_e2e::story::{consumer_cookie, Stack, StackOptions, SIGNUP_PATH, STEP_TIMEOUT};
+use prealloc_e2e::story::{
+    consumer_cookie, first_signup, post_signup, Stack, StackOptions, STEP_TIMEOUT,
+};
 use std::time::{Duration, Instant};
-
-async fn post_signup(c: &mut Client) -> prealloc_e2e::client::Response {
-    c.send(
-        "POST",
-        SIGNUP_PATH,
-        &[("content-type", "application/json")],
-        b"{}",
-    )
-    .await
-    .expect("sign-up request")
-}
 
 each_build! {
     #[tokio::test]
@@ -27,14 +18,7 @@ each_build! {
         }
         let mut c = Client::new(stack.envoys[0].addr());
         // The pool may still be filling right after start: 503 until a registration is made.
-        let deadline = Instant::now() + STEP_TIMEOUT;
-        let r = loop {
-            let r = post_signup(&mut c).await;
-            if r.status != 503 || Instant::now() >= deadline {
-                break r;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        let r = first_signup(&mut c).await;
         assert_eq!(
             r.status,
             409,
@@ -52,23 +36,7 @@ each_build! {
         let consumer = prealloc_wire::ConsumerId::parse(&signups[0].consumer).expect("a consumer id");
 
         // The filter gives the registration back: the control plane forgets the consumer.
-        let deadline = Instant::now() + STEP_TIMEOUT;
-        loop {
-            let r = stack
-                .cp
-                .admin("GET", &format!("/v1/consumers/{consumer}"), None)
-                .await;
-            if r.status == 404 {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "registration not given back: {} {}",
-                r.status,
-                r.text()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        stack.cp.wait_forgotten(&consumer).await;
         assert_eq!(stack.envoys[0].settled_stat("prealloc_signups_refused"), 1);
         // Nobody holds data of the refused consumer, and nothing was copied. (The active replicator may
         // have tried to read the data before the give-back: 404, the first manager never held it.)
@@ -146,7 +114,7 @@ each_build! {
 
         let mut statuses = Vec::new();
         for _ in 0..9 {
-            let r = post_signup(&mut c).await;
+            let r = post_signup(&mut c).await.expect("sign-up request");
             assert!(r.status >= 500, "{} {}", r.status, r.text());
             assert!(consumer_cookie(&r).unwrap().is_none(), "{:?}", r.headers);
             statuses.push(r.status);
@@ -187,7 +155,7 @@ each_build! {
         let mut stack = Stack::start(&StackOptions::new(Replication::Active).with_build(build));
         stack.cp.kill9();
         let mut c = Client::new(stack.envoys[0].addr());
-        let r = post_signup(&mut c).await;
+        let r = post_signup(&mut c).await.expect("sign-up request");
         assert_eq!(r.status, 503, "{}", r.text());
         assert!(r.header("retry-after").is_some(), "{:?}", r.headers);
         assert_eq!(
