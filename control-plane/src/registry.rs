@@ -134,8 +134,14 @@ pub struct Registry {
     pool_idx: HashMap<(String, String), usize>,
     resources: HashMap<u64, Resource>,
     consumers: HashMap<ConsumerId, Consumer>,
+    /// The latest sign-ups, oldest first, at most [`RECENT`] (the status
+    /// page's per-consumer progress; given-back ones are skipped when shown).
+    recent: VecDeque<ConsumerId>,
     pub next_resource_id: u64,
 }
+
+/// How many of the latest sign-ups the status page follows one by one.
+pub const RECENT: usize = 20;
 
 impl Registry {
     /// An empty registry with the config's managers and pools.
@@ -170,6 +176,7 @@ impl Registry {
             pool_idx: HashMap::new(),
             resources: HashMap::new(),
             consumers: HashMap::new(),
+            recent: VecDeque::new(),
             next_resource_id: 1,
         };
         for p in &config.pools {
@@ -288,6 +295,10 @@ impl Registry {
                 c.replicas.push((m, r.at_ms));
             }
         }
+        reg.recent = newest(
+            reg.consumers.iter().map(|(id, c)| (c.created_ms, id)),
+            RECENT,
+        );
         // The first manager first, whatever order the rows came in.
         let firsts: Vec<(ConsumerId, usize)> = reg
             .consumers
@@ -564,6 +575,10 @@ impl Registry {
             at_ms: now_ms,
         }));
         self.consumers.insert(consumer.clone(), c);
+        if self.recent.len() == RECENT {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(consumer.clone());
         let p = &self.pools[pool];
         let reg = Registration {
             consumer,
@@ -1030,6 +1045,40 @@ impl Registry {
         })
     }
 
+    /// The latest sign-ups still known, newest first, with their progress.
+    pub fn recent(&self, now_ms: u64) -> Vec<RecentConsumer> {
+        self.recent
+            .iter()
+            .rev()
+            .filter_map(|id| {
+                let c = self.consumers.get(id)?;
+                let pool = self.resources[&c.resource].pool;
+                let counted = self
+                    .target_members(pool)
+                    .filter(|m| c.replicas.iter().any(|&(r, _)| r == *m))
+                    .count();
+                Some(RecentConsumer {
+                    consumer: id.clone(),
+                    state: if c.registered_ms.is_some() {
+                        ConsumerState::Registered
+                    } else {
+                        ConsumerState::Registering
+                    },
+                    first_manager: self.managers[self.manager_of_resource(c.resource)]
+                        .id
+                        .clone(),
+                    copies: counted,
+                    target: self.target_size(id).unwrap_or(0),
+                    created_ms: c.created_ms,
+                    waited_ms: c
+                        .registered_ms
+                        .unwrap_or(now_ms)
+                        .saturating_sub(c.created_ms),
+                })
+            })
+            .collect()
+    }
+
     /// Consumer ids, optionally of one state, sorted, at most `limit`.
     pub fn list_consumers(&self, state: Option<ConsumerState>, limit: usize) -> Vec<ConsumerId> {
         let mut v: Vec<ConsumerId> = self
@@ -1143,6 +1192,39 @@ impl Registry {
 }
 
 /// Resource names are derived from type and id, so they are unique and stable.
+/// The `n` newest of `(created_ms, id)`, oldest first, in one pass with a bounded heap.
+fn newest<'a>(
+    items: impl Iterator<Item = (u64, &'a ConsumerId)>,
+    n: usize,
+) -> VecDeque<ConsumerId> {
+    let mut heap = std::collections::BinaryHeap::with_capacity(n + 1);
+    for (at, id) in items {
+        heap.push(std::cmp::Reverse((at, id)));
+        if heap.len() > n {
+            heap.pop();
+        }
+    }
+    let mut v: Vec<(u64, &ConsumerId)> = heap.into_iter().map(|r| r.0).collect();
+    v.sort();
+    v.into_iter().map(|(_, id)| id.clone()).collect()
+}
+
+/// A latest sign-up on the status page: "k of n" copies and how long it has
+/// waited (or, registered, how long it took).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RecentConsumer {
+    pub consumer: ConsumerId,
+    pub state: ConsumerState,
+    pub first_manager: String,
+    /// Copies that count towards the target (on managers that are not down).
+    pub copies: usize,
+    /// Copies that make it registered, as things stand.
+    pub target: usize,
+    pub created_ms: u64,
+    /// Registering: how long it has waited so far; registered: how long it took.
+    pub waited_ms: u64,
+}
+
 pub fn resource_name(resource_type: &str, id: u64) -> String {
     format!("{resource_type}-{id}")
 }

@@ -145,7 +145,8 @@ impl App {
         r
     }
 
-    /// Everything the page shows, aggregated (no per-consumer list).
+    /// Everything the page shows: aggregates, and the latest sign-ups one by
+    /// one (a bounded list): its size does not grow with the consumers.
     pub(crate) fn status_data<B>(&self, req: &Request<B>) -> Resp {
         let Some(role) = self.session_role(req) else {
             return error(
@@ -155,13 +156,14 @@ impl App {
             );
         };
         let core = &self.plane.core;
-        let (managers, pools, consumers) = {
+        let now = crate::now_ms();
+        let (managers, pools, consumers, recent) = {
             let reg = core.registry();
             let managers: Vec<_> = (0..reg.managers().len())
                 .map(|i| reg.manager_view(i))
                 .collect();
             let pools: Vec<_> = (0..reg.pools().len()).map(|i| reg.pool_view(i)).collect();
-            (managers, pools, reg.consumer_count())
+            (managers, pools, reg.consumer_count(), reg.recent(now))
         };
         let version = core.routes.version();
         let pollers = self.pollers_view();
@@ -170,7 +172,7 @@ impl App {
         json(
             StatusCode::OK,
             &serde_json::json!({
-                "now_ms": crate::now_ms(),
+                "now_ms": now,
                 "role": match role { Role::Admin => "admin", Role::ReadOnly => "read-only" },
                 "epoch": core.routes.epoch(),
                 "version": version,
@@ -182,6 +184,7 @@ impl App {
                 "consumers_registered_total": load(&m.consumers_registered),
                 "replication_lag": m.replication_lag.buckets(),
                 "pollers": pollers,
+                "recent": recent,
             }),
         )
     }

@@ -77,14 +77,18 @@ async fn sign_in(p: &Plane, token: &str) -> Result<String, (StatusCode, String)>
     Ok(set.split(';').next().unwrap().to_owned())
 }
 
-async fn start() -> Plane {
-    let db = crate::support::Db::new();
+/// A control plane on `db` with a read-only status token configured.
+async fn start_on(db: crate::support::Db) -> Plane {
     let text = Setup::default().toml(&db.path()).replace(
         "[tokens]\n",
         &format!("[tokens]\nstatus = \"{STATUS_TOKEN}\"\n"),
     );
     let config = prealloc_control_plane::Config::parse(&text, std::path::Path::new("/")).unwrap();
     Plane::start_with(config, db).await
+}
+
+async fn start() -> Plane {
+    start_on(crate::support::Db::new()).await
 }
 
 #[tokio::test]
@@ -180,4 +184,77 @@ async fn the_status_token_can_look_but_not_change_anything() {
         .call(Method::GET, "/v1/pools", Some(STATUS_TOKEN), None)
         .await;
     assert_eq!(s, StatusCode::FORBIDDEN);
+}
+
+/// The `recent` list of `/status/data`.
+async fn recent(p: &Plane, cookie: &str) -> Vec<Value> {
+    let (s, _, body) = send(p, Method::GET, "/status/data", Some(cookie), "", "").await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    parse(body.as_bytes())["recent"].as_array().unwrap().clone()
+}
+
+#[tokio::test]
+async fn the_latest_sign_ups_show_k_of_n_newest_first_bounded_and_after_a_restart() {
+    use prealloc_control_plane::registry::RECENT;
+    let p = start().await;
+    let mut ids = Vec::new();
+    for _ in 0..RECENT + 5 {
+        p.wait_depth(10).await;
+        ids.push(p.register().await["consumer"].as_str().unwrap().to_owned());
+    }
+    let cookie = sign_in(&p, ADMIN).await.unwrap();
+    let shown = recent(&p, &cookie).await;
+    let newest: Vec<&str> = ids.iter().rev().take(RECENT).map(String::as_str).collect();
+    let listed: Vec<&str> = shown
+        .iter()
+        .map(|c| c["consumer"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, newest, "the {RECENT} latest, newest first");
+    let latest = &shown[0];
+    assert_eq!(latest["state"], "registering");
+    assert_eq!(
+        (latest["copies"].clone(), latest["target"].clone()),
+        (1.into(), 3.into())
+    );
+
+    // A copy reported through the API moves it to 2 of 3; the third registers it.
+    let (first, latest_id) = (
+        latest["first_manager"].as_str().unwrap().to_owned(),
+        newest[0],
+    );
+    let others: Vec<String> = ["m1", "m2", "m3"]
+        .iter()
+        .filter(|m| **m != first)
+        .map(|m| m.to_string())
+        .collect();
+    assert_eq!(
+        p.replica(latest_id, &others[0]).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(recent(&p, &cookie).await[0]["copies"], 2);
+    assert_eq!(
+        p.replica(latest_id, &others[1]).await.0,
+        StatusCode::OK
+    );
+    let done = recent(&p, &cookie).await[0].clone();
+    assert_eq!(
+        (done["copies"].clone(), done["state"].clone()),
+        (3.into(), "registered".into())
+    );
+    let waited = done["waited_ms"].as_u64().unwrap();
+
+    // A restart rebuilds the list from the database: same consumers, same order.
+    let p = start_on(p.stop().await).await;
+    let cookie = sign_in(&p, ADMIN).await.unwrap();
+    let shown = recent(&p, &cookie).await;
+    let listed: Vec<&str> = shown
+        .iter()
+        .map(|c| c["consumer"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, newest);
+    assert_eq!(
+        shown[0]["waited_ms"].as_u64(),
+        Some(waited),
+        "registered: how long it took"
+    );
 }
