@@ -137,6 +137,8 @@ pub struct Registry {
     /// The latest sign-ups, oldest first, at most [`RECENT`] (the status
     /// page's per-consumer progress; given-back ones are skipped when shown).
     recent: VecDeque<ConsumerId>,
+    /// How many consumers are registering (pinned to their first manager).
+    registering: usize,
     pub next_resource_id: u64,
 }
 
@@ -177,6 +179,7 @@ impl Registry {
             resources: HashMap::new(),
             consumers: HashMap::new(),
             recent: VecDeque::new(),
+            registering: 0,
             next_resource_id: 1,
         };
         for p in &config.pools {
@@ -295,6 +298,11 @@ impl Registry {
                 c.replicas.push((m, r.at_ms));
             }
         }
+        reg.registering = reg
+            .consumers
+            .values()
+            .filter(|c| c.registered_ms.is_none())
+            .count();
         reg.recent = newest(
             reg.consumers.iter().map(|(id, c)| (c.created_ms, id)),
             RECENT,
@@ -367,6 +375,11 @@ impl Registry {
 
     pub fn consumer_count(&self) -> usize {
         self.consumers.len()
+    }
+
+    /// Consumers still registering: pinned to their first manager.
+    pub fn registering_count(&self) -> usize {
+        self.registering
     }
 
     /// Ready resources on available managers: what a registration can take now.
@@ -562,6 +575,8 @@ impl Registry {
         };
         if self.target_reached(pool, &c.replicas) {
             c.registered_ms = Some(now_ms);
+        } else {
+            self.registering += 1;
         }
         ops.push(Op::Assign {
             resource: rid,
@@ -615,6 +630,9 @@ impl Registry {
             .consumers
             .remove(consumer)
             .ok_or(ReleaseError::UnknownConsumer)?;
+        if c.registered_ms.is_none() {
+            self.registering -= 1;
+        }
         let r = self
             .resources
             .get_mut(&c.resource)
@@ -726,6 +744,7 @@ impl Registry {
         for id in &reached {
             if let Some(c) = self.consumers.get_mut(id) {
                 c.registered_ms = Some(now_ms);
+                self.registering -= 1;
                 ops.push(Op::SetRegistered {
                     resource: c.resource,
                     registered_ms: now_ms,
@@ -783,6 +802,7 @@ impl Registry {
         let became_registered = reached && c.registered_ms.is_none();
         if became_registered {
             c.registered_ms = Some(now_ms);
+            self.registering -= 1;
             ops.push(Op::SetRegistered {
                 resource: c.resource,
                 registered_ms: now_ms,
@@ -1139,6 +1159,17 @@ impl Registry {
 
     /// Checks the invariants the allocator promises (used by property tests).
     pub fn check_invariants(&self) -> Result<(), String> {
+        let registering = self
+            .consumers
+            .values()
+            .filter(|c| c.registered_ms.is_none())
+            .count();
+        if registering != self.registering {
+            return Err(format!(
+                "{registering} consumers registering but the count says {}",
+                self.registering
+            ));
+        }
         let mut used: HashMap<(usize, String), u64> = HashMap::new();
         for r in self.resources.values() {
             let p = &self.pools[r.pool];

@@ -163,7 +163,8 @@ impl App {
                 .map(|i| reg.manager_view(i))
                 .collect();
             let pools: Vec<_> = (0..reg.pools().len()).map(|i| reg.pool_view(i)).collect();
-            (managers, pools, reg.consumer_count(), reg.recent(now))
+            let consumers = (reg.consumer_count(), reg.registering_count());
+            (managers, pools, consumers, reg.recent(now))
         };
         let version = core.routes.version();
         let pollers = self.pollers_view();
@@ -178,7 +179,8 @@ impl App {
                 "version": version,
                 "managers": managers,
                 "pools": pools,
-                "consumers": consumers,
+                "consumers": consumers.0,
+                "registering": consumers.1,
                 "in_routing_table": core.routes.len(),
                 "registrations_total": load(&m.registrations),
                 "consumers_registered_total": load(&m.consumers_registered),

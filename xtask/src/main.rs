@@ -16,7 +16,8 @@ usage: cargo xtask <command>
 commands:
   setup        install the wasm32-wasip1 target, cargo-nextest, Envoy {ENVOY}
                and promtool (unpacked from Debian's prometheus package, where
-               apt can fetch it) into .tools/ (once)
+               apt can fetch it) into .tools/, and Debian's chromium (headless,
+               for the status page's browser test) where missing (once)
   build-wasm   build target/wasm32-wasip1/release/prealloc_filter.wasm
   build-native build target/release/libprealloc_native.so (the Envoy dynamic module)
   check        the gates: rustfmt, clippy (native, wasm32, bench/) with -D warnings
@@ -105,13 +106,55 @@ struct Tools {
     envoy: PathBuf,
     /// `promtool` (checks the shipped Prometheus rules), when it could be had.
     promtool: Option<PathBuf>,
+    /// Headless Chromium (the status page's browser test), when it could be had.
+    chromium: Option<PathBuf>,
 }
 
 fn setup() -> Result<Tools, String> {
     ensure_wasm_target()?;
     let envoy = ensure_envoy()?;
     let promtool = ensure_promtool();
-    Ok(Tools { envoy, promtool })
+    let chromium = ensure_chromium();
+    Ok(Tools {
+        envoy,
+        promtool,
+        chromium,
+    })
+}
+
+/// Chromium from Debian's `chromium` package (never a browser a tool
+/// downloads): installed with apt where missing, which needs root. `None`,
+/// with a note, where that fails: the browser test then says how to install it.
+fn ensure_chromium() -> Option<PathBuf> {
+    let works =
+        |p: &Path| output(Command::new(p).arg("--version")).is_some_and(|v| v.contains("Chromium"));
+    let found = || {
+        ["chromium", "chromium-browser"]
+            .iter()
+            .map(Path::new)
+            .find(|p| works(p))
+            .map(Path::to_path_buf)
+    };
+    if let Some(p) = found() {
+        return Some(p);
+    }
+    let install = || {
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(["chromium", "fonts-dejavu-core"])
+            .env("DEBIAN_FRONTEND", "noninteractive"))
+    };
+    if install().is_err() {
+        let _ = run(Command::new("apt-get").args(["update", "-qq"]));
+        if let Err(e) = install() {
+            eprintln!(
+                "xtask: chromium unavailable ({e}); install Debian's chromium package \
+                 (apt-get install chromium) for the status page's browser test"
+            );
+            return None;
+        }
+    }
+    found()
 }
 
 /// `promtool` from Debian's `prometheus` package, unpacked into `.tools/`
@@ -270,6 +313,7 @@ fn build_all() -> Result<Vec<(&'static str, PathBuf)>, String> {
         ),
     ];
     envs.extend(tools.promtool.map(|p| ("PREALLOC_PROMTOOL", p)));
+    envs.extend(tools.chromium.map(|p| ("PREALLOC_CHROMIUM", p)));
     Ok(envs)
 }
 

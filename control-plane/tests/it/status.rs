@@ -227,15 +227,9 @@ async fn the_latest_sign_ups_show_k_of_n_newest_first_bounded_and_after_a_restar
         .filter(|m| **m != first)
         .map(|m| m.to_string())
         .collect();
-    assert_eq!(
-        p.replica(latest_id, &others[0]).await.0,
-        StatusCode::OK
-    );
+    assert_eq!(p.replica(latest_id, &others[0]).await.0, StatusCode::OK);
     assert_eq!(recent(&p, &cookie).await[0]["copies"], 2);
-    assert_eq!(
-        p.replica(latest_id, &others[1]).await.0,
-        StatusCode::OK
-    );
+    assert_eq!(p.replica(latest_id, &others[1]).await.0, StatusCode::OK);
     let done = recent(&p, &cookie).await[0].clone();
     assert_eq!(
         (done["copies"].clone(), done["state"].clone()),

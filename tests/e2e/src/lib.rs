@@ -1,5 +1,7 @@
-//! End-to-end harness: recording hyper managers, a routes stub, and launchers for real Envoy and the control plane.
+//! End-to-end harness: recording hyper managers, a routes stub, launchers for
+//! real Envoy and the control plane, and headless Chromium for the status page.
 
+pub mod browser;
 pub mod client;
 pub mod control_plane;
 pub mod envoy;

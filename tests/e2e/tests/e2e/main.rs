@@ -29,6 +29,7 @@ mod signup;
 mod signup_failures;
 mod soak;
 mod spoofing;
+mod status_page;
 mod story;
 mod story_load;
 mod upgrade;
