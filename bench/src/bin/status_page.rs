@@ -1,0 +1,253 @@
+//! The status page with many consumers in the database (BENCHMARKS.md,
+//! "Status page"): fills a real control plane's SQLite database with N
+//! consumers through the control plane's own registry (the same ops a sign-up
+//! writes, committed in large batches: far faster than N HTTP sign-ups),
+//! restarts the real binary on it, then measures in headless Chromium how long
+//! `/status` takes to load and show its data, and how many bytes it moves;
+//! also `GET /status/data` alone over HTTP.
+//!
+//! `bench/status-page.sh [--consumers N] [--reps R]` builds and runs it.
+
+use prealloc_control_plane::registry::Registry;
+use prealloc_control_plane::store::{sqlite::SqliteStore, Store};
+use prealloc_e2e::browser::Browser;
+use prealloc_e2e::client::Client;
+use prealloc_e2e::control_plane::{ControlPlane, ControlPlaneConfig, ManagerSpec};
+use prealloc_wire::ConsumerId;
+use serde_json::Value;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+const MANAGERS: [&str; 3] = ["m1", "m2", "m3"];
+/// Consumers signed up "now" (in their replication window); the rest long ago.
+const RECENT: u64 = 1000;
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn consumer(n: u64) -> ConsumerId {
+    let mut z = n.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&z.to_le_bytes());
+    b[8..].copy_from_slice(&n.to_le_bytes());
+    ConsumerId::from_bytes(b)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn range(v: &[f64]) -> String {
+    let lo = v.iter().cloned().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    format!("{lo:.1}–{hi:.1}")
+}
+
+/// Writes `n` consumers: all but the last [`RECENT`] signed up and fully
+/// replicated a day ago (out of the table), the last ones now, half of them
+/// still registering. Returns how long it took.
+fn fill(cp: &ControlPlane, n: u64) -> Duration {
+    let start = Instant::now();
+    let text = std::fs::read_to_string(cp.dir().join("prealloc.toml")).expect("cp config");
+    let config = prealloc_control_plane::Config::parse(&text, cp.dir()).expect("cp config parses");
+    let mut store = SqliteStore::open(&cp.database_path()).expect("open the database");
+    let snap = store.load().expect("load");
+    let mut reg = Registry::from_snapshot(&config, &snap).expect("registry");
+    let now = now_ms();
+    let long_ago = now - 86_400_000;
+    let mut ops = Vec::new();
+    for i in 0..n {
+        let recent = i >= n.saturating_sub(RECENT);
+        let t = if recent { now } else { long_ago + i / 100 };
+        reg.reserve(0, t, &mut ops)
+            .expect("capacity for every consumer");
+        let id = consumer(i);
+        let (r, _) = reg
+            .register("mailbox", None, id.clone(), t, &mut ops)
+            .expect("a ready resource");
+        reg.confirm(&id, t, &mut ops).expect("confirm");
+        let copies = if recent && i % 2 == 0 { 1 } else { 2 };
+        for m in MANAGERS.iter().filter(|m| **m != r.manager).take(copies) {
+            reg.add_replica(&id, m, t + 5, &mut ops).expect("replica");
+        }
+        if ops.len() > 200_000 {
+            store.commit(&ops).expect("commit");
+            ops.clear();
+        }
+    }
+    store.commit(&ops).expect("commit");
+    start.elapsed()
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let mut consumers = 1_000_000u64;
+    let mut reps = 10usize;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let v: u64 = args
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{a} needs a number"));
+        match a.as_str() {
+            "--consumers" => consumers = v,
+            "--reps" => reps = v as usize,
+            _ => panic!("usage: status_page [--consumers N] [--reps R]"),
+        }
+    }
+    let managers = MANAGERS
+        .iter()
+        .map(|id| ManagerSpec {
+            capacity: vec![("mailbox".to_owned(), consumers + 1000)],
+            ..ManagerSpec::new(id, "http://127.0.0.1:9")
+        })
+        .collect();
+    let mut cfg = ControlPlaneConfig::new(managers);
+    cfg.pools = vec![("mailbox".into(), "local".into(), 10)];
+    cfg.grace_period_ms = 3_600_000;
+    cfg.log_level = Some("warn".into());
+    let mut cp = ControlPlane::start(cfg);
+    cp.kill9();
+    let filled = fill(&cp, consumers);
+    let db_bytes = std::fs::metadata(cp.database_path())
+        .map(|m| m.len())
+        .unwrap_or(0);
+    let t = Instant::now();
+    cp.restart();
+    let restart = t.elapsed();
+    let rss = cp.pid().map(rss_kib).unwrap_or(0);
+    println!(
+        "{consumers} consumers written in {:.1} s (database {:.0} MiB); control plane restarted in {:.2} s, RSS {:.0} MiB",
+        filled.as_secs_f64(),
+        db_bytes as f64 / 1048576.0,
+        restart.as_secs_f64(),
+        rss as f64 / 1024.0
+    );
+
+    // The page in Chromium: sign in once, then load it `reps` times.
+    let browser = Browser::start().unwrap_or_else(|e| panic!("{e}"));
+    let mut page = browser.page().await.unwrap_or_else(|e| panic!("{e}"));
+    let url = format!("{}/status", cp.url());
+    page.navigate(&url).await.unwrap();
+    page.type_into("#token", &cp.config().admin_token)
+        .await
+        .unwrap();
+    page.forget_events();
+    page.click("button[type=submit]").await.unwrap();
+    page.wait_event("Page.loadEventFired").await.unwrap();
+    let (mut load, mut shown, mut bytes, mut data_ms) = (vec![], vec![], vec![], vec![]);
+    let mut shown_consumers = String::new();
+    for _ in 0..reps {
+        page.navigate(&url).await.unwrap();
+        // The page marks when it first rendered its data (status.html).
+        let at = page
+            .wait_for(
+                "performance.getEntriesByName('status-data-shown')[0]?.startTime",
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+        shown.push(at.as_f64().unwrap_or(0.0));
+        shown_consumers = page
+            .eval("document.querySelector('#consumers').innerText")
+            .await
+            .unwrap()
+            .as_str()
+            .unwrap_or("")
+            .to_owned();
+        let m: Value = page
+            .eval(
+                "(() => { const n = performance.getEntriesByType('navigation')[0]; \
+                 const d = performance.getEntriesByType('resource').filter(r => r.name.includes('/status/data'))[0]; \
+                 return { load: n.loadEventEnd, page: n.transferSize, data: d ? d.transferSize : 0, data_ms: d ? d.duration : 0 }; })()",
+            )
+            .await
+            .unwrap();
+        load.push(m["load"].as_f64().unwrap_or(0.0));
+        bytes.push(m["page"].as_f64().unwrap_or(0.0) + m["data"].as_f64().unwrap_or(0.0));
+        data_ms.push(m["data_ms"].as_f64().unwrap_or(0.0));
+    }
+
+    // GET /status/data alone, on one keep-alive connection.
+    let session = {
+        let form = format!("token={}", cp.config().admin_token);
+        let r = Client::new(cp.addr())
+            .send(
+                "POST",
+                "/status/sign-in",
+                &[("content-type", "application/x-www-form-urlencoded")],
+                form.as_bytes(),
+            )
+            .await
+            .expect("sign in");
+        r.headers["set-cookie"]
+            .to_str()
+            .unwrap()
+            .split(';')
+            .next()
+            .unwrap()
+            .to_owned()
+    };
+    let mut c = Client::new(cp.addr());
+    let mut http_ms = Vec::new();
+    let mut data_bytes = 0;
+    for _ in 0..200 {
+        let t = Instant::now();
+        let r = c
+            .send("GET", "/status/data", &[("cookie", &session)], b"")
+            .await
+            .expect("/status/data");
+        http_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        assert_eq!(r.status, 200);
+        data_bytes = r.body.len();
+    }
+    http_ms.sort_by(|a, b| a.total_cmp(b));
+    let p99 = http_ms[http_ms.len() * 99 / 100];
+    println!("page shows {shown_consumers} consumers");
+    println!("| figure | median | range ({reps} loads) |");
+    println!("|---|---|---|");
+    println!(
+        "| navigation to data shown (ms) | {:.1} | {} |",
+        median(&mut shown.clone()),
+        range(&shown)
+    );
+    println!(
+        "| load event (ms) | {:.1} | {} |",
+        median(&mut load.clone()),
+        range(&load)
+    );
+    println!(
+        "| `/status/data` in the page (ms) | {:.1} | {} |",
+        median(&mut data_ms.clone()),
+        range(&data_ms)
+    );
+    println!(
+        "| bytes over the wire (page + data) | {:.0} | {} |",
+        median(&mut bytes.clone()),
+        range(&bytes)
+    );
+    println!(
+        "`GET /status/data` alone, 200 requests on one connection: median {:.2} ms, p99 {:.2} ms, {} bytes",
+        median(&mut http_ms.clone()),
+        p99,
+        data_bytes
+    );
+}
