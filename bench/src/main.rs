@@ -4,8 +4,7 @@
 //! stay up for the whole run and the load cases are interleaved, so slow drift
 //! of a shared machine spreads over every case instead of biasing one.
 
-mod probe;
-mod procs;
+use prealloc_bench::{probe, procs};
 
 use prealloc_e2e::envoy::{Build, Endpoint, Envoy, EnvoyConfig, EnvoyOptions};
 use prealloc_e2e::routes_stub::{manager_route, RoutesStub};
@@ -936,6 +935,7 @@ fn main() {
         script: root.join("bench/wrk/cycle.lua"),
         connections: args.connections,
         cpu: args.load_cpu,
+        request: None,
     };
     let mut runs: Vec<Vec<Run>> = vec![Vec::new(); cases.len()];
     if !args.skip_load {

@@ -23,16 +23,21 @@ impl Probe {
 
     /// GET / with the given extra headers; one reconnect if the kept connection was closed.
     pub fn get(&mut self, headers: &[(&str, &str)]) -> Result<Answer, String> {
-        match self.try_get(headers) {
+        self.get_path("/", headers)
+    }
+
+    /// GET `path`, like [`Probe::get`].
+    pub fn get_path(&mut self, path: &str, headers: &[(&str, &str)]) -> Result<Answer, String> {
+        match self.try_get(path, headers) {
             Ok(a) => Ok(a),
             Err(_) => {
                 self.conn = None;
-                self.try_get(headers)
+                self.try_get(path, headers)
             }
         }
     }
 
-    fn try_get(&mut self, headers: &[(&str, &str)]) -> Result<Answer, String> {
+    fn try_get(&mut self, path: &str, headers: &[(&str, &str)]) -> Result<Answer, String> {
         if self.conn.is_none() {
             let s =
                 TcpStream::connect(self.addr).map_err(|e| format!("connect {}: {e}", self.addr))?;
@@ -42,7 +47,7 @@ impl Probe {
             self.conn = Some(BufReader::new(s));
         }
         let conn = self.conn.as_mut().ok_or("no connection")?;
-        let mut req = String::from("GET / HTTP/1.1\r\nHost: bench\r\n");
+        let mut req = format!("GET {path} HTTP/1.1\r\nHost: bench\r\n");
         for (k, v) in headers {
             req.push_str(k);
             req.push_str(": ");

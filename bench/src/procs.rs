@@ -176,6 +176,7 @@ pub struct WrkResult {
     pub p90_us: u64,
     pub p99_us: u64,
     pub mean_us: f64,
+    pub max_us: u64,
     pub raw: serde_json::Value,
 }
 
@@ -191,6 +192,8 @@ pub struct WrkOptions {
     pub script: PathBuf,
     pub connections: u32,
     pub cpu: Option<usize>,
+    /// `(method, path, body)` instead of `GET /` (cycle.lua's optional arguments).
+    pub request: Option<(String, String, String)>,
 }
 
 pub fn run_wrk(
@@ -208,6 +211,9 @@ pub fn run_wrk(
         .arg("--")
         .arg(requests_file)
         .stdin(Stdio::null());
+    if let Some((method, path, body)) = &opts.request {
+        cmd.args([method, path, body]);
+    }
     let out = cmd
         .output()
         .map_err(|e| format!("cannot run wrk ({e}): install it with `apt-get install -y wrk`"))?;
@@ -238,6 +244,7 @@ pub fn run_wrk(
         p90_us: n("p90_us"),
         p99_us: n("p99_us"),
         mean_us: v["mean_us"].as_f64().unwrap_or(0.0),
+        max_us: n("max_us"),
         raw: v,
     })
 }

@@ -1,7 +1,8 @@
--- wrk script of prealloc's benchmark: cycles through pre-built GET requests
+-- wrk script of prealloc's benchmark: cycles through pre-built requests
 -- (one per line of the file named after `--`; a line holds tab-separated
 -- "Name: value" headers, an empty line none) and prints a JSON summary.
 -- Requests are formatted once in init, so per-request Lua work is an index.
+-- `-- FILE METHOD PATH BODY` sends METHOD PATH with BODY instead of GET /.
 local reqs = {}
 local n = 0
 local i = 0
@@ -17,12 +18,12 @@ function init(args)
       end
     end
     n = n + 1
-    reqs[n] = wrk.format("GET", "/", headers)
+    reqs[n] = wrk.format(args[2] or "GET", args[3] or "/", headers, args[4])
   end
   f:close()
   if n == 0 then
     n = 1
-    reqs[1] = wrk.format("GET", "/", {})
+    reqs[1] = wrk.format(args[2] or "GET", args[3] or "/", {}, args[4])
   end
 end
 

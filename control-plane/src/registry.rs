@@ -132,8 +132,11 @@ pub struct Registry {
     manager_idx: HashMap<String, usize>,
     pools: Vec<Pool>,
     pool_idx: HashMap<(String, String), usize>,
-    resources: HashMap<u64, Resource>,
-    consumers: HashMap<ConsumerId, Consumer>,
+    // B-trees, not hash maps: a hash map that doubles rehashes every entry in
+    // one go, which stalled the writer for seconds at 0.5M and 0.9M consumers
+    // (BENCHMARKS.md, section 6); a B-tree grows a node at a time.
+    resources: BTreeMap<u64, Resource>,
+    consumers: BTreeMap<ConsumerId, Consumer>,
     /// The latest sign-ups, oldest first, at most [`RECENT`] (the status
     /// page's per-consumer progress; given-back ones are skipped when shown).
     recent: VecDeque<ConsumerId>,
@@ -176,8 +179,8 @@ impl Registry {
             manager_idx,
             pools: Vec::new(),
             pool_idx: HashMap::new(),
-            resources: HashMap::new(),
-            consumers: HashMap::new(),
+            resources: BTreeMap::new(),
+            consumers: BTreeMap::new(),
             recent: VecDeque::new(),
             registering: 0,
             next_resource_id: 1,

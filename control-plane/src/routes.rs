@@ -5,7 +5,7 @@ use bytes::Bytes;
 use prealloc_wire::{
     ConsumerId, ManagerRoute, RouteEntry, RoutesKind, RoutesQuery, RoutesResponse,
 };
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
@@ -17,7 +17,8 @@ struct Inner {
     version: u64,
     /// Each entry kept as its JSON: a full snapshot of a million entries is then a
     /// copy of reference counts under the lock and a concatenation outside it.
-    entries: HashMap<ConsumerId, Arc<[u8]>>,
+    /// A B-tree: it never rehashes everything at once on the write path.
+    entries: BTreeMap<ConsumerId, Arc<[u8]>>,
     managers: Vec<ManagerRoute>,
     /// (version, changes that produced it), oldest first.
     log: VecDeque<(u64, Vec<Change>)>,
