@@ -16,6 +16,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Mutex;
 
+/// Per poller: each new version it received, and when.
+type Arrivals = Arc<Mutex<Vec<Vec<(u64, Instant)>>>>;
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -57,8 +60,7 @@ async fn main() {
     let rss_before = procs::rss_kib(pid);
 
     // Each poller: long-poll, record when each version arrived, poll again.
-    let arrivals: Arc<Mutex<Vec<Vec<(u64, Instant)>>>> =
-        Arc::new(Mutex::new(vec![Vec::new(); pollers]));
+    let arrivals: Arrivals = Arc::new(Mutex::new(vec![Vec::new(); pollers]));
     for i in 0..pollers {
         let (arrivals, token) = (arrivals.clone(), token.clone());
         tokio::spawn(async move {
