@@ -130,6 +130,7 @@ async fn main() {
     let db_bytes = std::fs::metadata(cp.database_path())
         .map(|m| m.len())
         .unwrap_or(0);
+    cp.set_start_timeout(Duration::from_secs(1800));
     let t = Instant::now();
     cp.restart();
     let restart = t.elapsed();

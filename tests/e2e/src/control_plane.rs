@@ -199,6 +199,8 @@ pub struct ControlPlane {
     addr: SocketAddr,
     dir: tempfile::TempDir,
     starts: u32,
+    /// How long a (re)start may take before the harness gives up.
+    start_timeout: Duration,
     keep_files: bool,
 }
 
@@ -223,6 +225,7 @@ impl ControlPlane {
             addr: listen,
             dir,
             starts: 0,
+            start_timeout: START_TIMEOUT,
             keep_files: std::env::var_os("PREALLOC_KEEP_LOGS").is_some(),
         };
         cp.launch();
@@ -276,7 +279,7 @@ impl ControlPlane {
             }
         });
         self.child = Some(child);
-        let deadline = Instant::now() + START_TIMEOUT;
+        let deadline = Instant::now() + self.start_timeout;
         let addr = loop {
             match rx.recv_timeout(Duration::from_millis(50)) {
                 Ok(a) => break a,
@@ -300,7 +303,8 @@ impl ControlPlane {
             }
             if Instant::now() >= deadline {
                 panic!(
-                    "control plane did not print 'listening on' within {START_TIMEOUT:?}:\n{}",
+                    "control plane did not print 'listening on' within {:?}:\n{}",
+                    self.start_timeout,
                     self.log_tail(40)
                 );
             }
@@ -342,6 +346,11 @@ impl ControlPlane {
     }
 
     /// The process id while it runs (for memory sampling).
+    /// Lets later restarts take up to `d` (a big database takes long to load).
+    pub fn set_start_timeout(&mut self, d: Duration) {
+        self.start_timeout = d;
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
