@@ -105,7 +105,7 @@ async fn the_status_page_in_chromium_signs_in_follows_the_state_and_marks_a_mana
     page.click("button[type=submit]").await.unwrap();
     page.wait_event("Page.loadEventFired").await.unwrap();
     assert_eq!(page.eval("location.pathname").await.unwrap(), "/status");
-    shows(&mut page, "#role", "signed in: admin", LIVE).await;
+    shows(&mut page, "#role", "signed in: admin", STEP_TIMEOUT).await;
     let cookies = page.eval("document.cookie").await.unwrap();
     assert!(
         !cookies.as_str().unwrap_or("").contains("prealloc_status"),
@@ -116,7 +116,7 @@ async fn the_status_page_in_chromium_signs_in_follows_the_state_and_marks_a_mana
 
     // The known state: one consumer, pinned (1 of 3 copies), three managers as
     // the API says, the pool, the Envoy by its node id at the current version.
-    shows(&mut page, "#consumers", "1", LIVE).await;
+    shows(&mut page, "#consumers", "1", STEP_TIMEOUT).await;
     shows(&mut page, "#registering", "1", LIVE).await;
     shows(&mut page, "#in-table", "1", LIVE).await;
     let row = format!("#recent tr[data-consumer='{}']", s.consumer);
