@@ -16,6 +16,22 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Mutex;
 
+/// The control plane's table version now (a full snapshot's `version`).
+async fn routes_version(c: &mut Client, token: &str) -> u64 {
+    let r = c
+        .send(
+            "GET",
+            "/v1/routes?since=0",
+            &[("authorization", token)],
+            b"",
+        )
+        .await
+        .expect("routes");
+    serde_json::from_slice::<RoutesResponse>(&r.body)
+        .expect("a routes answer")
+        .version
+}
+
 /// Per poller: each new version it received, and when.
 type Arrivals = Arc<Mutex<Vec<Vec<(u64, Instant)>>>>;
 
@@ -120,22 +136,7 @@ async fn main() {
 
     // Changes: one sign-up each, 200 ms apart; its version is in the answer's routes.
     let mut signup = Client::new(addr);
-    let version_now = |r: prealloc_e2e::client::Response| {
-        serde_json::from_slice::<RoutesResponse>(&r.body)
-            .expect("a routes answer")
-            .version
-    };
-    let v0 = version_now(
-        signup
-            .send(
-                "GET",
-                "/v1/routes?since=0",
-                &[("authorization", &token)],
-                b"",
-            )
-            .await
-            .expect("routes"),
-    );
+    let v0 = routes_version(&mut signup, &token).await;
     let mut sent = Vec::new();
     let mut answered = Vec::new();
     let cpu1 = procs::cpu_ns(pid);
@@ -165,17 +166,7 @@ async fn main() {
     let busy_cpu_ms = (procs::cpu_ns(pid) - cpu1) as f64 / 1e6 / t1.elapsed().as_secs_f64();
     // Each sign-up is one version (one commit each, 200 ms apart): the k-th new version.
     let arrivals = arrivals.lock().await.clone();
-    let v1 = version_now(
-        signup
-            .send(
-                "GET",
-                "/v1/routes?since=0",
-                &[("authorization", &token)],
-                b"",
-            )
-            .await
-            .expect("routes"),
-    );
+    let v1 = routes_version(&mut signup, &token).await;
     assert_eq!(v1, v0 + changes as u64, "one version per sign-up");
     let first_version = v0 + 1;
     let (mut each, mut last, mut missing) = (Vec::new(), Vec::new(), 0usize);

@@ -86,17 +86,6 @@ fn fill(cp: &ControlPlane, n: u64) -> Duration {
     start.elapsed()
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let mut consumers = 1_000_000u64;
@@ -134,7 +123,7 @@ async fn main() {
     let t = Instant::now();
     cp.restart();
     let restart = t.elapsed();
-    let rss = cp.pid().map(rss_kib).unwrap_or(0);
+    let rss = cp.pid().map(prealloc_bench::procs::rss_kib).unwrap_or(0);
     println!(
         "{consumers} consumers written in {:.1} s (database {:.0} MiB); control plane restarted in {:.2} s, RSS {:.0} MiB",
         filled.as_secs_f64(),
