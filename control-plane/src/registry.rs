@@ -73,6 +73,15 @@ struct Consumer {
     confirmed_ms: Option<u64>,
 }
 
+impl Consumer {
+    fn state(&self) -> ConsumerState {
+        match self.registered_ms {
+            Some(_) => ConsumerState::Registered,
+            None => ConsumerState::Registering,
+        }
+    }
+}
+
 /// Why a registration was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RegisterError {
@@ -708,9 +717,8 @@ impl Registry {
     /// only copies sit on down managers, or a location with every manager
     /// down, waits).
     fn target_reached(&self, pool: usize, replicas: &[(usize, u64)]) -> bool {
-        let held = |m: &usize| replicas.iter().any(|&(r, _)| r == *m);
         let up = self.target_members(pool).count();
-        let held_up = self.target_members(pool).filter(held).count();
+        let held_up = self.counted_copies(pool, replicas);
         if held_up == 0 {
             return false;
         }
@@ -718,6 +726,13 @@ impl Registry {
             ReplicationTarget::All => held_up == up,
             ReplicationTarget::Count(n) => held_up >= n.min(up),
         }
+    }
+
+    /// Copies that count towards the target: those on managers that are not down.
+    fn counted_copies(&self, pool: usize, replicas: &[(usize, u64)]) -> usize {
+        self.target_members(pool)
+            .filter(|m| replicas.iter().any(|&(r, _)| r == *m))
+            .count()
     }
 
     /// How many copies make this consumer registered (as things stand: a
@@ -842,11 +857,7 @@ impl Registry {
         let c = self.consumers.get(consumer)?;
         Some(RouteEntry {
             consumer: consumer.clone(),
-            state: if c.registered_ms.is_some() {
-                ConsumerState::Registered
-            } else {
-                ConsumerState::Registering
-            },
+            state: c.state(),
             replicas: c
                 .replicas
                 .iter()
@@ -1021,11 +1032,7 @@ impl Registry {
         let used = m.used.get(&p.resource_type).copied().unwrap_or(0);
         Some(ConsumerRecord {
             consumer: consumer.clone(),
-            state: if c.registered_ms.is_some() {
-                ConsumerState::Registered
-            } else {
-                ConsumerState::Registering
-            },
+            state: c.state(),
             location: p.location.clone(),
             created_ms: c.created_ms,
             registered_ms: c.registered_ms,
@@ -1076,21 +1083,13 @@ impl Registry {
             .filter_map(|id| {
                 let c = self.consumers.get(id)?;
                 let pool = self.resources[&c.resource].pool;
-                let counted = self
-                    .target_members(pool)
-                    .filter(|m| c.replicas.iter().any(|&(r, _)| r == *m))
-                    .count();
                 Some(RecentConsumer {
                     consumer: id.clone(),
-                    state: if c.registered_ms.is_some() {
-                        ConsumerState::Registered
-                    } else {
-                        ConsumerState::Registering
-                    },
+                    state: c.state(),
                     first_manager: self.managers[self.manager_of_resource(c.resource)]
                         .id
                         .clone(),
-                    copies: counted,
+                    copies: self.counted_copies(pool, &c.replicas),
                     target: self.target_size(id).unwrap_or(0),
                     created_ms: c.created_ms,
                     waited_ms: c
@@ -1225,7 +1224,6 @@ impl Registry {
     }
 }
 
-/// Resource names are derived from type and id, so they are unique and stable.
 /// The `n` newest of `(created_ms, id)`, oldest first, in one pass with a bounded heap.
 fn newest<'a>(
     items: impl Iterator<Item = (u64, &'a ConsumerId)>,
@@ -1259,6 +1257,7 @@ pub struct RecentConsumer {
     pub waited_ms: u64,
 }
 
+/// Resource names are derived from type and id, so they are unique and stable.
 pub fn resource_name(resource_type: &str, id: u64) -> String {
     format!("{resource_type}-{id}")
 }

@@ -39,7 +39,8 @@ fn consumer(n: u64) -> ConsumerId {
     ConsumerId::from_bytes(b)
 }
 
-fn median(v: &mut [f64]) -> f64 {
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
@@ -214,29 +215,17 @@ async fn main() {
     println!("page shows {shown_consumers} consumers");
     println!("| figure | median | range ({reps} loads) |");
     println!("|---|---|---|");
-    println!(
-        "| navigation to data shown (ms) | {:.1} | {} |",
-        median(&mut shown.clone()),
-        range(&shown)
-    );
-    println!(
-        "| load event (ms) | {:.1} | {} |",
-        median(&mut load.clone()),
-        range(&load)
-    );
-    println!(
-        "| `/status/data` in the page (ms) | {:.1} | {} |",
-        median(&mut data_ms.clone()),
-        range(&data_ms)
-    );
-    println!(
-        "| bytes over the wire (page + data) | {:.0} | {} |",
-        median(&mut bytes.clone()),
-        range(&bytes)
-    );
+    for (figure, v) in [
+        ("navigation to data shown (ms)", &shown),
+        ("load event (ms)", &load),
+        ("`/status/data` in the page (ms)", &data_ms),
+        ("bytes over the wire (page + data)", &bytes),
+    ] {
+        println!("| {figure} | {:.1} | {} |", median(v), range(v));
+    }
     println!(
         "`GET /status/data` alone, 200 requests on one connection: median {:.2} ms, p99 {:.2} ms, {} bytes",
-        median(&mut http_ms.clone()),
+        median(&http_ms),
         p99,
         data_bytes
     );

@@ -345,12 +345,12 @@ impl ControlPlane {
         self.launch();
     }
 
-    /// The process id while it runs (for memory sampling).
     /// Lets later restarts take up to `d` (a big database takes long to load).
     pub fn set_start_timeout(&mut self, d: Duration) {
         self.start_timeout = d;
     }
 
+    /// The process id while it runs (for memory sampling).
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
