@@ -167,6 +167,9 @@ fn entries(n: usize) -> Vec<RouteEntry> {
 /// of the load time, which a real control plane may do differently.
 fn snapshot_cost(n: usize) -> (usize, f64) {
     let r = prealloc_wire::RoutesResponse {
+        protocol: prealloc_wire::ROUTES_PROTOCOL,
+        after: None,
+        next: None,
         epoch: "stub-0123456789abcdef".into(),
         version: 3,
         kind: prealloc_wire::RoutesKind::Full,

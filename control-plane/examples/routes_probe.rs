@@ -22,7 +22,7 @@ fn main() {
             }
         })
         .collect();
-    let routes = Routes::new("e".into(), 1, entries, vec![], 1000);
+    let routes = Routes::new("e".into(), 1, entries, vec![], 1000, usize::MAX);
     for _ in 0..3 {
         let t = Instant::now();
         let r = routes.answer(&RoutesQuery::default()).expect("full");

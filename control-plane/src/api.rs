@@ -12,7 +12,7 @@ use hyper::header::{
 use hyper::{Method, Request, Response, StatusCode};
 use prealloc_wire::{
     AvailabilityUpdate, ConsumerId, ConsumerState, ErrorBody, RegistrationRequest, ReplicaReport,
-    RoutesQuery, ROUTES_PATH,
+    RoutesQuery, ROUTES_PATH, ROUTES_PROTOCOL,
 };
 use serde::Serialize;
 use std::time::Duration;
@@ -371,7 +371,16 @@ impl App {
     async fn routes<B>(&self, req: &Request<B>) -> Resp {
         let q = match parse_routes_query(req.uri().query().unwrap_or("")) {
             Ok(q) => q,
-            Err(m) => return error(StatusCode::BAD_REQUEST, "bad_query", m),
+            Err(RoutesQueryError::Protocol(m)) => {
+                self.plane
+                    .core
+                    .metrics
+                    .routes_protocol_refused
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(query = %req.uri().query().unwrap_or(""), "{m}");
+                return error(StatusCode::BAD_REQUEST, "unsupported_protocol", m);
+            }
+            Err(RoutesQueryError::Bad(m)) => return error(StatusCode::BAD_REQUEST, "bad_query", m),
         };
         let core = &self.plane.core;
         let wait = q
@@ -768,11 +777,40 @@ pub(crate) fn query_pairs(q: &str) -> impl Iterator<Item = (&str, &str)> {
         .map(|kv| kv.split_once('=').unwrap_or((kv, "")))
 }
 
-/// Parses `since`, `epoch`, `wait_ms` of `GET /v1/routes`.
-pub fn parse_routes_query(q: &str) -> Result<RoutesQuery, String> {
+/// Why a `GET /v1/routes` query was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RoutesQueryError {
+    /// No `protocol=2`: a poller of another release, which must not misread answers.
+    Protocol(String),
+    Bad(String),
+}
+
+impl From<String> for RoutesQueryError {
+    fn from(m: String) -> Self {
+        RoutesQueryError::Bad(m)
+    }
+}
+
+impl std::fmt::Display for RoutesQueryError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RoutesQueryError::Protocol(m) | RoutesQueryError::Bad(m) => f.write_str(m),
+        }
+    }
+}
+
+/// Parses `protocol`, `since`, `epoch`, `wait_ms`, `node`, `after` of `GET /v1/routes`.
+pub fn parse_routes_query(q: &str) -> Result<RoutesQuery, RoutesQueryError> {
     let mut out = RoutesQuery::default();
+    let mut protocol = None;
     for (k, v) in query_pairs(q) {
         match k {
+            "protocol" => protocol = Some(v),
+            "after" => {
+                out.after = Some(ConsumerId::parse(v).map_err(|e| {
+                    RoutesQueryError::Bad(format!("after={v:?} is not a consumer id: {e}"))
+                })?)
+            }
             "since" => {
                 out.since = v
                     .parse()
@@ -790,16 +828,26 @@ pub fn parse_routes_query(q: &str) -> Result<RoutesQuery, String> {
                     return Err(format!(
                         "node={v:?} must be 1..={} characters of A-Z a-z 0-9 . _ ~ -",
                         prealloc_wire::MAX_NODE_LEN
-                    ));
+                    )
+                    .into());
                 }
                 out.node = Some(v.to_owned());
             }
             other => {
-                return Err(format!(
-                    "unknown query parameter {other:?} on {ROUTES_PATH}; use since, epoch, wait_ms, node"
-                ))
+                return Err(RoutesQueryError::Bad(format!(
+                    "unknown query parameter {other:?} on {ROUTES_PATH}; use protocol, since, epoch, wait_ms, node, after"
+                )))
             }
         }
     }
-    Ok(out)
+    let want = ROUTES_PROTOCOL.to_string();
+    match protocol {
+        Some(p) if p == want => Ok(out),
+        Some(p) => Err(RoutesQueryError::Protocol(format!(
+            "routes protocol {p:?} is not spoken here: this control plane speaks protocol={want} (paged snapshots); run a prealloc filter of the same release"
+        ))),
+        None => Err(RoutesQueryError::Protocol(format!(
+            "the routes poll has no protocol= (a prealloc filter older than routes protocol {want}, which reads snapshots whole); upgrade the filter to the control plane's release"
+        ))),
+    }
 }

@@ -263,6 +263,11 @@ pub struct PushConfig {
     /// Consumer changes remembered for deltas; older `since` gets a full snapshot.
     #[serde(default = "default_change_log")]
     pub change_log: usize,
+    /// Most entries in one snapshot page, most changes in one delta: bounds
+    /// every answer's size (about 85 bytes of JSON per entry) and the time
+    /// an Envoy's main thread spends on it.
+    #[serde(default = "default_page_entries")]
+    pub page_entries: usize,
 }
 
 impl Default for PushConfig {
@@ -270,6 +275,7 @@ impl Default for PushConfig {
         PushConfig {
             max_wait_ms: default_max_wait(),
             change_log: default_change_log(),
+            page_entries: default_page_entries(),
         }
     }
 }
@@ -279,6 +285,9 @@ fn default_max_wait() -> u64 {
 }
 fn default_change_log() -> usize {
     100_000
+}
+fn default_page_entries() -> usize {
+    10_000
 }
 
 /// A validated configuration.
@@ -484,6 +493,9 @@ impl Config {
         }
         if raw.push.change_log == 0 {
             return Err("key `push.change_log`: must be at least 1".into());
+        }
+        if !(1..=1_000_000).contains(&raw.push.page_entries) {
+            return Err("key `push.page_entries`: must be between 1 and 1000000".into());
         }
         if raw.max_write_batch == 0 {
             return Err("key `max_write_batch`: must be at least 1".into());

@@ -82,6 +82,7 @@ pub struct Metrics {
     pub registrations_bad_request: AtomicU64,
     pub registrations_released: AtomicU64,
     pub registrations_reclaimed: AtomicU64,
+    pub routes_protocol_refused: AtomicU64,
     pub replicas_recorded: AtomicU64,
     pub consumers_registered: AtomicU64,
     pub provision_attempt_failures: AtomicU64,
@@ -104,6 +105,7 @@ impl Default for Metrics {
             registrations_bad_request: AtomicU64::new(0),
             registrations_released: AtomicU64::new(0),
             registrations_reclaimed: AtomicU64::new(0),
+            routes_protocol_refused: AtomicU64::new(0),
             replicas_recorded: AtomicU64::new(0),
             consumers_registered: AtomicU64::new(0),
             provision_attempt_failures: AtomicU64::new(0),
@@ -173,6 +175,12 @@ impl Metrics {
             "prealloc_registrations_reclaimed_total",
             "Provisional registrations never confirmed within registration_lease_ms: resource back in the pool.",
             &self.registrations_reclaimed,
+        );
+        counter(
+            &mut o,
+            "prealloc_routes_protocol_refused_total",
+            "Routes polls refused for speaking another routes protocol (a filter of another release).",
+            &self.routes_protocol_refused,
         );
         counter(
             &mut o,

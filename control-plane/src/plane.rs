@@ -74,6 +74,7 @@ impl ControlPlane {
             entries,
             registry.manager_routes(),
             config.push.change_log,
+            config.push.page_entries,
         );
         let pools = registry.pools().len();
         let provisioning = registry.provisioning();

@@ -1,11 +1,16 @@
 //! The pushed routing table: committed entries, a bounded change log for deltas,
 //! and a watch channel that wakes long-polls when the version moves.
+//!
+//! Answers are bounded (`push.page_entries`): a snapshot is cut into pages in
+//! the byte order of consumer ids, a delta stops at the committed version
+//! where a page is full (see `prealloc_wire` for the protocol).
 
 use bytes::Bytes;
 use prealloc_wire::{
-    ConsumerId, ManagerRoute, RouteEntry, RoutesKind, RoutesQuery, RoutesResponse,
+    ConsumerId, ManagerRoute, RouteEntry, RoutesKind, RoutesQuery, RoutesResponse, ROUTES_PROTOCOL,
 };
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::ops::Bound;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
@@ -17,8 +22,9 @@ struct Inner {
     version: u64,
     /// Each entry kept as its JSON: a full snapshot of a million entries is then a
     /// copy of reference counts under the lock and a concatenation outside it.
-    /// A B-tree: it never rehashes everything at once on the write path.
-    entries: BTreeMap<ConsumerId, Arc<[u8]>>,
+    /// A B-tree: it never rehashes everything at once on the write path, and
+    /// it is ordered by the id's bytes, the order snapshot pages are cut in.
+    entries: BTreeMap<[u8; 16], Arc<[u8]>>,
     managers: Vec<ManagerRoute>,
     /// (version, changes that produced it), oldest first.
     log: VecDeque<(u64, Vec<Change>)>,
@@ -29,12 +35,16 @@ struct Inner {
 
 /// An answer to a routes query, ready to be written out.
 pub enum Answer {
-    /// A whole table: entries are JSON fragments.
+    /// A page of the whole table: entries are JSON fragments.
     Full {
         epoch: String,
         version: u64,
         managers: Vec<ManagerRoute>,
         entries: Vec<Arc<[u8]>>,
+        /// The cursor the page starts after (`None`: the first page).
+        after: Option<ConsumerId>,
+        /// The cursor of the next page (`None`: the last page).
+        next: Option<ConsumerId>,
     },
     /// A delta or an unchanged answer.
     Typed(RoutesResponse),
@@ -57,11 +67,20 @@ impl Answer {
                 version,
                 managers,
                 entries,
+                after,
+                next,
             } => {
                 let size: usize = entries.iter().map(|e| e.len() + 1).sum();
                 let mut out = Vec::with_capacity(size + 256 + managers.len() * 96);
-                out.extend_from_slice(b"{\"epoch\":");
+                out.extend_from_slice(
+                    format!("{{\"protocol\":{ROUTES_PROTOCOL},\"epoch\":").as_bytes(),
+                );
                 let _ = serde_json::to_writer(&mut out, epoch);
+                for (name, cursor) in [("after", after), ("next", next)] {
+                    if let Some(c) = cursor {
+                        out.extend_from_slice(format!(",\"{name}\":\"{c}\"").as_bytes());
+                    }
+                }
                 out.extend_from_slice(
                     format!(",\"version\":{version},\"kind\":\"full\",\"managers\":").as_bytes(),
                 );
@@ -84,6 +103,8 @@ impl Answer {
 pub struct Routes {
     epoch: String,
     log_limit: usize,
+    /// Most entries of a snapshot page, most changes of a delta.
+    page_entries: usize,
     inner: Mutex<Inner>,
     version_tx: watch::Sender<u64>,
     waiting: AtomicI64,
@@ -100,16 +121,18 @@ impl Routes {
         entries: Vec<RouteEntry>,
         managers: Vec<ManagerRoute>,
         log_limit: usize,
+        page_entries: usize,
     ) -> Routes {
         let (version_tx, _) = watch::channel(version);
         Routes {
             epoch,
             log_limit,
+            page_entries: page_entries.max(1),
             inner: Mutex::new(Inner {
                 version,
                 entries: entries
                     .into_iter()
-                    .map(|e| (e.consumer.clone(), encode(&e)))
+                    .map(|e| (e.consumer.to_bytes(), encode(&e)))
                     .collect(),
                 managers,
                 log: VecDeque::new(),
@@ -138,7 +161,7 @@ impl Routes {
     }
 
     pub fn contains(&self, consumer: &ConsumerId) -> bool {
-        self.lock().entries.contains_key(consumer)
+        self.lock().entries.contains_key(&consumer.to_bytes())
     }
 
     /// Pollers currently held.
@@ -162,10 +185,10 @@ impl Routes {
         for ((id, _), e) in changes.iter().zip(encoded) {
             match e {
                 Some(e) => {
-                    g.entries.insert(id.clone(), e);
+                    g.entries.insert(id.to_bytes(), e);
                 }
                 None => {
-                    g.entries.remove(id);
+                    g.entries.remove(&id.to_bytes());
                 }
             }
         }
@@ -184,28 +207,64 @@ impl Routes {
         self.version_tx.send_replace(version);
     }
 
+    /// A snapshot page: the entries after `after`, at most a page of them.
+    fn page(&self, g: &Inner, version: u64, after: Option<ConsumerId>) -> Answer {
+        let from = match &after {
+            Some(c) => Bound::Excluded(c.to_bytes()),
+            None => Bound::Unbounded,
+        };
+        let mut it = g.entries.range((from, Bound::Unbounded));
+        let mut last = None;
+        let entries: Vec<Arc<[u8]>> = it
+            .by_ref()
+            .take(self.page_entries)
+            .map(|(k, e)| {
+                last = Some(*k);
+                e.clone()
+            })
+            .collect();
+        // More to come: the next page starts after the last id of this one.
+        let next = it.next().and(last).map(ConsumerId::from_bytes);
+        Answer::Full {
+            epoch: self.epoch.clone(),
+            version,
+            managers: g.managers.clone(),
+            entries,
+            after,
+            next,
+        }
+    }
+
     /// The answer to a query right now, or `None` when the caller should wait.
     pub fn answer(&self, q: &RoutesQuery) -> Option<Answer> {
         let g = self.lock();
         let same_epoch = q.epoch.as_deref() == Some(self.epoch.as_str());
+        if let (Some(after), true) = (&q.after, same_epoch) {
+            // The next page of a snapshot taken at `since`.
+            return Some(self.page(&g, q.since, Some(after.clone())));
+        }
         if q.since == 0 || !same_epoch || q.since > g.version || q.since < g.base {
-            return Some(Answer::Full {
-                epoch: self.epoch.clone(),
-                version: g.version,
-                managers: g.managers.clone(),
-                entries: g.entries.values().cloned().collect(),
-            });
+            return Some(self.page(&g, g.version, None));
         }
         if q.since == g.version {
             return None;
         }
-        // Coalesce: the last change of each consumer after `since` wins.
+        // Coalesce: the last change of each consumer after `since` wins. At
+        // most a page of changes: the delta ends at the last version whose
+        // changes still fit (at least one version).
         let mut last: HashMap<&ConsumerId, &Option<RouteEntry>> = HashMap::new();
         let mut order: Vec<&ConsumerId> = Vec::new();
+        let mut version = q.since;
+        let mut counted = 0usize;
         for (v, changes) in g.log.iter() {
             if *v <= q.since {
                 continue;
             }
+            if counted > 0 && counted + changes.len() > self.page_entries {
+                break;
+            }
+            counted += changes.len();
+            version = *v;
             for (id, e) in changes {
                 if last.insert(id, e).is_none() {
                     order.push(id);
@@ -221,12 +280,15 @@ impl Routes {
             }
         }
         Some(Answer::Typed(RoutesResponse {
+            protocol: ROUTES_PROTOCOL,
             epoch: self.epoch.clone(),
-            version: g.version,
+            version,
             kind: RoutesKind::Delta,
             managers: g.managers.clone(),
             upsert,
             remove,
+            after: None,
+            next: None,
         }))
     }
 
@@ -266,12 +328,15 @@ impl Routes {
         self.answer(q).unwrap_or_else(|| {
             let g = self.lock();
             Answer::Typed(RoutesResponse {
+                protocol: ROUTES_PROTOCOL,
                 epoch: self.epoch.clone(),
                 version: g.version,
                 kind: RoutesKind::Unchanged,
                 managers: g.managers.clone(),
                 upsert: vec![],
                 remove: vec![],
+                after: None,
+                next: None,
             })
         })
     }

@@ -19,7 +19,7 @@ use prealloc_filter_core::cookie::{self, Claims, VerifiedCookies, Verifier};
 use prealloc_filter_core::decision::EntryView;
 use prealloc_filter_core::headers::{self, HeaderMap};
 use prealloc_filter_core::pipeline::{self, Action, Cookies, Lookup};
-use prealloc_filter_core::poller::Poller;
+use prealloc_filter_core::poller::{Poller, Step};
 use prealloc_filter_core::process_table::ProcessTable;
 use prealloc_filter_core::signup::{self, RegistrationOutcome};
 use prealloc_filter_core::table::{self, AvailabilityView, OwnedEntry, TableWrite};
@@ -71,7 +71,8 @@ fn filter_config_fixture() -> FilterConfig {
 }
 
 fn poller_config_fixture() -> PollerConfig {
-    match config::parse(br#"{"poller":{"token":"envoy-token-0123456789"}}"#) {
+    // Two writes per turn: every answer with an entry takes several turns.
+    match config::parse(br#"{"poller":{"token":"envoy-token-0123456789","writes_per_turn":2}}"#) {
         Ok(PluginConfig::Poller(p)) => p,
         other => panic!("the fixture poller config does not parse: {other:?}"),
     }
@@ -398,9 +399,15 @@ pub fn poller(data: &[u8]) -> Outcome {
                     }
                 }
             }
+            applied
         };
-        if p.on_response(Some(200), body, now, &mut sink).is_ok() {
+        if let Ok(mut step) = p.on_response(Some(200), body, now, &mut sink) {
             accepted += 1;
+            // A big answer takes several turns; nothing is polled meanwhile.
+            while step == Step::More {
+                assert!(p.poll_due(now).is_none(), "a poll while applying");
+                step = p.step(&mut sink);
+            }
         }
         now += 10;
     }
@@ -550,10 +557,15 @@ pub fn seeds(name: &str) -> Vec<(Outcome, Vec<u8>)> {
     let id = ConsumerId::from_bytes([7; 16]);
     let managers = r#"[{"id":"m1","cluster":"manager_m1","location":"local","availability":"available"},{"id":"m2","cluster":"manager_m2","location":"local","availability":"down"}]"#;
     let routes = format!(
-        r#"{{"epoch":"e1","version":3,"kind":"full","managers":{managers},"upsert":[{{"consumer":"{id}","state":"registering","replicas":["m1"]}}],"remove":[]}}"#
+        r#"{{"protocol":2,"epoch":"e1","version":3,"kind":"full","managers":{managers},"upsert":[{{"consumer":"{id}","state":"registering","replicas":["m1"]}}],"remove":[]}}"#
+    );
+    let later = ConsumerId::from_bytes([9; 16]);
+    let first_page = routes.replace(r#""remove":[]"#, &format!(r#""remove":[],"next":"{id}""#));
+    let last_page = format!(
+        r#"{{"protocol":2,"epoch":"e1","version":3,"kind":"full","managers":{managers},"upsert":[{{"consumer":"{later}","state":"registered","replicas":["m1","m2"]}}],"after":"{id}"}}"#
     );
     let delta = format!(
-        r#"{{"epoch":"e1","version":4,"kind":"delta","managers":{managers},"upsert":[{{"consumer":"{id}","state":"registered","replicas":["m1","m2"]}}],"remove":[]}}"#
+        r#"{{"protocol":2,"epoch":"e1","version":4,"kind":"delta","managers":{managers},"upsert":[{{"consumer":"{id}","state":"registered","replicas":["m1","m2"]}}],"remove":[]}}"#
     );
     let registration = format!(
         r#"{{"consumer":"{id}","manager":"m1","cluster":"manager_m1","resource":{{"id":1,"type":"mailbox","name":"mailbox-1","location":"local"}}}}"#
@@ -611,7 +623,10 @@ pub fn seeds(name: &str) -> Vec<(Outcome, Vec<u8>)> {
         ],
         "poller" => vec![
             ("both accepted", format!("{routes}\n{delta}").into_bytes()),
+            ("both accepted", format!("{first_page}\n{last_page}").into_bytes()),
             ("one accepted", format!("{routes}\n{{").into_bytes()),
+            // A control plane of an older release: no protocol.
+            ("refused", routes.replace(r#""protocol":2,"#, "").into_bytes()),
         ],
         "signup" => {
             let mut ok = vec![1];

@@ -6,20 +6,44 @@
 //!
 //! # Routes push (flow 6)
 //!
-//! `GET /v1/routes?since=<version>&epoch=<epoch>&wait_ms=<ms>` (see [`RoutesQuery`])
-//! answers a [`RoutesResponse`]:
+//! `GET /v1/routes?protocol=2&since=<version>&epoch=<epoch>&wait_ms=<ms>[&after=<consumer>]`
+//! (see [`RoutesQuery`]) answers a [`RoutesResponse`]. `protocol` is
+//! [`ROUTES_PROTOCOL`]; a query without it (a poller of an older release) or
+//! with another number gets `400` with error `unsupported_protocol`, and every
+//! response says its `protocol`, so neither side ever misreads the other.
+//!
+//! The answer is:
 //! - at once with a [`RoutesKind::Delta`] when there are changes after `since`
-//!   within `epoch`;
-//! - at once with a [`RoutesKind::Full`] snapshot when `since` is 0, when `epoch`
-//!   is not the control plane's epoch, or when `since` is older than the oldest
-//!   change the control plane still remembers (a gap);
+//!   within `epoch`. A delta holds at most a page of changes: when more
+//!   happened, it stops at an earlier committed version (its `version`), and
+//!   the next poll continues from there at once;
+//! - at once with the first page of a [`RoutesKind::Full`] snapshot when
+//!   `since` is 0, when `epoch` is not the control plane's epoch, or when
+//!   `since` is older than the oldest change the control plane still
+//!   remembers (a gap);
+//! - with the next page of a snapshot when `after` names the cursor of the
+//!   page before (`next` of its response) within `epoch`;
 //! - otherwise after holding the request up to `wait_ms` (server-capped), with
 //!   [`RoutesKind::Unchanged`] if nothing happened meanwhile.
 //!
-//! A client applies a response by: replacing its manager list with `managers`;
-//! for a full snapshot, replacing its whole table with `upsert`; for a delta,
-//! upserting `upsert` and dropping `remove`; then remembering `epoch` and
-//! `version` for its next `since`.
+//! A snapshot is paged: each page holds the entries of the consumers whose id
+//! (as its 16 bytes, [`ConsumerId::to_bytes`]) comes after `after` and up to
+//! `next`, in that byte order, with at most the control plane's page size of
+//! entries (`push.page_entries`: a page stays far below Envoy's default
+//! 32 MiB callout buffer). Every page carries the snapshot's `version` (the
+//! table's version when its first page was cut); the last page has no
+//! `next`. Pages are cut from the live table, so a client that read the last
+//! page then polls `since=<version>` and gets, as a delta, every change made
+//! while it was paging.
+//!
+//! A client applies a response by: replacing its manager list with
+//! `managers`; for a snapshot page, writing `upsert` and dropping the entries
+//! it holds in the page's id range (`after`, `next`] that the page does not
+//! have; for a delta, upserting `upsert` and dropping `remove`; then
+//! remembering `epoch` and `version` for its next `since` (for a snapshot,
+//! once its last page is applied). Each entry written is a value the control
+//! plane committed, and an entry's replicas only grow, so a table half-way
+//! through a snapshot or a delta routes nobody to a manager without the data.
 //!
 //! # Registrations (flow 2)
 //!
@@ -30,6 +54,11 @@
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
+
+/// The version of the routes protocol: query parameter `protocol` and
+/// response field `protocol`. Version 1 (unversioned, one-piece snapshots)
+/// is refused on both sides.
+pub const ROUTES_PROTOCOL: u32 = 2;
 
 /// Path of the routes long-poll endpoint.
 pub const ROUTES_PATH: &str = "/v1/routes";
@@ -251,6 +280,10 @@ pub struct RoutesQuery {
     /// plane can show which Envoys are connected and what table each holds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// Asks for the snapshot page after this cursor (the `next` of the page
+    /// before); `since` and `epoch` are then the snapshot's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<ConsumerId>,
 }
 
 /// Longest node id a poller may send.
@@ -266,9 +299,13 @@ pub fn is_valid_node(node: &str) -> bool {
 }
 
 impl RoutesQuery {
-    /// The path and query string of this request, e.g. `/v1/routes?since=4&epoch=x&wait_ms=30000`.
+    /// The path and query string of this request, e.g.
+    /// `/v1/routes?protocol=2&since=4&epoch=x&wait_ms=30000`.
     pub fn to_path(&self) -> String {
-        let mut p = format!("{ROUTES_PATH}?since={}", self.since);
+        let mut p = format!(
+            "{ROUTES_PATH}?protocol={ROUTES_PROTOCOL}&since={}",
+            self.since
+        );
         if let Some(e) = &self.epoch {
             p.push_str("&epoch=");
             p.push_str(e);
@@ -280,6 +317,10 @@ impl RoutesQuery {
             p.push_str("&node=");
             p.push_str(n);
         }
+        if let Some(a) = &self.after {
+            p.push_str("&after=");
+            p.push_str(a.as_str());
+        }
         p
     }
 }
@@ -288,7 +329,8 @@ impl RoutesQuery {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RoutesKind {
-    /// The whole table: every entry not in `upsert` must be dropped.
+    /// A page of the whole table: every entry in the page's id range that is
+    /// not in `upsert` must be dropped.
     Full,
     /// Changes after `since`: apply `upsert` and `remove`.
     Delta,
@@ -299,6 +341,9 @@ pub enum RoutesKind {
 /// Answer of `GET /v1/routes`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RoutesResponse {
+    /// [`ROUTES_PROTOCOL`]; absent (0) from a control plane of an older release.
+    #[serde(default)]
+    pub protocol: u32,
     /// Identifies one control-plane database; stable across restarts.
     pub epoch: String,
     /// Version of the table after this response is applied.
@@ -312,6 +357,13 @@ pub struct RoutesResponse {
     /// Consumers whose entries leave the table (delta only).
     #[serde(default)]
     pub remove: Vec<ConsumerId>,
+    /// Snapshot page: the cursor this page starts after; absent on the first page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<ConsumerId>,
+    /// Snapshot page: the cursor of the next page (the last id this page
+    /// covers); absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<ConsumerId>,
 }
 
 /// A manager as the data plane sees it.
@@ -437,12 +489,17 @@ mod tests {
             epoch: Some("e".into()),
             wait_ms: Some(100),
             node: None,
+            after: None,
         };
-        assert_eq!(q.to_path(), "/v1/routes?since=4&epoch=e&wait_ms=100");
-        q.node = Some("edge-1.eu".into());
         assert_eq!(
             q.to_path(),
-            "/v1/routes?since=4&epoch=e&wait_ms=100&node=edge-1.eu"
+            "/v1/routes?protocol=2&since=4&epoch=e&wait_ms=100"
+        );
+        q.node = Some("edge-1.eu".into());
+        q.after = Some(ConsumerId::from_bytes([0; 16]));
+        assert_eq!(
+            q.to_path(),
+            "/v1/routes?protocol=2&since=4&epoch=e&wait_ms=100&node=edge-1.eu&after=AAAAAAAAAAAAAAAAAAAAAA"
         );
     }
 

@@ -21,7 +21,7 @@ async fn routes_version(c: &mut Client, token: &str) -> u64 {
     let r = c
         .send(
             "GET",
-            "/v1/routes?since=0",
+            "/v1/routes?protocol=2&since=0",
             &[("authorization", token)],
             b"",
         )
@@ -86,6 +86,7 @@ async fn main() {
                 epoch: None,
                 wait_ms: Some(30_000),
                 node: Some(format!("bench-{i}")),
+                after: None,
             };
             loop {
                 let Ok(r) = c
@@ -99,6 +100,13 @@ async fn main() {
                 let Ok(body) = serde_json::from_slice::<RoutesResponse>(&r.body) else {
                     continue;
                 };
+                // Snapshot pages: follow them to the last; the position moves then.
+                q.after = body.next;
+                if q.after.is_some() {
+                    q.since = body.version;
+                    q.epoch = Some(body.epoch);
+                    continue;
+                }
                 if body.version != q.since {
                     arrivals.lock().await[i].push((body.version, at));
                 }

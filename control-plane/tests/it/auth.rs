@@ -8,7 +8,7 @@ use prealloc_control_plane::api::ct_eq;
 async fn missing_token_is_401_and_says_how_to_send_one() {
     let p = Plane::start(&Setup::default()).await;
     let (s, h, v) = p
-        .call_full(Method::GET, "/v1/routes?since=0", None, None)
+        .call_full(Method::GET, "/v1/routes?protocol=2&since=0", None, None)
         .await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     assert_eq!(v["error"], "missing_token");
@@ -131,7 +131,7 @@ async fn unknown_token_is_403_and_admin_token_works_everywhere() {
     let (s, v) = p
         .call(
             Method::GET,
-            "/v1/routes?since=0",
+            "/v1/routes?protocol=2&since=0",
             Some("not-a-token-at-all-xxxx"),
             None,
         )
@@ -139,11 +139,21 @@ async fn unknown_token_is_403_and_admin_token_works_everywhere() {
     assert_eq!(s, StatusCode::FORBIDDEN);
     assert_eq!(v["error"], "invalid_token");
     let (s, _) = p
-        .call(Method::GET, "/v1/routes?since=0", Some(ADMIN), None)
+        .call(
+            Method::GET,
+            "/v1/routes?protocol=2&since=0",
+            Some(ADMIN),
+            None,
+        )
         .await;
     assert_eq!(s, StatusCode::OK);
     let (s, _) = p
-        .call(Method::GET, "/v1/routes?since=0", Some(ENVOY), None)
+        .call(
+            Method::GET,
+            "/v1/routes?protocol=2&since=0",
+            Some(ENVOY),
+            None,
+        )
         .await;
     assert_eq!(s, StatusCode::OK);
 }

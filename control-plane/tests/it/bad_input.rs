@@ -46,7 +46,7 @@ async fn state(p: &Plane) -> Vec<Value> {
         "/v1/consumers?limit=1000",
         "/v1/pools",
         "/v1/managers",
-        "/v1/routes?since=0",
+        "/v1/routes?protocol=2&since=0",
     ] {
         let (s, v) = p.call(Method::GET, path, Some(ADMIN), None).await;
         assert_eq!(s, StatusCode::OK, "{path}: {v}");
@@ -256,7 +256,7 @@ async fn bad_requests_get_a_clear_4xx_and_change_nothing() {
         ),
         (
             Method::GET,
-            "/v1/routes?since=abc".into(),
+            "/v1/routes?protocol=2&since=abc".into(),
             ENVOY,
             Vec::new(),
             StatusCode::BAD_REQUEST,

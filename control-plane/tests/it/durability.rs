@@ -104,14 +104,28 @@ async fn acknowledged_registrations_and_replicas_survive_kill_9() {
     for t in tasks {
         acked.push(t.await.unwrap());
     }
-    let (_, before) = http(addr, Method::GET, "/v1/routes?since=0", Some(ENVOY), None).await;
+    let (_, before) = http(
+        addr,
+        Method::GET,
+        "/v1/routes?protocol=2&since=0",
+        Some(ENVOY),
+        None,
+    )
+    .await;
     // SIGKILL: no shutdown path runs.
     proc.0.kill().unwrap();
     proc.0.wait().unwrap();
     drop(proc);
 
     let (_proc, addr) = spawn(&config);
-    let (_, after) = http(addr, Method::GET, "/v1/routes?since=0", Some(ENVOY), None).await;
+    let (_, after) = http(
+        addr,
+        Method::GET,
+        "/v1/routes?protocol=2&since=0",
+        Some(ENVOY),
+        None,
+    )
+    .await;
     assert_eq!(after["epoch"], before["epoch"]);
     assert!(after["version"].as_u64() >= before["version"].as_u64());
     for (c, first, other, resource) in &acked {

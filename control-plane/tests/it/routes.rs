@@ -168,10 +168,135 @@ async fn deltas_coalesce_to_the_latest_entry_per_consumer() {
 }
 
 #[tokio::test]
+async fn a_poller_of_another_protocol_is_refused_clearly() {
+    let p = Plane::start(&Setup::default()).await;
+    // A filter of an older release sends no protocol; a newer one another number.
+    for (path, says) in [
+        ("/v1/routes?since=0", "upgrade the filter"),
+        ("/v1/routes?protocol=1&since=0", "speaks protocol=2"),
+        (
+            "/v1/routes?protocol=3&since=0&wait_ms=0",
+            "speaks protocol=2",
+        ),
+    ] {
+        let (s, v) = p.call(Method::GET, path, Some(ENVOY), None).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{path}: {v}");
+        assert_eq!(v["error"], "unsupported_protocol", "{path}: {v}");
+        assert!(v["message"].as_str().unwrap().contains(says), "{path}: {v}");
+    }
+    assert_eq!(p.metric("prealloc_routes_protocol_refused_total").await, 3);
+    // Every answer says its protocol.
+    assert_eq!(p.routes("since=0").await["protocol"], 2);
+}
+
+/// Follows the pages of a snapshot from its first page; (version, ids in page order, pages).
+async fn page_through(p: &Plane, node: &str) -> (u64, Vec<String>, usize) {
+    let first = p.routes(&format!("since=0&node={node}")).await;
+    let (epoch, version) = (
+        first["epoch"].as_str().unwrap().to_owned(),
+        first["version"].as_u64().unwrap(),
+    );
+    let mut seen = ids(&first, "upsert");
+    let mut pages = 1;
+    let mut next = first["next"].as_str().map(str::to_owned);
+    while let Some(after) = next {
+        let r = p
+            .routes(&format!(
+                "since={version}&epoch={epoch}&after={after}&node={node}"
+            ))
+            .await;
+        assert_eq!(r["kind"], "full");
+        assert_eq!(r["after"], after.as_str());
+        assert_eq!(
+            r["version"].as_u64(),
+            Some(version),
+            "every page carries the snapshot's version"
+        );
+        seen.extend(ids(&r, "upsert"));
+        next = r["next"].as_str().map(str::to_owned);
+        pages += 1;
+    }
+    (version, seen, pages)
+}
+
+#[tokio::test]
+async fn a_snapshot_comes_in_pages_in_id_order_and_a_delta_catches_up() {
+    let p = Plane::start(&Setup {
+        page_entries: 3,
+        ..Setup::default()
+    })
+    .await;
+    p.wait_depth(10).await;
+    let mut registered = Vec::new();
+    for _ in 0..8 {
+        registered.push(p.register().await["consumer"].as_str().unwrap().to_owned());
+    }
+    let first = p.routes("since=0").await;
+    assert_eq!(
+        ids(&first, "upsert").len(),
+        3,
+        "a page holds page_entries entries"
+    );
+    let (version, seen, pages) = page_through(&p, "pager").await;
+    assert_eq!(pages, 3, "8 entries in pages of 3");
+    let bytes = |c: &String| prealloc_wire::ConsumerId::parse(c).unwrap().to_bytes();
+    assert!(
+        seen.windows(2).all(|w| bytes(&w[0]) < bytes(&w[1])),
+        "pages in the byte order of consumer ids: {seen:?}"
+    );
+    let mut want = registered.clone();
+    want.sort_by_key(bytes);
+    assert_eq!(seen, want);
+
+    // Changes while paging (here: after it) arrive as deltas since the
+    // snapshot's version, a page of changes at a time, each at a real version.
+    for _ in 0..4 {
+        p.register().await;
+    }
+    let epoch = first["epoch"].as_str().unwrap();
+    let d = p
+        .routes(&format!("since={version}&epoch={epoch}&wait_ms=0"))
+        .await;
+    assert_eq!(d["kind"], "delta");
+    assert_eq!(ids(&d, "upsert").len(), 3, "at most a page of changes");
+    assert_eq!(
+        d["version"].as_u64(),
+        Some(version + 3),
+        "ends at a committed version"
+    );
+    let d2 = p
+        .routes(&format!("since={}&epoch={epoch}&wait_ms=0", version + 3))
+        .await;
+    assert_eq!(ids(&d2, "upsert").len(), 1);
+    assert_eq!(d2["version"].as_u64(), Some(version + 4));
+
+    // A continuation of another epoch's snapshot starts over from the first page.
+    let r = p
+        .routes(&format!("since={version}&epoch=other&after={}", want[0]))
+        .await;
+    assert_eq!((r["kind"].as_str(), r.get("after")), (Some("full"), None));
+    let (s, v) = p
+        .call(
+            Method::GET,
+            "/v1/routes?protocol=2&since=1&after=short",
+            Some(ENVOY),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("after="), "{v}");
+}
+
+#[tokio::test]
 async fn bad_query_is_400() {
     let p = Plane::start(&Setup::default()).await;
     let (s, v) = p
-        .call(Method::GET, "/v1/routes?since=abc", Some(ENVOY), None)
+        .call(
+            Method::GET,
+            "/v1/routes?protocol=2&since=abc",
+            Some(ENVOY),
+            None,
+        )
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     assert!(v["message"].as_str().unwrap().contains("since"));
@@ -224,7 +349,8 @@ async fn pollers_that_name_their_node_are_listed_with_how_far_behind_they_are() 
     let (_, now) = current(&p).await;
     let held = {
         let app = p.app.clone();
-        let path = format!("/v1/routes?since={now}&epoch={epoch}&wait_ms=5000&node=edge-b");
+        let path =
+            format!("/v1/routes?protocol=2&since={now}&epoch={epoch}&wait_ms=5000&node=edge-b");
         tokio::spawn(async move {
             app.handle(crate::support::request(
                 Method::GET,
@@ -249,7 +375,7 @@ async fn pollers_that_name_their_node_are_listed_with_how_far_behind_they_are() 
     let (s, v) = p
         .call(
             Method::GET,
-            "/v1/routes?since=0&node=a%20b",
+            "/v1/routes?protocol=2&since=0&node=a%20b",
             Some(ENVOY),
             None,
         )

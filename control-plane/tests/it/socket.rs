@@ -24,9 +24,16 @@ async fn register_report_and_long_poll_over_http() {
         assert!(Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let (_, full) = http(addr, Method::GET, "/v1/routes?since=0", Some(ENVOY), None).await;
+    let (_, full) = http(
+        addr,
+        Method::GET,
+        "/v1/routes?protocol=2&since=0",
+        Some(ENVOY),
+        None,
+    )
+    .await;
     let q = format!(
-        "/v1/routes?since={}&epoch={}&wait_ms=10000",
+        "/v1/routes?protocol=2&since={}&epoch={}&wait_ms=10000",
         full["version"],
         full["epoch"].as_str().unwrap()
     );
@@ -63,9 +70,16 @@ async fn shutdown_releases_held_long_polls_at_once() {
         .await
         .expect("server starts");
     let addr = server.addr();
-    let (_, full) = http(addr, Method::GET, "/v1/routes?since=0", Some(ENVOY), None).await;
+    let (_, full) = http(
+        addr,
+        Method::GET,
+        "/v1/routes?protocol=2&since=0",
+        Some(ENVOY),
+        None,
+    )
+    .await;
     let q = format!(
-        "/v1/routes?since={}&epoch={}&wait_ms=60000",
+        "/v1/routes?protocol=2&since={}&epoch={}&wait_ms=60000",
         full["version"],
         full["epoch"].as_str().unwrap()
     );
@@ -106,10 +120,13 @@ async fn http2_prior_knowledge_is_served_too() {
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .http2_only(true)
             .build_http();
-    let req = hyper::Request::get(format!("http://{}/v1/routes?since=0", server.addr()))
-        .header("authorization", format!("Bearer {ENVOY}"))
-        .body(Full::new(bytes::Bytes::new()))
-        .unwrap();
+    let req = hyper::Request::get(format!(
+        "http://{}/v1/routes?protocol=2&since=0",
+        server.addr()
+    ))
+    .header("authorization", format!("Bearer {ENVOY}"))
+    .body(Full::new(bytes::Bytes::new()))
+    .unwrap();
     let resp = client.request(req).await.expect("h2c answer");
     assert_eq!(resp.version(), hyper::Version::HTTP_2);
     assert_eq!(resp.status(), StatusCode::OK);

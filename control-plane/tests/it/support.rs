@@ -28,6 +28,8 @@ pub struct Setup {
     pub target: &'static str,
     pub grace_ms: u64,
     pub change_log: usize,
+    /// `push.page_entries`: most entries per snapshot page, changes per delta.
+    pub page_entries: usize,
     pub extra: String,
     /// Bearer token the control plane sends to every manager.
     pub manager_token: Option<String>,
@@ -44,6 +46,7 @@ impl Default for Setup {
             target: "\"all\"",
             grace_ms: 60_000,
             change_log: 1000,
+            page_entries: 10_000,
             extra: String::new(),
             manager_token: None,
         }
@@ -68,13 +71,14 @@ impl Setup {
              [tokens]\nenvoy = \"{ENVOY}\"\nadmin = \"{ADMIN}\"\n\
              [replication]\nmode = \"{}\"\ntarget = {}\nretry_min_ms = 20\nretry_max_ms = 200\ntimeout_ms = 1000\n\
              [provisioning]\nretry_min_ms = 10\nretry_max_ms = 50\ntimeout_ms = 300\nattempts = 3\n\
-             [push]\nchange_log = {}\n",
+             [push]\nchange_log = {}\npage_entries = {}\n",
             db.display().to_string(),
             self.grace_ms,
             self.extra,
             self.mode,
             self.target,
-            self.change_log
+            self.change_log,
+            self.page_entries
         );
         for (id, url, cap, provision) in &self.managers {
             s.push_str(&format!(
@@ -231,7 +235,7 @@ impl Plane {
         let (s, v) = self
             .call(
                 Method::GET,
-                &format!("/v1/routes?{query}"),
+                &format!("/v1/routes?protocol=2&{query}"),
                 Some(ENVOY),
                 None,
             )

@@ -135,6 +135,8 @@ struct RawPoller {
     max_backoff_ms: u64,
     #[serde(default)]
     node_id: Option<String>,
+    #[serde(default = "default_writes_per_turn")]
+    writes_per_turn: usize,
 }
 
 fn default_route_header() -> String {
@@ -182,6 +184,12 @@ fn default_min_backoff_ms() -> u64 {
 fn default_max_backoff_ms() -> u64 {
     5000
 }
+fn default_writes_per_turn() -> usize {
+    DEFAULT_WRITES_PER_TURN
+}
+
+/// Table writes the poller makes per turn of Envoy's main thread by default.
+pub const DEFAULT_WRITES_PER_TURN: usize = 5000;
 
 // ---------------------------------------------------------------------------
 // Checked types.
@@ -307,6 +315,9 @@ pub struct PollerConfig {
     /// `None` in the config: the host fills in a default (Envoy's node id, or
     /// `envoy-<pid>`).
     pub node_id: Option<String>,
+    /// Most table writes per turn of Envoy's main thread: a big answer is
+    /// applied over several turns, so nothing else there waits long.
+    pub writes_per_turn: usize,
 }
 
 impl fmt::Debug for PollerConfig {
@@ -319,6 +330,7 @@ impl fmt::Debug for PollerConfig {
             .field("min_backoff_ms", &self.min_backoff_ms)
             .field("max_backoff_ms", &self.max_backoff_ms)
             .field("node_id", &self.node_id)
+            .field("writes_per_turn", &self.writes_per_turn)
             .finish()
     }
 }
@@ -605,7 +617,14 @@ fn validate_poller(raw: RawPoller) -> Result<PollerConfig, ConfigError> {
             ));
         }
     }
+    if !(1..=1_000_000).contains(&raw.writes_per_turn) {
+        return Err(ConfigError::new(
+            "poller.writes_per_turn",
+            format!("must be between 1 and 1000000, got {}", raw.writes_per_turn),
+        ));
+    }
     Ok(PollerConfig {
+        writes_per_turn: raw.writes_per_turn,
         node_id: raw.node_id,
         cluster: raw.cluster,
         authority: raw.authority,

@@ -1,17 +1,28 @@
-//! The poller's logic: long-poll requests, applying routes responses as ordered shared-data writes, backoff.
+//! The poller's logic: long-poll requests, applying routes responses as ordered table writes, backoff.
 //!
 //! The glue owns the host calls; this state machine decides what to ask the
-//! control plane next and turns each [`RoutesResponse`] into the list of
-//! `set_shared_data` writes that apply it. Write order keeps readers safe
-//! (ARCHITECTURE.md): the managers key first, then consumer entries, each
-//! written whole. Anything wrong with a response leaves the last good table in
-//! place; the poller then retries with capped exponential backoff.
+//! control plane next and turns each [`RoutesResponse`] into the table
+//! writes that apply it. Write order keeps readers safe (ARCHITECTURE.md):
+//! the managers first, then consumer entries, each written whole. Anything
+//! wrong with a response leaves the last good table in place; the poller then
+//! retries with capped exponential backoff.
+//!
+//! Envoy's main thread runs the poller, and everything else there waits while
+//! it works, so no answer is applied in one go: a snapshot arrives in pages
+//! (routes protocol 2, see `prealloc_wire`), and every answer is applied at
+//! most `writes_per_turn` writes per main-thread turn ([`Poller::step`]). Each
+//! write is a whole entry the control plane committed, and replicas only
+//! grow, so readers meanwhile route by entries that are each safe; the
+//! position (`since`) moves only once an answer (for a snapshot: its last
+//! page) is applied whole.
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine as _;
-use prealloc_wire::{ConsumerId, RoutesKind, RoutesQuery, RoutesResponse};
-use std::collections::{HashMap, HashSet};
+use prealloc_wire::{
+    Availability, ConsumerId, ErrorBody, RouteEntry, RoutesKind, RoutesQuery, RoutesResponse,
+    ROUTES_PROTOCOL,
+};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
+use std::ops::Bound;
 
 use crate::config::PollerConfig;
 use crate::metrics::Counter;
@@ -22,6 +33,8 @@ use crate::table::{encode_managers, is_valid_cluster, TableWrite, MAX_ENTRY_REPL
 pub const TIMEOUT_MARGIN_MS: u64 = 5000;
 /// Longest epoch accepted (it is echoed in the query string).
 pub const MAX_EPOCH_LEN: usize = 128;
+/// Entries a snapshot page's scan for absent entries looks at per write of the turn.
+const SCAN_PER_WRITE: usize = 16;
 
 /// One HTTP call to make to the control plane.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,15 +46,28 @@ pub struct Request {
     pub timeout_ms: u64,
 }
 
-/// The result of applying a good response.
+/// The result of applying a whole answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Update {
     pub kind: RoutesKind,
     pub version: u64,
-    /// How many shared-data writes were handed to the sink.
+    /// How many table writes were handed to the sink.
     pub writes: usize,
+    /// How many of them the sink refused.
+    pub failed_writes: usize,
     /// Parts of the response that were refused (logged; the rest applies).
     pub skipped: Vec<String>,
+    /// A snapshot page after which more pages follow (the position has not moved yet).
+    pub more_pages: bool,
+}
+
+/// Where applying an answer stands after a turn.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Applied whole.
+    Done(Update),
+    /// Writes remain: call [`Poller::step`] on a later main-thread turn.
+    More,
 }
 
 /// Why a poll did not produce an update; the last good table stays.
@@ -51,6 +77,14 @@ pub enum PollError {
     Transport(String),
     /// The control plane answered with a non-200 status.
     Status(u32),
+    /// The control plane refused the poll, saying why (its JSON error body).
+    Refused {
+        status: u32,
+        error: String,
+        message: String,
+    },
+    /// The control plane speaks another routes protocol.
+    Protocol(u32),
     /// The body is not a routes response.
     Body(String),
     /// The response does not fit the poller's state; the next poll asks for a full snapshot.
@@ -66,6 +100,19 @@ impl fmt::Display for PollError {
                 "routes poll answered HTTP {s} (Envoy's answer when the control plane cannot be reached or times out)"
             ),
             PollError::Status(s) => write!(f, "routes poll answered HTTP {s}, expected 200"),
+            PollError::Refused {
+                status,
+                error,
+                message,
+            } => write!(f, "routes poll refused with HTTP {status} {error}: {message}"),
+            PollError::Protocol(0) => write!(
+                f,
+                "the control plane answered without a routes protocol (a release older than protocol {ROUTES_PROTOCOL}, with one-piece snapshots); run a control plane of this filter's release"
+            ),
+            PollError::Protocol(p) => write!(
+                f,
+                "the control plane speaks routes protocol {p}, this filter speaks {ROUTES_PROTOCOL}; run both of the same release"
+            ),
             PollError::Body(m) => write!(f, "routes response is not valid: {m}"),
             PollError::Resync(m) => write!(
                 f,
@@ -87,18 +134,63 @@ enum Phase {
     Waiting(u64),
 }
 
+/// A snapshot being received page by page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Paging {
+    epoch: String,
+    version: u64,
+    /// Asked for as `after` by the next poll.
+    next: ConsumerId,
+}
+
+/// An answer being applied, a turn at a time.
+#[derive(Debug)]
+struct Applying {
+    kind: RoutesKind,
+    epoch: String,
+    version: u64,
+    /// Manager id -> cluster, as the answer lists them.
+    clusters: HashMap<String, String>,
+    /// The managers write, until it is done (first of all).
+    managers: Option<Vec<(String, Availability)>>,
+    managers_value: String,
+    upsert: std::vec::IntoIter<RouteEntry>,
+    /// A delta's removals.
+    remove: std::vec::IntoIter<ConsumerId>,
+    /// A snapshot page: the consumers it wrote, and the id range it covers
+    /// (the scan for entries it no longer has resumes after `scan`).
+    page: Option<Page>,
+    next: Option<ConsumerId>,
+    writes: usize,
+    failed_writes: usize,
+    skipped: Vec<String>,
+}
+
+#[derive(Debug)]
+struct Page {
+    written: HashSet<[u8; 16]>,
+    scan: Bound<[u8; 16]>,
+    /// Inclusive end of the range; `None`: to the end (the last page).
+    end: Option<[u8; 16]>,
+    /// The whole range was scanned.
+    scanned: bool,
+}
+
 /// The poller's state between calls.
 #[derive(Debug)]
 pub struct Poller {
     cfg: PollerConfig,
     epoch: Option<String>,
     version: u64,
-    /// Consumers this poller wrote a non-empty entry for: a full snapshot clears the absent ones.
-    written: HashSet<[u8; 16]>,
+    /// Consumers this poller wrote a non-empty entry for, in the byte order
+    /// snapshot pages come in: a page clears the absent ones of its range.
+    written: BTreeSet<[u8; 16]>,
     /// The managers value last written, to skip identical rewrites.
     managers_value: Option<String>,
     failures: u32,
     phase: Phase,
+    paging: Option<Paging>,
+    applying: Option<Applying>,
 }
 
 impl Poller {
@@ -107,20 +199,33 @@ impl Poller {
             cfg,
             epoch: None,
             version: 0,
-            written: HashSet::new(),
+            written: BTreeSet::new(),
             managers_value: None,
             failures: 0,
             phase: Phase::Ready,
+            paging: None,
+            applying: None,
         }
     }
 
     /// The query the next poll sends.
     pub fn query(&self) -> RoutesQuery {
-        RoutesQuery {
-            since: self.version,
-            epoch: self.epoch.clone(),
-            wait_ms: Some(self.cfg.wait_ms),
-            node: self.cfg.node_id.clone(),
+        match &self.paging {
+            // The next page: answered at once, never held.
+            Some(p) => RoutesQuery {
+                since: p.version,
+                epoch: Some(p.epoch.clone()),
+                wait_ms: Some(0),
+                node: self.cfg.node_id.clone(),
+                after: Some(p.next.clone()),
+            },
+            None => RoutesQuery {
+                since: self.version,
+                epoch: self.epoch.clone(),
+                wait_ms: Some(self.cfg.wait_ms),
+                node: self.cfg.node_id.clone(),
+                after: None,
+            },
         }
     }
 
@@ -139,10 +244,18 @@ impl Poller {
         self.written.len()
     }
 
+    /// Whether an answer is being applied: call [`Poller::step`] on the next turn.
+    pub fn applying(&self) -> bool {
+        self.applying.is_some()
+    }
+
     /// On every tick and after every answer: the request to send now, if one is due.
     /// Marks the poll in flight; report the outcome with [`Poller::dispatch_failed`]
-    /// or [`Poller::on_response`].
+    /// or [`Poller::on_response`]. None while an answer is being applied.
     pub fn poll_due(&mut self, now_ms: u64) -> Option<Request> {
+        if self.applying.is_some() {
+            return None;
+        }
         match self.phase {
             Phase::InFlight => return None,
             Phase::Waiting(until) if now_ms < until => return None,
@@ -183,49 +296,69 @@ impl Poller {
         delay
     }
 
-    /// Applies the answer of the outstanding poll. `status` is the `:status`
-    /// (None when the call failed without an HTTP answer). On success the next
-    /// poll is due at once (long-poll loop); on error it waits the backoff.
+    /// Takes the answer of the outstanding poll. `status` is the `:status`
+    /// (None when the call failed without an HTTP answer). A good answer is
+    /// checked whole, then applied: its first `writes_per_turn` writes now
+    /// (`sink` returns whether the host took the write), the rest by
+    /// [`Poller::step`] on later turns. On an error the next poll waits the
+    /// backoff; after a whole answer it is due at once (long-poll loop).
     pub fn on_response(
         &mut self,
         status: Option<u32>,
         body: &[u8],
         now_ms: u64,
-        sink: &mut dyn FnMut(TableWrite<'_>),
-    ) -> Result<Update, PollError> {
+        sink: &mut dyn FnMut(TableWrite<'_>) -> bool,
+    ) -> Result<Step, PollError> {
         let result = match status {
             None => Err(PollError::Transport(
-                "no HTTP response (connection failure, timeout, or a full snapshot larger \
-                 than Envoy's http.async_response_buffer_limit, see envoy/README.md)"
-                    .into(),
+                "no HTTP response (connection failure, or timeout)".into(),
             )),
             Some(200) => serde_json::from_slice::<RoutesResponse>(body)
                 .map_err(|e| PollError::Body(e.to_string()))
-                .and_then(|r| self.apply(r, sink)),
-            Some(s) => Err(PollError::Status(s)),
+                .and_then(|r| self.start(r)),
+            Some(s) => Err(match serde_json::from_slice::<ErrorBody>(body) {
+                Ok(e) => PollError::Refused {
+                    status: s,
+                    error: e.error,
+                    message: e.message,
+                },
+                Err(_) => PollError::Status(s),
+            }),
         };
-        match &result {
-            Ok(_) => {
+        match result {
+            Ok(()) => {
                 self.failures = 0;
                 self.phase = Phase::Ready;
+                Ok(self.step(sink))
             }
-            Err(_) => {
+            Err(e) => {
                 self.fail(now_ms);
+                Err(e)
             }
         }
-        result
     }
 
-    /// Applies a decoded response: hands each table write to `sink` in order
-    /// (managers first, then each entry whole), then advances
-    /// the poller's position. Writes are streamed rather than collected so a
-    /// full snapshot of a large table is not held twice in memory; whatever
-    /// makes the whole response unusable is checked before the first write.
+    /// Applies a decoded answer whole, in one go (tests, and hosts without a
+    /// main thread to share).
     pub fn apply(
         &mut self,
         r: RoutesResponse,
-        sink: &mut dyn FnMut(TableWrite<'_>),
+        sink: &mut dyn FnMut(TableWrite<'_>) -> bool,
     ) -> Result<Update, PollError> {
+        self.start(r)?;
+        loop {
+            if let Step::Done(u) = self.step(sink) {
+                return Ok(u);
+            }
+        }
+    }
+
+    /// Checks a decoded answer against the poller's state; when it is usable,
+    /// queues it for [`Poller::step`]. Nothing is written here.
+    fn start(&mut self, r: RoutesResponse) -> Result<(), PollError> {
+        if r.protocol != ROUTES_PROTOCOL {
+            return Err(PollError::Protocol(r.protocol));
+        }
         if r.epoch.is_empty()
             || r.epoch.len() > MAX_EPOCH_LEN
             || !r
@@ -238,41 +371,17 @@ impl Poller {
                 r.epoch
             )));
         }
-        if r.kind != RoutesKind::Full {
-            let same_epoch = self.epoch.as_deref() == Some(r.epoch.as_str());
-            let why = if !same_epoch {
-                Some(format!(
-                    "{:?} for epoch {:?}, ours is {:?}",
-                    r.kind, r.epoch, self.epoch
-                ))
-            } else if r.version < self.version
-                || (r.kind == RoutesKind::Unchanged && r.version != self.version)
-            {
-                Some(format!(
-                    "{:?} at version {}, ours is {}",
-                    r.kind, r.version, self.version
-                ))
-            } else {
-                None
-            };
-            if let Some(why) = why {
-                self.epoch = None;
-                self.version = 0;
-                return Err(PollError::Resync(why));
-            }
+        if let Some(why) = self.out_of_sequence(&r) {
+            self.epoch = None;
+            self.version = 0;
+            self.paging = None;
+            return Err(PollError::Resync(why));
         }
 
         let mut skipped = Vec::new();
-        let mut writes = 0usize;
-        let mut write = |w: TableWrite<'_>| {
-            sink(w);
-            writes += 1;
-        };
-
-        // Managers: id -> cluster, and the availability value, written first.
-        let mut clusters: HashMap<&str, &str> = HashMap::with_capacity(r.managers.len());
+        let mut clusters: HashMap<String, String> = HashMap::with_capacity(r.managers.len());
         let mut lines = Vec::with_capacity(r.managers.len());
-        for m in &r.managers {
+        for m in r.managers {
             if m.id.is_empty() || !is_valid_cluster(&m.cluster) {
                 skipped.push(format!(
                     "manager {:?}: cluster {:?} is not a valid cluster name",
@@ -280,30 +389,144 @@ impl Poller {
                 ));
                 continue;
             }
-            if clusters.insert(m.id.as_str(), m.cluster.as_str()).is_some() {
+            lines.push((m.cluster.clone(), m.availability));
+            if clusters.insert(m.id.clone(), m.cluster).is_some() {
                 skipped.push(format!(
                     "manager {:?} listed twice; the last one wins",
                     m.id
                 ));
             }
-            lines.push((m.cluster.as_str(), m.availability));
         }
-        let managers_value = encode_managers(lines.iter().copied());
-        if r.kind == RoutesKind::Full
-            || self.managers_value.as_deref() != Some(managers_value.as_str())
-        {
-            write(TableWrite::Managers(&lines));
-        }
+        let managers_value = encode_managers(lines.iter().map(|(c, a)| (c.as_str(), *a)));
+        let first_page = r.kind == RoutesKind::Full && r.after.is_none();
+        let managers = (first_page
+            || self.managers_value.as_deref() != Some(managers_value.as_str()))
+        .then_some(lines);
+        let page = (r.kind == RoutesKind::Full).then(|| Page {
+            written: HashSet::with_capacity(r.upsert.len()),
+            scan: match &r.after {
+                Some(a) => Bound::Excluded(a.to_bytes()),
+                None => Bound::Unbounded,
+            },
+            end: r.next.as_ref().map(ConsumerId::to_bytes),
+            scanned: false,
+        });
+        self.applying = Some(Applying {
+            kind: r.kind,
+            epoch: r.epoch,
+            version: r.version,
+            clusters,
+            managers,
+            managers_value,
+            upsert: r.upsert.into_iter(),
+            remove: if r.kind == RoutesKind::Delta {
+                r.remove
+            } else {
+                Vec::new()
+            }
+            .into_iter(),
+            page,
+            next: if r.kind == RoutesKind::Full {
+                r.next
+            } else {
+                None
+            },
+            writes: 0,
+            failed_writes: 0,
+            skipped,
+        });
+        Ok(())
+    }
 
-        // Consumer entries.
-        let mut upserted: HashSet<[u8; 16]> = HashSet::new();
-        let mut removed: Vec<[u8; 16]> = Vec::new();
-        for e in &r.upsert {
+    /// Why `r` cannot follow what this poller holds, if it cannot.
+    fn out_of_sequence(&self, r: &RoutesResponse) -> Option<String> {
+        if r.kind == RoutesKind::Full {
+            if let Some(after) = &r.after {
+                let continues = self.paging.as_ref().is_some_and(|p| {
+                    p.next == *after && p.epoch == r.epoch && p.version == r.version
+                });
+                if !continues {
+                    return Some(format!(
+                        "snapshot page after {after} of epoch {:?} version {}, but the page asked for is {:?}",
+                        r.epoch, r.version, self.paging
+                    ));
+                }
+            }
+            let lo = r.after.as_ref().map(ConsumerId::to_bytes);
+            let hi = r.next.as_ref().map(ConsumerId::to_bytes);
+            if let (Some(lo), Some(hi)) = (lo, hi) {
+                if hi <= lo {
+                    return Some(format!(
+                        "snapshot page ends at {:?}, before it starts",
+                        r.next
+                    ));
+                }
+            }
+            // Each entry must lie in the page's range, or clearing the
+            // range's absent entries would be wrong.
+            if let Some(e) = r.upsert.iter().find(|e| {
+                let b = e.consumer.to_bytes();
+                lo.is_some_and(|lo| b <= lo) || hi.is_some_and(|hi| b > hi)
+            }) {
+                return Some(format!(
+                    "snapshot page holds consumer {} outside its range",
+                    e.consumer
+                ));
+            }
+            return None;
+        }
+        if self.paging.is_some() {
+            return Some(format!("{:?} while a snapshot is being paged in", r.kind));
+        }
+        if self.epoch.as_deref() != Some(r.epoch.as_str()) {
+            return Some(format!(
+                "{:?} for epoch {:?}, ours is {:?}",
+                r.kind, r.epoch, self.epoch
+            ));
+        }
+        if r.version < self.version
+            || (r.kind == RoutesKind::Unchanged && r.version != self.version)
+        {
+            return Some(format!(
+                "{:?} at version {}, ours is {}",
+                r.kind, r.version, self.version
+            ));
+        }
+        None
+    }
+
+    /// Applies up to `writes_per_turn` more writes of the answer taken by
+    /// [`Poller::on_response`]: managers first, then entries, then removals.
+    /// `Done` once the answer is applied whole (the position then moves).
+    pub fn step(&mut self, sink: &mut dyn FnMut(TableWrite<'_>) -> bool) -> Step {
+        let Some(mut a) = self.applying.take() else {
+            return Step::More;
+        };
+        let mut budget = self.cfg.writes_per_turn.max(1);
+        let mut write = |writes: &mut usize, failed: &mut usize, w: TableWrite<'_>| {
+            *writes += 1;
+            if !sink(w) {
+                *failed += 1;
+            }
+        };
+        if let Some(lines) = a.managers.take() {
+            let refs: Vec<(&str, Availability)> =
+                lines.iter().map(|(c, av)| (c.as_str(), *av)).collect();
+            write(
+                &mut a.writes,
+                &mut a.failed_writes,
+                TableWrite::Managers(&refs),
+            );
+            budget -= 1;
+        }
+        while budget > 0 {
+            let Some(e) = a.upsert.next() else { break };
+            budget -= 1;
             let mut replica_clusters: Vec<&str> = Vec::with_capacity(e.replicas.len());
             let mut unknown = None;
             for id in &e.replicas {
-                match clusters.get(id.as_str()) {
-                    Some(c) if !replica_clusters.contains(c) => replica_clusters.push(c),
+                match a.clusters.get(id.as_str()) {
+                    Some(c) if !replica_clusters.contains(&c.as_str()) => replica_clusters.push(c),
                     Some(_) => {}
                     None => {
                         unknown = Some(id.as_str());
@@ -321,56 +544,112 @@ impl Poller {
                 None
             };
             if let Some(p) = problem {
-                skipped.push(format!(
-                    "entry of consumer {}: {p}; keeping the previous entry",
-                    e.consumer
-                ));
+                let keeps = if a.page.is_some() {
+                    "dropping its entry"
+                } else {
+                    "keeping the previous entry"
+                };
+                a.skipped
+                    .push(format!("entry of consumer {}: {p}; {keeps}", e.consumer));
                 continue;
             }
-            write(TableWrite::Entry {
-                consumer: &e.consumer,
-                state: e.state,
-                replicas: &replica_clusters,
-            });
-            upserted.insert(id_bytes(&e.consumer));
+            write(
+                &mut a.writes,
+                &mut a.failed_writes,
+                TableWrite::Entry {
+                    consumer: &e.consumer,
+                    state: e.state,
+                    replicas: &replica_clusters,
+                },
+            );
+            let b = e.consumer.to_bytes();
+            self.written.insert(b);
+            if let Some(p) = &mut a.page {
+                p.written.insert(b);
+            }
         }
-        match r.kind {
-            RoutesKind::Full => {
-                // Clear what we wrote before and the snapshot no longer has.
-                let mut stale: Vec<&[u8; 16]> = self.written.difference(&upserted).collect();
-                stale.sort_unstable();
-                for b in stale {
-                    write(TableWrite::Remove(&ConsumerId::from_bytes(*b)));
+        while budget > 0 {
+            let Some(id) = a.remove.next() else { break };
+            budget -= 1;
+            write(&mut a.writes, &mut a.failed_writes, TableWrite::Remove(&id));
+            self.written.remove(&id.to_bytes());
+        }
+        // A snapshot page: clear the entries of its range it does not have.
+        // Looking at an entry is cheap next to a write: a turn looks at up to
+        // SCAN_PER_WRITE entries per write it has left.
+        if a.upsert.len() == 0 {
+            if let Some(p) = &mut a.page {
+                let mut looks = budget.saturating_mul(SCAN_PER_WRITE);
+                while budget > 0 && looks > 0 && !p.scanned {
+                    let end = match (p.scan, p.end) {
+                        (Bound::Excluded(s), Some(e)) if s >= e => {
+                            p.scanned = true;
+                            break;
+                        }
+                        (_, Some(e)) => Bound::Included(e),
+                        (_, None) => Bound::Unbounded,
+                    };
+                    let want = budget.min(looks);
+                    let batch: Vec<[u8; 16]> = self
+                        .written
+                        .range((p.scan, end))
+                        .take(want)
+                        .copied()
+                        .collect();
+                    p.scanned = batch.len() < want;
+                    if let Some(&last) = batch.last() {
+                        p.scan = Bound::Excluded(last);
+                    }
+                    looks -= batch.len();
+                    for b in batch {
+                        if !p.written.contains(&b) {
+                            budget -= 1;
+                            write(
+                                &mut a.writes,
+                                &mut a.failed_writes,
+                                TableWrite::Remove(&ConsumerId::from_bytes(b)),
+                            );
+                            self.written.remove(&b);
+                        }
+                    }
                 }
             }
-            RoutesKind::Delta => {
-                for id in &r.remove {
-                    write(TableWrite::Remove(id));
-                    removed.push(id_bytes(id));
-                }
-            }
-            RoutesKind::Unchanged => {}
         }
+        let scanning = a.page.as_ref().is_some_and(|p| !p.scanned);
+        if a.upsert.len() > 0 || a.remove.len() > 0 || scanning {
+            self.applying = Some(a);
+            return Step::More;
+        }
+        Step::Done(self.finish(a))
+    }
 
-        // Advance only now that the whole response was understood.
-        match r.kind {
-            RoutesKind::Full => self.written = upserted,
-            _ => {
-                self.written.extend(upserted);
-                for b in &removed {
-                    self.written.remove(b);
-                }
+    /// The answer is applied whole: move the position.
+    fn finish(&mut self, a: Applying) -> Update {
+        self.managers_value = Some(a.managers_value);
+        let more_pages = match (a.kind, a.next) {
+            (RoutesKind::Full, Some(next)) => {
+                self.paging = Some(Paging {
+                    epoch: a.epoch,
+                    version: a.version,
+                    next,
+                });
+                true
             }
+            _ => {
+                self.paging = None;
+                self.epoch = Some(a.epoch);
+                self.version = a.version;
+                false
+            }
+        };
+        Update {
+            kind: a.kind,
+            version: a.version,
+            writes: a.writes,
+            failed_writes: a.failed_writes,
+            skipped: a.skipped,
+            more_pages,
         }
-        self.managers_value = Some(managers_value);
-        self.epoch = Some(r.epoch);
-        self.version = r.version;
-        Ok(Update {
-            kind: r.kind,
-            version: r.version,
-            writes,
-            skipped,
-        })
     }
 }
 
@@ -386,17 +665,16 @@ pub struct Report {
 }
 
 impl Poller {
-    /// The report of a poll's result; `failed_writes` counts the table writes
-    /// the host refused.
-    pub fn report(&self, result: &Result<Update, PollError>, failed_writes: usize) -> Report {
+    /// The report of a whole answer applied, or of a failed poll.
+    pub fn report(&self, result: &Result<Update, PollError>) -> Report {
         let mut r = Report::default();
         match result {
             Ok(update) => {
-                if failed_writes > 0 {
+                if update.failed_writes > 0 {
                     r.bumps.add(Counter::PollerErrors, 1);
                     r.warnings.push(format!(
-                        "{failed_writes} of {} table writes failed",
-                        update.writes
+                        "{} of {} table writes failed",
+                        update.failed_writes, update.writes
                     ));
                 }
                 for s in &update.skipped {
@@ -407,7 +685,7 @@ impl Poller {
                         .add(Counter::PollerSkipped, update.skipped.len() as u64);
                 }
                 r.bumps.add(Counter::PollerUpdates, 1);
-                if update.kind == RoutesKind::Full {
+                if update.kind == RoutesKind::Full && !update.more_pages {
                     r.bumps.add(Counter::PollerFullSnapshots, 1);
                     r.info = Some(format!(
                         "full snapshot: version {}, {} entries",
@@ -415,7 +693,7 @@ impl Poller {
                         self.entries()
                     ));
                 }
-                r.gauges = Some((self.entries() as u64, update.version));
+                r.gauges = Some((self.entries() as u64, self.version));
             }
             Err(e) => {
                 r.bumps.add(Counter::PollerErrors, 1);
@@ -427,12 +705,6 @@ impl Poller {
         }
         r
     }
-}
-
-fn id_bytes(id: &ConsumerId) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    let _ = URL_SAFE_NO_PAD.decode_slice(id.as_str(), &mut out);
-    out
 }
 
 #[cfg(test)]
@@ -463,7 +735,10 @@ mod tests {
     impl Collect for Poller {
         fn apply_c(&mut self, r: RoutesResponse) -> Result<Collected, PollError> {
             let mut writes = Vec::new();
-            let u = self.apply(r, &mut |w| writes.push(w.shared_data()))?;
+            let u = self.apply(r, &mut |w| {
+                writes.push(w.shared_data());
+                true
+            })?;
             assert_eq!(u.writes, writes.len());
             Ok(Collected {
                 kind: u.kind,
@@ -478,7 +753,20 @@ mod tests {
             now: u64,
         ) -> Result<Collected, PollError> {
             let mut writes = Vec::new();
-            let u = self.on_response(status, body, now, &mut |w| writes.push(w.shared_data()))?;
+            let mut sink = |w: TableWrite<'_>| {
+                writes.push(w.shared_data());
+                true
+            };
+            let mut step = self.on_response(status, body, now, &mut sink)?;
+            let u = loop {
+                match step {
+                    Step::Done(u) => break u,
+                    Step::More => {
+                        assert_eq!(self.poll_due(now), None, "no poll while applying");
+                        step = self.step(&mut sink);
+                    }
+                }
+            };
             assert_eq!(u.writes, writes.len());
             Ok(Collected {
                 kind: u.kind,
@@ -497,6 +785,7 @@ mod tests {
             min_backoff_ms: 100,
             max_backoff_ms: 1000,
             node_id: None,
+            writes_per_turn: 3,
         }
     }
 
@@ -508,7 +797,10 @@ mod tests {
         });
         let req = p.poll_due(0).unwrap();
         let path = &req.headers.iter().find(|(k, _)| *k == ":path").unwrap().1;
-        assert_eq!(path, "/v1/routes?since=0&wait_ms=30000&node=edge-7");
+        assert_eq!(
+            path,
+            "/v1/routes?protocol=2&since=0&wait_ms=30000&node=edge-7"
+        );
     }
 
     fn id(n: u8) -> ConsumerId {
@@ -540,6 +832,7 @@ mod tests {
         remove: Vec<ConsumerId>,
     ) -> RoutesResponse {
         RoutesResponse {
+            protocol: ROUTES_PROTOCOL,
             epoch: epoch.into(),
             version,
             kind,
@@ -549,6 +842,8 @@ mod tests {
             ],
             upsert,
             remove,
+            after: None,
+            next: None,
         }
     }
 
@@ -569,7 +864,7 @@ mod tests {
         assert_eq!(req.cluster, "prealloc_control_plane");
         assert_eq!(req.timeout_ms, 35_000);
         let h: HashMap<_, _> = req.headers.iter().cloned().collect();
-        assert_eq!(h[":path"], "/v1/routes?since=0&wait_ms=30000");
+        assert_eq!(h[":path"], "/v1/routes?protocol=2&since=0&wait_ms=30000");
         assert_eq!(h[":method"], "GET");
         assert_eq!(h[":authority"], "cp");
         assert_eq!(h["authorization"], "Bearer tok");
@@ -602,9 +897,10 @@ mod tests {
         assert_eq!(u.kind, RoutesKind::Full);
         assert_eq!(p.position(), (5, Some("e1")));
         let next = p.poll_due(1).unwrap();
-        assert!(next
-            .headers
-            .contains(&(":path", "/v1/routes?since=5&epoch=e1&wait_ms=30000".into())));
+        assert!(next.headers.contains(&(
+            ":path",
+            "/v1/routes?protocol=2&since=5&epoch=e1&wait_ms=30000".into()
+        )));
 
         // Delta: grow 1's replica set, remove 2; managers unchanged -> not rewritten.
         let delta = resp(
@@ -767,8 +1063,8 @@ mod tests {
             (None, &b""[..]),
             (Some(503), &b"{}"[..]),
             (Some(200), &b"not json"[..]),
-            (Some(200), &br#"{"epoch":"e1","version":4,"kind":"delta","managers":[],"upsert":[{"consumer":"short","state":"registering","replicas":["m1"]}]}"#[..]),
-            (Some(200), &br#"{"epoch":"bad epoch","version":4,"kind":"full","managers":[]}"#[..]),
+            (Some(200), &br#"{"protocol":2,"epoch":"e1","version":4,"kind":"delta","managers":[],"upsert":[{"consumer":"short","state":"registering","replicas":["m1"]}]}"#[..]),
+            (Some(200), &br#"{"protocol":2,"epoch":"bad epoch","version":4,"kind":"full","managers":[]}"#[..]),
             (Some(200), &b"{}"[..]),
         ] {
             assert!(p.poll_due(now).is_some(), "poll due at {now}");
@@ -799,7 +1095,284 @@ mod tests {
         assert!(PollError::Status(401).to_string().contains("expected 200"));
     }
 
+    fn page(
+        epoch: &str,
+        version: u64,
+        after: Option<u8>,
+        next: Option<u8>,
+        upsert: Vec<RouteEntry>,
+    ) -> RoutesResponse {
+        RoutesResponse {
+            after: after.map(id),
+            next: next.map(id),
+            ..resp(epoch, version, RoutesKind::Full, upsert, vec![])
+        }
+    }
+
+    #[test]
+    fn snapshot_pages_apply_in_order_and_clear_their_ranges() {
+        let mut p = Poller::new(cfg());
+        p.apply_c(resp(
+            "e1",
+            4,
+            RoutesKind::Full,
+            (1..=6).map(|n| entry(n, G, &["m1"])).collect(),
+            vec![],
+        ))
+        .unwrap();
+        // A new epoch, paged: the first page covers ids up to 3.
+        p.poll_due(0);
+        let u = p
+            .respond(
+                Some(200),
+                &serde_json::to_vec(&page(
+                    "e2",
+                    9,
+                    None,
+                    Some(3),
+                    vec![entry(2, R, &["m1", "m2"]), entry(3, G, &["m2"])],
+                ))
+                .unwrap(),
+                0,
+            )
+            .unwrap();
+        assert_eq!(
+            u.writes[1..].to_vec(),
+            vec![
+                w(&key(2), "1|r|manager_m1,manager_m2"),
+                w(&key(3), "1|g|manager_m2"),
+                w(&key(1), ""),
+            ],
+            "the page's range loses what the page does not have, nothing beyond it"
+        );
+        assert_eq!(
+            p.position(),
+            (4, Some("e1")),
+            "the position waits for the last page"
+        );
+        let q = p.query();
+        assert_eq!(
+            (q.since, q.epoch.as_deref(), q.after, q.wait_ms),
+            (9, Some("e2"), Some(id(3)), Some(0))
+        );
+        let path = &p.poll_due(1).unwrap().headers[1].1;
+        assert!(path.ends_with(&format!("&after={}", id(3))), "{path}");
+
+        // The last page: ids after 3.
+        let u = p
+            .respond(
+                Some(200),
+                &serde_json::to_vec(&page("e2", 9, Some(3), None, vec![entry(5, G, &["m1"])]))
+                    .unwrap(),
+                1,
+            )
+            .unwrap();
+        assert_eq!(
+            u.writes,
+            vec![w(&key(5), "1|g|manager_m1"), w(&key(4), ""), w(&key(6), "")]
+        );
+        assert_eq!(p.position(), (9, Some("e2")));
+        assert_eq!(p.entries(), 3);
+        assert_eq!(p.query().after, None);
+        assert_eq!(p.query().since, 9);
+    }
+
+    #[test]
+    fn pages_that_do_not_continue_the_snapshot_start_over() {
+        let start = || {
+            let mut p = Poller::new(cfg());
+            p.apply_c(page("e1", 5, None, Some(3), vec![entry(1, G, &["m1"])]))
+                .unwrap();
+            p
+        };
+        for bad in [
+            page("e1", 5, Some(2), None, vec![]),
+            page("e1", 6, Some(3), None, vec![]),
+            page("e9", 5, Some(3), None, vec![]),
+            page("e1", 5, Some(3), Some(3), vec![]),
+            page("e1", 5, Some(3), Some(7), vec![entry(9, G, &["m1"])]),
+            page("e1", 5, Some(3), None, vec![entry(2, G, &["m1"])]),
+            resp("e1", 6, RoutesKind::Delta, vec![], vec![]),
+            resp("e1", 5, RoutesKind::Unchanged, vec![], vec![]),
+        ] {
+            let mut p = start();
+            p.poll_due(0);
+            let e = p
+                .respond(Some(200), &serde_json::to_vec(&bad).unwrap(), 0)
+                .unwrap_err();
+            assert!(matches!(e, PollError::Resync(_)), "{bad:?}: {e}");
+            assert_eq!((p.query().since, p.query().after), (0, None), "{bad:?}");
+            assert_eq!(p.entries(), 1, "nothing written: {bad:?}");
+        }
+        // A first page (no `after`) always starts a snapshot afresh.
+        let mut p = start();
+        p.apply_c(page("e2", 1, None, None, vec![])).unwrap();
+        assert_eq!((p.position(), p.entries()), ((1, Some("e2")), 0));
+    }
+
+    #[test]
+    fn a_big_answer_is_applied_a_few_writes_per_turn() {
+        let mut p = Poller::new(cfg());
+        p.poll_due(0);
+        let full = resp(
+            "e1",
+            3,
+            RoutesKind::Full,
+            (1..=7).map(|n| entry(n, G, &["m1"])).collect(),
+            vec![],
+        );
+        let mut writes = Vec::new();
+        let mut turns = 1;
+        let mut step = p
+            .on_response(
+                Some(200),
+                &serde_json::to_vec(&full).unwrap(),
+                0,
+                &mut |w| {
+                    writes.push(w.shared_data());
+                    true
+                },
+            )
+            .unwrap();
+        while step == Step::More {
+            assert!(p.applying());
+            assert_eq!(p.poll_due(0), None, "no poll while applying");
+            assert_eq!(
+                p.position(),
+                (0, None),
+                "the position waits for the whole answer"
+            );
+            assert!(
+                writes.len() <= 3 * turns,
+                "{} writes in {turns} turns",
+                writes.len()
+            );
+            step = p.step(&mut |w| {
+                writes.push(w.shared_data());
+                true
+            });
+            turns += 1;
+        }
+        assert_eq!(turns, 3, "managers + 7 entries, 3 writes per turn");
+        let Step::Done(u) = step else {
+            panic!("the loop ends on Done")
+        };
+        assert_eq!((u.writes, u.failed_writes, u.more_pages), (8, 0, false));
+        assert_eq!(writes.len(), 8);
+        assert_eq!(p.position(), (3, Some("e1")));
+        assert!(p.poll_due(0).is_some());
+        // Writes the host refuses are counted and reported.
+        p.respond(
+            Some(200),
+            &serde_json::to_vec(&resp(
+                "e1",
+                4,
+                RoutesKind::Delta,
+                vec![entry(1, R, &["m1"])],
+                vec![],
+            ))
+            .unwrap(),
+            0,
+        )
+        .unwrap();
+        p.poll_due(0);
+        let delta = resp(
+            "e1",
+            5,
+            RoutesKind::Delta,
+            vec![entry(2, R, &["m1"])],
+            vec![id(3)],
+        );
+        let step = p
+            .on_response(
+                Some(200),
+                &serde_json::to_vec(&delta).unwrap(),
+                0,
+                &mut |_| false,
+            )
+            .unwrap();
+        let Step::Done(u) = step else {
+            panic!("2 writes fit a turn")
+        };
+        assert_eq!(u.failed_writes, 2);
+        let r = p.report(&Ok(u));
+        assert!(
+            r.warnings[0].contains("2 of 2 table writes failed"),
+            "{:?}",
+            r.warnings
+        );
+    }
+
+    #[test]
+    fn another_protocol_is_refused_clearly_and_keeps_the_table() {
+        let mut p = Poller::new(cfg());
+        p.apply_c(resp(
+            "e1",
+            3,
+            RoutesKind::Full,
+            vec![entry(1, G, &["m1"])],
+            vec![],
+        ))
+        .unwrap();
+        // A control plane of an older release: no protocol in its answer.
+        p.poll_due(0);
+        let old = br#"{"epoch":"e1","version":4,"kind":"full","managers":[],"upsert":[]}"#;
+        let e = p.respond(Some(200), old, 0).unwrap_err();
+        assert_eq!(e, PollError::Protocol(0));
+        assert!(e.to_string().contains("older than protocol 2"), "{e}");
+        assert_eq!((p.position(), p.entries()), ((3, Some("e1")), 1));
+        // A control plane refusing this poller's protocol says why; the message is kept.
+        p.poll_due(10_000);
+        let body = br#"{"error":"unsupported_protocol","message":"upgrade the filter"}"#;
+        let e = p.respond(Some(400), body, 10_000).unwrap_err();
+        assert!(
+            matches!(&e, PollError::Refused { status: 400, error, .. } if error == "unsupported_protocol")
+        );
+        assert_eq!(
+            e.to_string(),
+            "routes poll refused with HTTP 400 unsupported_protocol: upgrade the filter"
+        );
+        assert_eq!(p.entries(), 1);
+    }
+
     proptest! {
+        /// However a table is cut into pages and turns, the table written is
+        /// the last page set's table, and the position moves once.
+        #[test]
+        fn any_paging_and_any_turn_size_give_the_snapshot(
+            before in proptest::collection::btree_set(any::<u8>(), 0..20),
+            after in proptest::collection::btree_set(any::<u8>(), 0..20),
+            page_size in 1usize..6,
+            per_turn in 1usize..5,
+        ) {
+            let mut p = Poller::new(PollerConfig { writes_per_turn: per_turn, ..cfg() });
+            let mut table: HashMap<String, String> = HashMap::new();
+            let mut sink = |w: TableWrite<'_>| {
+                let (k, v) = w.shared_data();
+                if v.is_empty() { table.remove(&k); } else { table.insert(k, v); }
+                true
+            };
+            p.apply(resp("e1", 2, RoutesKind::Full, before.iter().map(|&n| entry(n, G, &["m1"])).collect(), vec![]), &mut sink).unwrap();
+            let ids: Vec<u8> = after.iter().copied().collect();
+            let chunks: Vec<&[u8]> = if ids.is_empty() { vec![&[]] } else { ids.chunks(page_size).collect() };
+            let mut cursor = None;
+            for (i, c) in chunks.iter().enumerate() {
+                let next = (i + 1 < chunks.len()).then(|| *c.last().unwrap());
+                let r = page("e2", 7, cursor, next, c.iter().map(|&n| entry(n, R, &["m2"])).collect());
+                p.poll_due(0);
+                let mut step = p.on_response(Some(200), &serde_json::to_vec(&r).unwrap(), 0, &mut sink).unwrap();
+                while step == Step::More {
+                    prop_assert_eq!(p.position(), (2, Some("e1")));
+                    step = p.step(&mut sink);
+                }
+                cursor = next;
+            }
+            prop_assert_eq!(p.position(), (7, Some("e2")));
+            let want: HashMap<String, String> = after.iter().map(|&n| (key(n), "1|r|manager_m2".to_owned())).chain([(MANAGERS_KEY.to_owned(), "manager_m1 available\nmanager_m2 available".to_owned())]).collect();
+            prop_assert_eq!(table, want);
+            prop_assert_eq!(p.entries(), after.len());
+        }
+
         #[test]
         fn applier_never_panics_on_bytes(body in proptest::collection::vec(any::<u8>(), 0..300)) {
             let mut p = Poller::new(cfg());
@@ -819,6 +1392,9 @@ mod tests {
             let mut p = Poller::new(cfg());
             let _ = p.apply_c(resp("e", 1, RoutesKind::Full, vec![], vec![]));
             let r = RoutesResponse {
+                protocol: ROUTES_PROTOCOL,
+                after: None,
+                next: None,
                 epoch,
                 version,
                 kind,

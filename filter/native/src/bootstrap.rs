@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use prealloc_filter_core::config::{self, PluginConfig};
 use prealloc_filter_core::metrics::{Counter, Gauge};
-use prealloc_filter_core::poller::Poller;
+use prealloc_filter_core::poller::{PollError, Poller, Step};
 use prealloc_filter_core::signup::{self, GiveBackResult};
 use prealloc_wire::ConsumerId;
 
@@ -118,15 +118,32 @@ impl Bootstrap {
 
     fn on_poll_response(&mut self, status: Option<u32>, body: &[u8]) {
         self.in_flight = None;
-        let mut failed = 0usize;
         let result = self
             .poller
             .on_response(status, body, now_ms(), &mut |write| {
-                if TABLE.apply(write).is_err() {
-                    failed += 1;
-                }
+                TABLE.apply(write).is_ok()
             });
-        let report = self.poller.report(&result, failed);
+        self.after_step(result);
+    }
+
+    /// Applies the next writes of the answer being applied (one main-thread turn).
+    fn step(&mut self) {
+        let step = self.poller.step(&mut |write| TABLE.apply(write).is_ok());
+        self.after_step(Ok(step));
+    }
+
+    /// Reports an answer applied whole (or a failed poll) and polls on; while
+    /// writes remain, the timer fires again on the next turn of the event loop.
+    fn after_step(&mut self, result: Result<Step, PollError>) {
+        let result = match result {
+            Ok(Step::More) => {
+                self.arm(0);
+                return;
+            }
+            Ok(Step::Done(update)) => Ok(update),
+            Err(e) => Err(e),
+        };
+        let report = self.poller.report(&result);
         for (counter, n) in report.bumps.iter() {
             self.bump(counter, n);
         }
@@ -141,6 +158,16 @@ impl Bootstrap {
             host::log(abi::LOG_WARN, &format!("[prealloc poller] {w}"));
         }
         self.poll_if_due();
+    }
+
+    /// (Re-)arms the timer to fire in `ms`.
+    fn arm(&self, ms: u64) {
+        if !self.timer.is_null() {
+            // SAFETY: our live timer, main thread.
+            unsafe {
+                abi::envoy_dynamic_module_callback_bootstrap_extension_timer_enable(self.timer, ms)
+            };
+        }
     }
 
     /// Sends the give-backs that are due, for every live filter configuration.
@@ -384,12 +411,17 @@ pub extern "C" fn envoy_dynamic_module_on_bootstrap_extension_timer_fired(
 ) {
     guarded("on_bootstrap_extension_timer_fired", (), || {
         let Some(s) = state(m) else { return };
-        s.poll_if_due();
+        debug_assert_eq!(timer, s.timer);
+        if s.poller.applying() {
+            // Re-arms the timer itself: at once while writes remain.
+            s.step();
+        } else {
+            s.poll_if_due();
+        }
         s.send_givebacks();
-        // SAFETY: our live timer, main thread.
-        unsafe {
-            abi::envoy_dynamic_module_callback_bootstrap_extension_timer_enable(timer, s.tick_ms)
-        };
+        if !s.poller.applying() {
+            s.arm(s.tick_ms);
+        }
     })
 }
 

@@ -98,9 +98,8 @@ impl RootContext for Root {
                             format!("envoy-{:08x}", host::now().as_nanos() as u32)
                         }));
                 }
-                let tick = std::time::Duration::from_millis(cfg.min_backoff_ms.clamp(10, 1000));
                 let mut p = Box::new(PollerRoot::new(self.id, cfg, Metrics::define()));
-                host::set_tick_period(tick);
+                host::set_tick_period(p.tick());
                 host::info(&format!(
                     "[prealloc root {}] poller configured (node {})",
                     self.id,
@@ -119,7 +118,7 @@ impl RootContext for Root {
             Role::Filter(s) => {
                 s.on_tick();
             }
-            Role::Poller(p) => p.poll_if_due(),
+            Role::Poller(p) => p.on_tick(),
             Role::Unconfigured => {}
         }
     }

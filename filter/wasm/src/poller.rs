@@ -6,23 +6,35 @@ use super::host;
 use super::metrics::Metrics;
 use prealloc_filter_core::config::PollerConfig;
 use prealloc_filter_core::metrics::{Counter, Gauge};
-use prealloc_filter_core::poller::Poller;
+use prealloc_filter_core::poller::{PollError, Poller, Step};
+use prealloc_filter_core::table::TableWrite;
 
 pub struct PollerRoot {
     id: u32,
     poller: Poller,
     in_flight: Option<u32>,
     metrics: Metrics,
+    /// The tick period between polls (retries, backoff).
+    tick: Duration,
+    /// Ticking every millisecond while an answer is being applied.
+    fast: bool,
 }
 
 impl PollerRoot {
     pub fn new(id: u32, cfg: PollerConfig, metrics: Metrics) -> Self {
         PollerRoot {
             id,
+            tick: Duration::from_millis(cfg.min_backoff_ms.clamp(10, 1000)),
+            fast: false,
             poller: Poller::new(cfg),
             in_flight: None,
             metrics,
         }
+    }
+
+    /// The tick period between polls.
+    pub fn tick(&self) -> Duration {
+        self.tick
     }
 
     /// The node id this poller sends.
@@ -64,15 +76,41 @@ impl PollerRoot {
         let status = host::call_response_status();
         let body = host::call_response_body(body_size);
         let now = host::now_ms();
-        let mut failed = 0usize;
-        let result = self.poller.on_response(status, &body, now, &mut |write| {
-            let (key, value) = write.shared_data();
-            if host::set_shared(&key, value.as_bytes()).is_err() {
-                failed += 1;
-            }
-        });
+        let result = self
+            .poller
+            .on_response(status, &body, now, &mut write_shared);
         drop(body);
-        let report = self.poller.report(&result, failed);
+        self.after_step(result);
+    }
+
+    /// Every tick: the next writes of the answer being applied, else the next poll.
+    pub fn on_tick(&mut self) {
+        if self.poller.applying() {
+            let step = self.poller.step(&mut write_shared);
+            self.after_step(Ok(step));
+        } else {
+            self.poll_if_due();
+        }
+    }
+
+    /// Reports an answer applied whole (or a failed poll) and polls on; while
+    /// writes remain, the next tick comes after 1 ms instead of `tick`.
+    fn after_step(&mut self, result: Result<Step, PollError>) {
+        let result = match result {
+            Ok(Step::More) => {
+                if !self.fast {
+                    self.fast = host::set_tick_period(Duration::from_millis(1));
+                }
+                return;
+            }
+            Ok(Step::Done(update)) => Ok(update),
+            Err(e) => Err(e),
+        };
+        if self.fast {
+            host::set_tick_period(self.tick);
+            self.fast = false;
+        }
+        let report = self.poller.report(&result);
         for (counter, n) in report.bumps.iter() {
             self.metrics.add(counter, n);
         }
@@ -88,4 +126,10 @@ impl PollerRoot {
         }
         self.poll_if_due();
     }
+}
+
+/// One table write as shared data; whether the host took it.
+fn write_shared(write: TableWrite<'_>) -> bool {
+    let (key, value) = write.shared_data();
+    host::set_shared(&key, value.as_bytes()).is_ok()
 }

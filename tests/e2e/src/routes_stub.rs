@@ -4,14 +4,14 @@
 //! managers and consumer entries, each change bumps the version and wakes every
 //! held long-poll at once, exactly like the contract in `prealloc_wire`.
 //! Faults (an error status or a garbage body), a new epoch and a history gap
-//! can be injected.
+//! can be injected. A snapshot is always one page (routes protocol 2 allows it).
 
 use crate::server::{cut_short, json_reply, reply, Reply, ServerHandle};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use prealloc_wire::{
     Availability, ConsumerId, ConsumerState, ErrorBody, ManagerRoute, RouteEntry, RoutesKind,
-    RoutesResponse, ROUTES_PATH,
+    RoutesResponse, ROUTES_PATH, ROUTES_PROTOCOL,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -351,6 +351,9 @@ fn parse_query(q: &str) -> Query {
 /// The answer for a poll at this moment, or `None` when it should be held.
 fn answer(t: &Table, since: u64, epoch: Option<&str>) -> Option<RoutesResponse> {
     let base = |kind, upsert, remove| RoutesResponse {
+        protocol: ROUTES_PROTOCOL,
+        after: None,
+        next: None,
         epoch: t.epoch.clone(),
         version: t.version,
         kind,
@@ -500,6 +503,9 @@ async fn serve_poll(
         return reply(f.status, "application/json", f.body);
     }
     let r = answer(&t, since, q.epoch.as_deref()).unwrap_or_else(|| RoutesResponse {
+        protocol: ROUTES_PROTOCOL,
+        after: None,
+        next: None,
         epoch: t.epoch.clone(),
         version: t.version,
         kind: RoutesKind::Unchanged,

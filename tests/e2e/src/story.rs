@@ -269,7 +269,7 @@ impl Stack {
         let r = Client::new(self.cp.addr())
             .send(
                 "GET",
-                "/v1/routes?since=0",
+                "/v1/routes?protocol=2&since=0",
                 &[("authorization", &auth)],
                 b"",
             )

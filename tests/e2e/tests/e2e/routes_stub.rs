@@ -24,6 +24,7 @@ fn q(since: u64, epoch: &str, wait_ms: u64) -> RoutesQuery {
         epoch: Some(epoch.to_owned()),
         wait_ms: Some(wait_ms),
         node: None,
+        after: None,
     }
 }
 
@@ -46,6 +47,7 @@ async fn stub_answers_full_then_delta_then_holds() {
             epoch: None,
             wait_ms: Some(10),
             node: None,
+            after: None,
         },
         TOKEN,
     )

@@ -137,7 +137,7 @@ each_build! {
         );
         let mut c = dp.client();
         for _ in 0..3 {
-            let r = c.get("/v1/routes?since=0", &[("cookie", &forged)]).await;
+            let r = c.get("/v1/routes?protocol=2&since=0", &[("cookie", &forged)]).await;
             assert_eq!(r.served_by().as_deref(), Some("default"), "{}", r.text());
         }
         assert!(

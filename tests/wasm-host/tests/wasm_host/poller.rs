@@ -4,6 +4,7 @@ use crate::support::*;
 use prealloc_wasm_host::{Host, HttpCall, Vm};
 use prealloc_wire::{
     Availability, ConsumerId, ConsumerState, ManagerRoute, RouteEntry, RoutesKind, RoutesResponse,
+    ROUTES_PROTOCOL,
 };
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -81,6 +82,9 @@ fn managers() -> Vec<ManagerRoute> {
 
 fn full(epoch: &str, version: u64, upsert: Vec<RouteEntry>) -> RoutesResponse {
     RoutesResponse {
+        protocol: ROUTES_PROTOCOL,
+        after: None,
+        next: None,
         epoch: epoch.into(),
         version,
         kind: RoutesKind::Full,
@@ -180,6 +184,9 @@ fn a_delta_upserts_and_removes_entries() {
     let (host, vm) = synced();
     let (call, _) = next_poll(&host, &vm);
     let delta = RoutesResponse {
+        protocol: ROUTES_PROTOCOL,
+        after: None,
+        next: None,
         epoch: "e1".into(),
         version: 9,
         kind: RoutesKind::Delta,
@@ -229,6 +236,9 @@ fn a_delta_from_another_epoch_is_refused_and_forces_a_full_snapshot() {
     let (host, vm) = synced();
     let (call, _) = next_poll(&host, &vm);
     let foreign = RoutesResponse {
+        protocol: ROUTES_PROTOCOL,
+        after: None,
+        next: None,
         epoch: "e2".into(),
         version: 8,
         kind: RoutesKind::Delta,
@@ -358,6 +368,9 @@ fn a_response_with_a_bad_entry_is_not_half_applied_to_that_entry() {
     let (host, vm) = synced();
     let (call, _) = next_poll(&host, &vm);
     let delta = RoutesResponse {
+        protocol: ROUTES_PROTOCOL,
+        after: None,
+        next: None,
         epoch: "e1".into(),
         version: 8,
         kind: RoutesKind::Delta,
