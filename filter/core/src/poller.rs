@@ -311,7 +311,10 @@ impl Poller {
     ) -> Result<Step, PollError> {
         let result = match status {
             None => Err(PollError::Transport(
-                "no HTTP response (connection failure, or timeout)".into(),
+                "no HTTP response (connection failure, timeout, or an answer larger than \
+                 Envoy's http.async_response_buffer_limit: lower the control plane's \
+                 push.page_entries)"
+                    .into(),
             )),
             Some(200) => serde_json::from_slice::<RoutesResponse>(body)
                 .map_err(|e| PollError::Body(e.to_string()))

@@ -55,6 +55,10 @@ pub struct StackOptions {
     pub manager_capacity: u64,
     /// `poller.node_id` of Envoy #i (missing or `None`: the filter's default).
     pub node_ids: Vec<Option<String>>,
+    /// More keys of every Envoy's `poller` configuration (e.g. `writes_per_turn`).
+    pub poller: serde_json::Map<String, Value>,
+    /// Raw TOML appended to the control plane's configuration (e.g. a `[push]` table).
+    pub control_plane_toml: String,
 }
 
 impl StackOptions {
@@ -76,6 +80,8 @@ impl StackOptions {
             control_plane_log: None,
             manager_capacity: 1000,
             node_ids: Vec::new(),
+            poller: serde_json::Map::new(),
+            control_plane_toml: String::new(),
         }
     }
 
@@ -151,6 +157,7 @@ impl Stack {
         cfg.envoy_token = opts.tokens.0.clone();
         cfg.admin_token = opts.tokens.1.clone();
         cfg.log_level = opts.control_plane_log.clone();
+        cfg.extra_toml = opts.control_plane_toml.clone();
         let cp = ControlPlane::start_on(cfg, ([127, 0, 0, 1], opts.control_plane_port).into());
         let envoy_configs: Vec<EnvoyConfig> = (0..opts.envoys)
             .map(|i| {
@@ -169,6 +176,9 @@ impl Stack {
                     "resource_type": "mailbox",
                 });
                 ec.poller["token"] = json!(cp.config().envoy_token);
+                for (k, v) in &opts.poller {
+                    ec.poller[k] = v.clone();
+                }
                 if let Some(Some(node)) = opts.node_ids.get(i) {
                     ec.poller["node_id"] = json!(node);
                 }
@@ -263,31 +273,45 @@ impl Stack {
         Ok(())
     }
 
-    /// The control plane's pushed routing table now: a full `GET /v1/routes` snapshot.
+    /// The control plane's pushed routing table now: a full `GET /v1/routes`
+    /// snapshot, every page of it in one response (`next` is then `None`).
     pub async fn routes(&self) -> Result<RoutesResponse, String> {
         let auth = format!("Bearer {}", self.cp.config().envoy_token);
-        let r = Client::new(self.cp.addr())
-            .send(
-                "GET",
-                "/v1/routes?protocol=2&since=0",
-                &[("authorization", &auth)],
-                b"",
-            )
-            .await
-            .map_err(|e| format!("GET /v1/routes: {e}"))?;
-        if r.status != 200 {
-            return Err(format!(
-                "GET /v1/routes answered {}: {}",
-                r.status,
-                r.text()
-            ));
+        let mut client = Client::new(self.cp.addr());
+        let mut query = prealloc_wire::RoutesQuery::default();
+        let mut table: Option<RoutesResponse> = None;
+        loop {
+            let r = client
+                .send("GET", &query.to_path(), &[("authorization", &auth)], b"")
+                .await
+                .map_err(|e| format!("GET /v1/routes: {e}"))?;
+            if r.status != 200 {
+                return Err(format!(
+                    "GET /v1/routes answered {}: {}",
+                    r.status,
+                    r.text()
+                ));
+            }
+            let page: RoutesResponse = serde_json::from_slice(&r.body).map_err(|e| {
+                format!(
+                    "GET /v1/routes is not a routes response ({e}): {}",
+                    r.text()
+                )
+            })?;
+            query.since = page.version;
+            query.epoch = Some(page.epoch.clone());
+            query.after = page.next.clone();
+            match &mut table {
+                None => table = Some(page),
+                Some(t) => {
+                    t.upsert.extend(page.upsert);
+                    t.next = page.next;
+                }
+            }
+            if query.after.is_none() {
+                return table.ok_or_else(|| "no snapshot".to_owned());
+            }
         }
-        serde_json::from_slice(&r.body).map_err(|e| {
-            format!(
-                "GET /v1/routes is not a routes response ({e}): {}",
-                r.text()
-            )
-        })
     }
 
     /// Waits until the pushed table satisfies `pred`, then until every Envoy applied that table's version.

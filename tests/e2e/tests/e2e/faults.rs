@@ -390,6 +390,73 @@ each_build! {
     }
 }
 
+each_build! {
+    /// A new Envoy receives the table in pages of two entries and applies it
+    /// one write per main-thread turn, while consumers are being replicated:
+    /// requests meanwhile are routed by entries of a table only partly written
+    /// (and by cookies where no entry is written yet), and never reach a
+    /// manager without the consumer's data.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_table_applied_in_pages_and_turns_never_routes_to_a_manager_without_the_data(build) {
+        let mut o = options(build);
+        o.control_plane_toml = "[push]\npage_entries = 2\n".into();
+        o.poller.insert("writes_per_turn".into(), 1.into());
+        let mut stack = Stack::start(&o);
+        let people = sign_up_many(&stack, 24).await;
+        for s in &people[..8] {
+            register(&stack, s).await;
+        }
+        let addr = stack.envoys[0].addr();
+        let stop = Arc::new(AtomicBool::new(false));
+        let traffic = {
+            let stop = stop.clone();
+            let cookies: Vec<String> = people.iter().map(|s| s.cookie.clone()).collect();
+            tokio::spawn(async move {
+                let (mut ok, mut bad) = (0usize, Vec::new());
+                let mut client = Client::new(addr);
+                while !stop.load(Ordering::Relaxed) {
+                    for cookie in &cookies {
+                        match client.send("GET", "/inbox", &[("cookie", cookie)], b"").await {
+                            Ok(r) if r.status == 200 && r.served_by().is_some() => ok += 1,
+                            Ok(r) => bad.push(format!("{} {:?}", r.status, r.text())),
+                            Err(_) => {
+                                client = Client::new(addr);
+                                tokio::time::sleep(Duration::from_millis(5)).await;
+                            }
+                        }
+                    }
+                }
+                (ok, bad)
+            })
+        };
+        let updates_before = stack.envoys[0].stat("prealloc_poller_updates");
+        stack.restart_envoy(0);
+        // Replication goes on while the new Envoy pages the table in.
+        for s in &people[8..16] {
+            register(&stack, s).await;
+        }
+        stack.wait_envoys_caught_up().unwrap();
+        let entries = stack.envoys[0].wait_for_stat("prealloc_poller_entries", STEP_TIMEOUT, |v| v == 24);
+        let updates = stack.envoys[0].stat("prealloc_poller_updates");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stop.store(true, Ordering::Relaxed);
+        let (ok, bad) = traffic.await.unwrap();
+        println!(
+            "paged table ({}): {entries} entries in {updates} answers after the restart \
+             (before it: {updates_before}); {ok} requests served",
+            build.name()
+        );
+        assert!(updates >= 12, "24 entries in pages of 2: {updates} answers");
+        assert!(bad.is_empty(), "answers that were not a manager's 200: {bad:?}");
+        assert!(ok > 0);
+        // Registered consumers are spread over their replicas by the table.
+        let mut client = Client::new(addr);
+        let b = send_requests(&mut client, &people[12].cookie, 6).await.unwrap();
+        assert_eq!(b.tally().len(), 3, "{:?}", b.served);
+        stack.assert_no_violations();
+    }
+}
+
 /// Waits until `check` holds for the answers Envoy gives now; returns how long it took.
 async fn until(what: &str, mut check: impl AsyncFnMut() -> bool) -> Duration {
     let t0 = Instant::now();

@@ -70,11 +70,22 @@ each_build! {
         // Applied, the wrong-epoch delta would send nina to m3, which lacks her
         // data, and the oversized snapshot would drop her entry.
         let wrong_epoch = serde_json::json!({
-            "epoch": "another-database", "version": dp.routes.version() + 1, "kind": "delta",
+            "protocol": 2, "epoch": "another-database", "version": dp.routes.version() + 1, "kind": "delta",
             "managers": [], "remove": [],
             "upsert": [{"consumer": nina.as_str(), "state": "registering", "replicas": ["m3"]}],
         })
         .to_string();
+        // A control plane of an older release (routes protocol 1: no `protocol`,
+        // one-piece snapshots): read as protocol 2, this would send nina to m3.
+        let old_protocol = serde_json::json!({
+            "epoch": "e-old", "version": 1, "kind": "full", "managers": [
+                {"id": "m3", "cluster": "manager_m3", "location": "local", "availability": "available"}
+            ], "remove": [],
+            "upsert": [{"consumer": nina.as_str(), "state": "registering", "replicas": ["m3"]}],
+        })
+        .to_string();
+        // A control plane of a newer release refusing this poller's protocol.
+        let refused = r#"{"error":"unsupported_protocol","message":"this control plane speaks protocol=3"}"#;
         // Larger than Envoy's default http.async_response_buffer_limit (32 MiB).
         let oversized = format!(
             r#"{{"epoch":"x","version":99,"kind":"full","managers":[],"remove":[],"upsert":[],"pad":"{}"}}"#,
@@ -86,6 +97,8 @@ each_build! {
             ("garbage", Some((200, "{not json".to_owned()))),
             ("500", Some((500, r#"{"error":"internal","message":"boom"}"#.to_owned()))),
             ("wrong-epoch delta", Some((200, wrong_epoch))),
+            ("older protocol", Some((200, old_protocol))),
+            ("protocol refused", Some((400, refused.to_owned()))),
             ("oversized (40 MiB)", Some((200, oversized))),
             ("truncated mid-body", None),
             ("hanging", None),
@@ -123,6 +136,13 @@ each_build! {
         assert_eq!(counts.len(), 3, "{counts:?}");
         let log = dp.envoy.log();
         assert!(!log.contains("[prealloc] panic in"), "the filter trapped:\n{log}");
+        // Each protocol mismatch is logged saying what to do.
+        for says in [
+            "the control plane answered without a routes protocol (a release older than protocol 2",
+            "routes poll refused with HTTP 400 unsupported_protocol: this control plane speaks protocol=3",
+        ] {
+            assert!(log.contains(says), "the log does not say {says:?}:\n{log}");
+        }
         dp.assert_no_violations();
     }
 }
