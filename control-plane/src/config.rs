@@ -287,7 +287,7 @@ fn default_change_log() -> usize {
     100_000
 }
 fn default_page_entries() -> usize {
-    10_000
+    2_000
 }
 
 /// A validated configuration.

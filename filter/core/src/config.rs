@@ -189,7 +189,7 @@ fn default_writes_per_turn() -> usize {
 }
 
 /// Table writes the poller makes per turn of Envoy's main thread by default.
-pub const DEFAULT_WRITES_PER_TURN: usize = 5000;
+pub const DEFAULT_WRITES_PER_TURN: usize = 1000;
 
 // ---------------------------------------------------------------------------
 // Checked types.

@@ -20,7 +20,7 @@ use prealloc_wire::{
     Availability, ConsumerId, ErrorBody, RouteEntry, RoutesKind, RoutesQuery, RoutesResponse,
     ROUTES_PROTOCOL,
 };
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::ops::Bound;
 
@@ -168,7 +168,8 @@ struct Applying {
 
 #[derive(Debug)]
 struct Page {
-    written: HashSet<[u8; 16]>,
+    /// In id order (pages come sorted), so the scan looks them up by bisection.
+    written: Vec<[u8; 16]>,
     scan: Bound<[u8; 16]>,
     /// Inclusive end of the range; `None`: to the end (the last page).
     end: Option<[u8; 16]>,
@@ -406,7 +407,7 @@ impl Poller {
             || self.managers_value.as_deref() != Some(managers_value.as_str()))
         .then_some(lines);
         let page = (r.kind == RoutesKind::Full).then(|| Page {
-            written: HashSet::with_capacity(r.upsert.len()),
+            written: Vec::with_capacity(r.upsert.len()),
             scan: match &r.after {
                 Some(a) => Bound::Excluded(a.to_bytes()),
                 None => Bound::Unbounded,
@@ -465,16 +466,18 @@ impl Poller {
                     ));
                 }
             }
-            // Each entry must lie in the page's range, or clearing the
-            // range's absent entries would be wrong.
-            if let Some(e) = r.upsert.iter().find(|e| {
+            // Each entry must lie in the page's range, in id order, or
+            // clearing the range's absent entries would be wrong.
+            let mut last = lo;
+            for e in &r.upsert {
                 let b = e.consumer.to_bytes();
-                lo.is_some_and(|lo| b <= lo) || hi.is_some_and(|hi| b > hi)
-            }) {
-                return Some(format!(
-                    "snapshot page holds consumer {} outside its range",
-                    e.consumer
-                ));
+                if last.is_some_and(|l| b <= l) || hi.is_some_and(|hi| b > hi) {
+                    return Some(format!(
+                        "snapshot page holds consumer {} outside its range or out of id order",
+                        e.consumer
+                    ));
+                }
+                last = Some(b);
             }
             return None;
         }
@@ -522,10 +525,11 @@ impl Poller {
             );
             budget -= 1;
         }
+        let mut replica_clusters: Vec<&str> = Vec::with_capacity(8);
         while budget > 0 {
             let Some(e) = a.upsert.next() else { break };
             budget -= 1;
-            let mut replica_clusters: Vec<&str> = Vec::with_capacity(e.replicas.len());
+            replica_clusters.clear();
             let mut unknown = None;
             for id in &e.replicas {
                 match a.clusters.get(id.as_str()) {
@@ -568,7 +572,7 @@ impl Poller {
             let b = e.consumer.to_bytes();
             self.written.insert(b);
             if let Some(p) = &mut a.page {
-                p.written.insert(b);
+                p.written.push(b);
             }
         }
         while budget > 0 {
@@ -605,7 +609,7 @@ impl Poller {
                     }
                     looks -= batch.len();
                     for b in batch {
-                        if !p.written.contains(&b) {
+                        if p.written.binary_search(&b).is_err() {
                             budget -= 1;
                             write(
                                 &mut a.writes,

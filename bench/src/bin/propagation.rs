@@ -1,0 +1,139 @@
+//! Propagation through the real control plane to real Envoys (BENCHMARKS.md,
+//! "Propagation to 1 and 10 Envoys"): the same stack as the end-to-end tests
+//! (control plane, three recording managers, E Envoys long-polling it), C
+//! consumers signed up through Envoy, then for each consumer in turn: its
+//! data is placed on the two other managers and both copies are reported;
+//! from the moment the last report is acknowledged (committed), every Envoy
+//! is probed with the consumer's registering cookie until one of its requests
+//! is served by a manager other than the first (it routes by the new entry:
+//! registered, spread over three replicas). Reported: p50/p99/max of the time
+//! until each Envoy routes by the change and until every Envoy does, and the
+//! invariant checker's count of requests that reached a manager without the
+//! data.
+//!
+//! `bench/propagation.sh [--envoys E] [--changes C] [--build wasm|native]`
+
+use prealloc_e2e::client::Client;
+use prealloc_e2e::control_plane::Replication;
+use prealloc_e2e::envoy::Build;
+use prealloc_e2e::story::{SignedUp, Stack, StackOptions, MANAGER_IDS, STEP_TIMEOUT};
+use std::time::{Duration, Instant};
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Probes one Envoy until a request with `cookie` is served by a manager
+/// other than `first`; the time from `from`.
+async fn until_routed(client: &mut Client, cookie: &str, first: &str, from: Instant) -> f64 {
+    loop {
+        if let Ok(r) = client
+            .send("GET", "/inbox", &[("cookie", cookie)], b"")
+            .await
+        {
+            if r.served_by().is_some_and(|s| s != first) {
+                return from.elapsed().as_secs_f64() * 1e3;
+            }
+        }
+        assert!(
+            from.elapsed() < STEP_TIMEOUT,
+            "not routed within {STEP_TIMEOUT:?}"
+        );
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let mut envoys = 1usize;
+    let mut changes = 1000usize;
+    let mut build = Build::Native;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let v = args.next().unwrap_or_else(|| panic!("{a} needs a value"));
+        match a.as_str() {
+            "--envoys" => envoys = v.parse().expect("--envoys N"),
+            "--changes" => changes = v.parse().expect("--changes C"),
+            "--build" => {
+                build = match v.as_str() {
+                    "wasm" => Build::Wasm,
+                    "native" => Build::Native,
+                    _ => panic!("--build wasm|native"),
+                }
+            }
+            _ => panic!("usage: propagation [--envoys E] [--changes C] [--build wasm|native]"),
+        }
+    }
+    let mut o = StackOptions::new(Replication::Reported).with_build(build);
+    o.envoys = envoys;
+    o.grace_period_ms = 3_600_000;
+    o.pool_depth = 200;
+    o.manager_capacity = changes as u64 + 1000;
+    o.control_plane_log = Some("warn".into());
+    let stack = Stack::start(&o);
+    let t = Instant::now();
+    let mut people: Vec<SignedUp> = Vec::with_capacity(changes);
+    let mut c = Client::new(stack.envoys[0].addr());
+    for _ in 0..changes {
+        people.push(stack.sign_up(&mut c, STEP_TIMEOUT).await.expect("sign-up"));
+    }
+    stack.wait_envoys_caught_up().expect("caught up");
+    eprintln!(
+        "bench: {changes} consumers signed up in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+
+    let mut clients: Vec<Client> = stack.envoys.iter().map(|e| Client::new(e.addr())).collect();
+    let (mut each, mut every) = (Vec::new(), Vec::new());
+    for s in &people {
+        let others: Vec<&str> = MANAGER_IDS
+            .iter()
+            .copied()
+            .filter(|m| *m != s.first)
+            .collect();
+        for m in &others {
+            stack.manager(m).hold(s.consumer.as_str());
+        }
+        let r = stack.cp.report_replica(&s.consumer, others[0]).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let r = stack.cp.report_replica(&s.consumer, others[1]).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let acked = Instant::now();
+        // One probe per Envoy at once, each on its own kept connection.
+        let probes: Vec<_> = clients
+            .drain(..)
+            .map(|mut c| {
+                let (cookie, first) = (s.cookie.clone(), s.first.clone());
+                tokio::spawn(async move {
+                    let t = until_routed(&mut c, &cookie, &first, acked).await;
+                    (c, t)
+                })
+            })
+            .collect();
+        let mut times = Vec::with_capacity(probes.len());
+        for p in probes {
+            let (c, t) = p.await.expect("probe");
+            clients.push(c);
+            times.push(t);
+        }
+        every.push(times.iter().cloned().fold(0.0, f64::max));
+        each.extend(times);
+    }
+    each.sort_by(|a, b| a.total_cmp(b));
+    every.sort_by(|a, b| a.total_cmp(b));
+    let violations = stack.violations().len();
+    println!(
+        "| {} | {envoys} | {changes} | {:.2} / {:.2} / **{:.2}** / {:.2} | {:.2} / **{:.2}** / {:.2} | {violations} |",
+        build.name(),
+        percentile(&each, 0.5),
+        percentile(&each, 0.9),
+        percentile(&each, 0.99),
+        each.last().copied().unwrap_or(f64::NAN),
+        percentile(&every, 0.5),
+        percentile(&every, 0.99),
+        every.last().copied().unwrap_or(f64::NAN),
+    );
+}
