@@ -321,8 +321,8 @@ fn main() {
     );
     println!(
         "page_entries {}, writes_per_turn {}",
-        page_entries.map_or("default (10000)".to_owned(), |p| p.to_string()),
-        writes_per_turn.map_or("default (5000)".to_owned(), |p| p.to_string())
+        page_entries.map_or("the control plane's default".to_owned(), |p| p.to_string()),
+        writes_per_turn.map_or("the poller's default".to_owned(), |p| p.to_string())
     );
     println!("| rep | build | start → ready (ms) | start → table applied (ms) | Envoy CPU (ms) | RSS with table / empty (MiB) | bytes per entry | ready Envoy, table applied (ms) | `/ready` answers meanwhile | `/ready` p50 / p99 / max (ms) |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
