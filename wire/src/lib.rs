@@ -107,23 +107,15 @@ impl ConsumerId {
 
     /// Parses an encoded id; see [`ConsumerIdError`] for what is refused.
     pub fn parse(s: &str) -> Result<Self, ConsumerIdError> {
-        if s.len() != CONSUMER_ID_LEN {
-            return Err(ConsumerIdError::Length(s.len()));
-        }
-        if !s
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        {
-            return Err(ConsumerIdError::Alphabet);
-        }
-        // 22 chars carry 132 bits; the last char's low 4 bits must be zero for a
-        // canonical 128-bit encoding.
-        let last = s.as_bytes()[CONSUMER_ID_LEN - 1];
-        let pos = B64URL.iter().position(|&c| c == last).unwrap_or(0);
-        if pos & 0b1111 != 0 {
-            return Err(ConsumerIdError::NotCanonical);
-        }
+        check(s)?;
         Ok(ConsumerId(s.to_owned()))
+    }
+
+    /// The 16 bytes of an encoded id, checked as [`ConsumerId::parse`] does,
+    /// without allocating (the poller reads a page of ids this way).
+    pub fn parse_bytes(s: &str) -> Result<[u8; 16], ConsumerIdError> {
+        check(s)?;
+        Ok(decode(s))
     }
 
     pub fn as_str(&self) -> &str {
@@ -132,30 +124,56 @@ impl ConsumerId {
 
     /// The 16 bytes behind the id (the inverse of [`ConsumerId::from_bytes`]).
     pub fn to_bytes(&self) -> [u8; 16] {
-        let mut out = [0u8; 16];
-        let mut acc: u32 = 0;
-        let mut bits = 0u32;
-        let mut n = 0usize;
-        for c in self.0.bytes() {
-            let v = match c {
-                b'A'..=b'Z' => c - b'A',
-                b'a'..=b'z' => c - b'a' + 26,
-                b'0'..=b'9' => c - b'0' + 52,
-                b'-' => 62,
-                _ => 63,
-            };
-            acc = (acc << 6) | u32::from(v);
-            bits += 6;
-            if bits >= 8 {
-                bits -= 8;
-                if let Some(slot) = out.get_mut(n) {
-                    *slot = (acc >> bits) as u8;
-                }
-                n += 1;
-            }
-        }
-        out
+        decode(&self.0)
     }
+}
+
+/// Checks the shape of an encoded id.
+fn check(s: &str) -> Result<(), ConsumerIdError> {
+    if s.len() != CONSUMER_ID_LEN {
+        return Err(ConsumerIdError::Length(s.len()));
+    }
+    if !s
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(ConsumerIdError::Alphabet);
+    }
+    // 22 chars carry 132 bits; the last char's low 4 bits must be zero for a
+    // canonical 128-bit encoding.
+    let last = s.as_bytes()[CONSUMER_ID_LEN - 1];
+    let pos = B64URL.iter().position(|&c| c == last).unwrap_or(0);
+    if pos & 0b1111 != 0 {
+        return Err(ConsumerIdError::NotCanonical);
+    }
+    Ok(())
+}
+
+/// The bytes of a checked encoding (any other input decodes to something, never panics).
+fn decode(s: &str) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    let mut acc: u32 = 0;
+    let mut bits = 0u32;
+    let mut n = 0usize;
+    for c in s.bytes() {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'-' => 62,
+            _ => 63,
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            if let Some(slot) = out.get_mut(n) {
+                *slot = (acc >> bits) as u8;
+            }
+            n += 1;
+        }
+    }
+    out
 }
 
 impl fmt::Display for ConsumerId {
@@ -510,6 +528,19 @@ mod tests {
         }
         for bad in ["", "a b", "a&b", "a=b", "é", &"n".repeat(MAX_NODE_LEN + 1)] {
             assert!(!is_valid_node(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn consumer_id_bytes_parse_like_ids() {
+        let id = ConsumerId::from_bytes([9; 16]);
+        assert_eq!(ConsumerId::parse_bytes(id.as_str()), Ok([9; 16]));
+        for bad in ["abc", "AAAAAAAAAAAAAAAAAAAAA=", "AAAAAAAAAAAAAAAAAAAAAB"] {
+            assert_eq!(
+                ConsumerId::parse_bytes(bad),
+                ConsumerId::parse(bad).map(|c| c.to_bytes())
+            );
+            assert!(ConsumerId::parse_bytes(bad).is_err());
         }
     }
 

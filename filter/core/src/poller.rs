@@ -17,9 +17,11 @@
 //! page) is applied whole.
 
 use prealloc_wire::{
-    Availability, ConsumerId, ErrorBody, RouteEntry, RoutesKind, RoutesQuery, RoutesResponse,
+    Availability, ConsumerId, ConsumerState, ErrorBody, RoutesKind, RoutesQuery, RoutesResponse,
     ROUTES_PROTOCOL,
 };
+use serde::{Deserialize, Deserializer};
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::ops::Bound;
@@ -140,7 +142,7 @@ struct Paging {
     epoch: String,
     version: u64,
     /// Asked for as `after` by the next poll.
-    next: ConsumerId,
+    next: [u8; 16],
 }
 
 /// An answer being applied, a turn at a time.
@@ -149,21 +151,109 @@ struct Applying {
     kind: RoutesKind,
     epoch: String,
     version: u64,
-    /// Manager id -> cluster, as the answer lists them.
-    clusters: HashMap<String, String>,
+    /// The clusters entries name, by index.
+    clusters: Vec<String>,
     /// The managers write, until it is done (first of all).
     managers: Option<Vec<(String, Availability)>>,
     managers_value: String,
-    upsert: std::vec::IntoIter<RouteEntry>,
+    upsert: std::vec::IntoIter<Compact>,
+    /// Indexes into `clusters`: each entry's replicas, one after the other.
+    replicas: Vec<u16>,
     /// A delta's removals.
-    remove: std::vec::IntoIter<ConsumerId>,
+    remove: std::vec::IntoIter<[u8; 16]>,
     /// A snapshot page: the consumers it wrote, and the id range it covers
     /// (the scan for entries it no longer has resumes after `scan`).
     page: Option<Page>,
-    next: Option<ConsumerId>,
+    next: Option<[u8; 16]>,
     writes: usize,
     failed_writes: usize,
     skipped: Vec<String>,
+}
+
+/// An entry to write: its replicas are `Applying::replicas[first..first + len]`.
+#[derive(Debug)]
+struct Compact {
+    consumer: [u8; 16],
+    state: ConsumerState,
+    first: usize,
+    len: usize,
+}
+
+/// A routes answer as the poller reads it: borrowed from the body where it
+/// can be, so a page costs one allocation per entry (its replica list), not
+/// one per consumer id and replica (`RoutesResponse` is the owned form).
+#[derive(Deserialize)]
+struct View<'a> {
+    #[serde(default)]
+    protocol: u32,
+    #[serde(borrow)]
+    epoch: Name<'a>,
+    version: u64,
+    kind: RoutesKind,
+    #[serde(borrow)]
+    managers: Vec<ManagerView<'a>>,
+    #[serde(default, borrow)]
+    upsert: Vec<EntryView<'a>>,
+    #[serde(default)]
+    remove: Vec<Key>,
+    #[serde(default)]
+    after: Option<Key>,
+    #[serde(default)]
+    next: Option<Key>,
+}
+
+#[derive(Deserialize)]
+struct ManagerView<'a> {
+    #[serde(borrow)]
+    id: Name<'a>,
+    #[serde(borrow)]
+    cluster: Name<'a>,
+    availability: Availability,
+}
+
+#[derive(Deserialize)]
+struct EntryView<'a> {
+    consumer: Key,
+    state: ConsumerState,
+    #[serde(borrow)]
+    replicas: Vec<Name<'a>>,
+}
+
+/// A JSON string, borrowed unless it has escapes.
+struct Name<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Name<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Cow<'de, str>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Cow::Borrowed(v))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Cow::Owned(v.to_owned()))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Cow::Owned(v))
+            }
+        }
+        d.deserialize_str(V).map(Name)
+    }
+}
+
+/// A consumer id, read straight into its 16 bytes (checked as `ConsumerId::parse`).
+struct Key([u8; 16]);
+
+impl<'de> Deserialize<'de> for Key {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = Name::deserialize(d)?;
+        ConsumerId::parse_bytes(&s.0)
+            .map(Key)
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 #[derive(Debug)]
@@ -218,7 +308,7 @@ impl Poller {
                 epoch: Some(p.epoch.clone()),
                 wait_ms: Some(0),
                 node: self.cfg.node_id.clone(),
-                after: Some(p.next.clone()),
+                after: Some(ConsumerId::from_bytes(p.next)),
             },
             None => RoutesQuery {
                 since: self.version,
@@ -317,7 +407,7 @@ impl Poller {
                  push.page_entries)"
                     .into(),
             )),
-            Some(200) => serde_json::from_slice::<RoutesResponse>(body)
+            Some(200) => serde_json::from_slice::<View<'_>>(body)
                 .map_err(|e| PollError::Body(e.to_string()))
                 .and_then(|r| self.start(r)),
             Some(s) => Err(match serde_json::from_slice::<ErrorBody>(body) {
@@ -349,7 +439,10 @@ impl Poller {
         r: RoutesResponse,
         sink: &mut dyn FnMut(TableWrite<'_>) -> bool,
     ) -> Result<Update, PollError> {
-        self.start(r)?;
+        let body = serde_json::to_vec(&r).map_err(|e| PollError::Body(e.to_string()))?;
+        let view = serde_json::from_slice::<View<'_>>(&body)
+            .map_err(|e| PollError::Body(e.to_string()))?;
+        self.start(view)?;
         loop {
             if let Step::Done(u) = self.step(sink) {
                 return Ok(u);
@@ -359,20 +452,19 @@ impl Poller {
 
     /// Checks a decoded answer against the poller's state; when it is usable,
     /// queues it for [`Poller::step`]. Nothing is written here.
-    fn start(&mut self, r: RoutesResponse) -> Result<(), PollError> {
+    fn start(&mut self, r: View<'_>) -> Result<(), PollError> {
         if r.protocol != ROUTES_PROTOCOL {
             return Err(PollError::Protocol(r.protocol));
         }
-        if r.epoch.is_empty()
-            || r.epoch.len() > MAX_EPOCH_LEN
-            || !r
-                .epoch
+        let epoch = r.epoch.0.as_ref();
+        if epoch.is_empty()
+            || epoch.len() > MAX_EPOCH_LEN
+            || !epoch
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"-_.~".contains(&b))
         {
             return Err(PollError::Body(format!(
-                "epoch {:?} must be 1..={MAX_EPOCH_LEN} URL-safe characters",
-                r.epoch
+                "epoch {epoch:?} must be 1..={MAX_EPOCH_LEN} URL-safe characters"
             )));
         }
         if let Some(why) = self.out_of_sequence(&r) {
@@ -383,22 +475,32 @@ impl Poller {
         }
 
         let mut skipped = Vec::new();
-        let mut clusters: HashMap<String, String> = HashMap::with_capacity(r.managers.len());
+        // Manager id -> index of its cluster in `clusters`.
+        let mut ids: HashMap<&str, u16> = HashMap::with_capacity(r.managers.len());
+        let mut clusters: Vec<String> = Vec::with_capacity(r.managers.len());
         let mut lines = Vec::with_capacity(r.managers.len());
-        for m in r.managers {
-            if m.id.is_empty() || !is_valid_cluster(&m.cluster) {
+        for m in &r.managers {
+            let (id, cluster) = (m.id.0.as_ref(), m.cluster.0.as_ref());
+            if id.is_empty() || !is_valid_cluster(cluster) {
                 skipped.push(format!(
-                    "manager {:?}: cluster {:?} is not a valid cluster name",
-                    m.id, m.cluster
+                    "manager {id:?}: cluster {cluster:?} is not a valid cluster name"
                 ));
                 continue;
             }
-            lines.push((m.cluster.clone(), m.availability));
-            if clusters.insert(m.id.clone(), m.cluster).is_some() {
-                skipped.push(format!(
-                    "manager {:?} listed twice; the last one wins",
-                    m.id
-                ));
+            lines.push((cluster.to_owned(), m.availability));
+            let index = match clusters.iter().position(|c| c == cluster) {
+                Some(i) => i,
+                None => {
+                    clusters.push(cluster.to_owned());
+                    clusters.len() - 1
+                }
+            };
+            let Ok(index) = u16::try_from(index) else {
+                skipped.push(format!("manager {id:?}: more than {} clusters", u16::MAX));
+                continue;
+            };
+            if ids.insert(id, index).is_some() {
+                skipped.push(format!("manager {id:?} listed twice; the last one wins"));
             }
         }
         let managers_value = encode_managers(lines.iter().map(|(c, a)| (c.as_str(), *a)));
@@ -406,35 +508,81 @@ impl Poller {
         let managers = (first_page
             || self.managers_value.as_deref() != Some(managers_value.as_str()))
         .then_some(lines);
-        let page = (r.kind == RoutesKind::Full).then(|| Page {
-            written: Vec::with_capacity(r.upsert.len()),
+        let full = r.kind == RoutesKind::Full;
+        let keeps = if full {
+            "dropping its entry"
+        } else {
+            "keeping the previous entry"
+        };
+        // Each entry's replicas as cluster indexes, checked now; the writes come in turns.
+        let mut entries = Vec::with_capacity(r.upsert.len());
+        let mut replicas: Vec<u16> = Vec::with_capacity(r.upsert.len() * 2);
+        for e in &r.upsert {
+            let first = replicas.len();
+            let mut unknown = None;
+            for id in &e.replicas {
+                match ids.get(id.0.as_ref()) {
+                    Some(&c) if !replicas.get(first..).unwrap_or_default().contains(&c) => {
+                        replicas.push(c)
+                    }
+                    Some(_) => {}
+                    None => {
+                        unknown = Some(id.0.as_ref());
+                        break;
+                    }
+                }
+            }
+            let len = replicas.len() - first;
+            let problem = if let Some(id) = unknown {
+                Some(format!("names unknown manager {id:?}"))
+            } else if len == 0 {
+                Some("has no replicas".to_owned())
+            } else if len > MAX_ENTRY_REPLICAS {
+                Some(format!("has more than {MAX_ENTRY_REPLICAS} replicas"))
+            } else {
+                None
+            };
+            if let Some(p) = problem {
+                replicas.truncate(first);
+                skipped.push(format!(
+                    "entry of consumer {}: {p}; {keeps}",
+                    ConsumerId::from_bytes(e.consumer.0)
+                ));
+                continue;
+            }
+            entries.push(Compact {
+                consumer: e.consumer.0,
+                state: e.state,
+                first,
+                len,
+            });
+        }
+        let page = full.then(|| Page {
+            written: Vec::with_capacity(entries.len()),
             scan: match &r.after {
-                Some(a) => Bound::Excluded(a.to_bytes()),
+                Some(a) => Bound::Excluded(a.0),
                 None => Bound::Unbounded,
             },
-            end: r.next.as_ref().map(ConsumerId::to_bytes),
+            end: r.next.as_ref().map(|k| k.0),
             scanned: false,
         });
         self.applying = Some(Applying {
             kind: r.kind,
-            epoch: r.epoch,
+            epoch: epoch.to_owned(),
             version: r.version,
             clusters,
             managers,
             managers_value,
-            upsert: r.upsert.into_iter(),
+            upsert: entries.into_iter(),
+            replicas,
             remove: if r.kind == RoutesKind::Delta {
-                r.remove
+                r.remove.iter().map(|k| k.0).collect()
             } else {
                 Vec::new()
             }
             .into_iter(),
             page,
-            next: if r.kind == RoutesKind::Full {
-                r.next
-            } else {
-                None
-            },
+            next: if full { r.next.map(|k| k.0) } else { None },
             writes: 0,
             failed_writes: 0,
             skipped,
@@ -443,26 +591,29 @@ impl Poller {
     }
 
     /// Why `r` cannot follow what this poller holds, if it cannot.
-    fn out_of_sequence(&self, r: &RoutesResponse) -> Option<String> {
+    fn out_of_sequence(&self, r: &View<'_>) -> Option<String> {
+        let epoch = r.epoch.0.as_ref();
         if r.kind == RoutesKind::Full {
             if let Some(after) = &r.after {
                 let continues = self.paging.as_ref().is_some_and(|p| {
-                    p.next == *after && p.epoch == r.epoch && p.version == r.version
+                    p.next == after.0 && p.epoch == epoch && p.version == r.version
                 });
                 if !continues {
                     return Some(format!(
-                        "snapshot page after {after} of epoch {:?} version {}, but the page asked for is {:?}",
-                        r.epoch, r.version, self.paging
+                        "snapshot page after {} of epoch {epoch:?} version {}, but the page asked for is {:?}",
+                        ConsumerId::from_bytes(after.0),
+                        r.version,
+                        self.paging.as_ref().map(|p| (&p.epoch, p.version, ConsumerId::from_bytes(p.next)))
                     ));
                 }
             }
-            let lo = r.after.as_ref().map(ConsumerId::to_bytes);
-            let hi = r.next.as_ref().map(ConsumerId::to_bytes);
+            let lo = r.after.as_ref().map(|k| k.0);
+            let hi = r.next.as_ref().map(|k| k.0);
             if let (Some(lo), Some(hi)) = (lo, hi) {
                 if hi <= lo {
                     return Some(format!(
-                        "snapshot page ends at {:?}, before it starts",
-                        r.next
+                        "snapshot page ends at {}, before it starts",
+                        ConsumerId::from_bytes(hi)
                     ));
                 }
             }
@@ -470,11 +621,11 @@ impl Poller {
             // clearing the range's absent entries would be wrong.
             let mut last = lo;
             for e in &r.upsert {
-                let b = e.consumer.to_bytes();
+                let b = e.consumer.0;
                 if last.is_some_and(|l| b <= l) || hi.is_some_and(|hi| b > hi) {
                     return Some(format!(
                         "snapshot page holds consumer {} outside its range or out of id order",
-                        e.consumer
+                        ConsumerId::from_bytes(b)
                     ));
                 }
                 last = Some(b);
@@ -484,10 +635,10 @@ impl Poller {
         if self.paging.is_some() {
             return Some(format!("{:?} while a snapshot is being paged in", r.kind));
         }
-        if self.epoch.as_deref() != Some(r.epoch.as_str()) {
+        if self.epoch.as_deref() != Some(epoch) {
             return Some(format!(
-                "{:?} for epoch {:?}, ours is {:?}",
-                r.kind, r.epoch, self.epoch
+                "{:?} for epoch {epoch:?}, ours is {:?}",
+                r.kind, self.epoch
             ));
         }
         if r.version < self.version
@@ -530,56 +681,32 @@ impl Poller {
             let Some(e) = a.upsert.next() else { break };
             budget -= 1;
             replica_clusters.clear();
-            let mut unknown = None;
-            for id in &e.replicas {
-                match a.clusters.get(id.as_str()) {
-                    Some(c) if !replica_clusters.contains(&c.as_str()) => replica_clusters.push(c),
-                    Some(_) => {}
-                    None => {
-                        unknown = Some(id.as_str());
-                        break;
-                    }
-                }
-            }
-            let problem = if let Some(id) = unknown {
-                Some(format!("names unknown manager {id:?}"))
-            } else if replica_clusters.is_empty() {
-                Some("has no replicas".to_owned())
-            } else if replica_clusters.len() > MAX_ENTRY_REPLICAS {
-                Some(format!("has more than {MAX_ENTRY_REPLICAS} replicas"))
-            } else {
-                None
-            };
-            if let Some(p) = problem {
-                let keeps = if a.page.is_some() {
-                    "dropping its entry"
-                } else {
-                    "keeping the previous entry"
-                };
-                a.skipped
-                    .push(format!("entry of consumer {}: {p}; {keeps}", e.consumer));
-                continue;
-            }
+            let ids = a.replicas.get(e.first..e.first + e.len).unwrap_or_default();
+            replica_clusters.extend(
+                ids.iter()
+                    .filter_map(|&i| a.clusters.get(usize::from(i)).map(String::as_str)),
+            );
+            let consumer = ConsumerId::from_bytes(e.consumer);
             write(
                 &mut a.writes,
                 &mut a.failed_writes,
                 TableWrite::Entry {
-                    consumer: &e.consumer,
+                    consumer: &consumer,
                     state: e.state,
                     replicas: &replica_clusters,
                 },
             );
-            let b = e.consumer.to_bytes();
-            self.written.insert(b);
+            self.written.insert(e.consumer);
             if let Some(p) = &mut a.page {
-                p.written.push(b);
+                p.written.push(e.consumer);
             }
         }
         while budget > 0 {
-            let Some(id) = a.remove.next() else { break };
+            let Some(b) = a.remove.next() else { break };
             budget -= 1;
+            let id = ConsumerId::from_bytes(b);
             write(&mut a.writes, &mut a.failed_writes, TableWrite::Remove(&id));
-            self.written.remove(&id.to_bytes());
+            self.written.remove(&b);
         }
         // A snapshot page: clear the entries of its range it does not have.
         // Looking at an entry is cheap next to a write: a turn looks at up to
