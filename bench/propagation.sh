@@ -1,23 +1,11 @@
 #!/usr/bin/env bash
 # Propagation through the real control plane to 1 and 10 real Envoys
-# (BENCHMARKS.md, "Propagation to 1 and 10 Envoys"):
+# (BENCHMARKS.md, section 9):
 #   bench/propagation.sh [--envoys E] [--changes C] [--build wasm|native]
-# (defaults: 1 Envoy, 1000 changes, native). Installs Envoy and the wasm target
-# as `cargo xtask setup` does if missing, builds the release control plane,
-# both filter builds and the driver, then runs it.
+# (defaults: 1 Envoy, 1000 changes, native).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-if [ ! -x "$root/.tools/venv/bin/envoy" ] || ! rustup target list --installed | grep -qx wasm32-wasip1; then
-  cargo xtask setup
-fi
-cargo build --release --package prealloc-control-plane --bin prealloc-control-plane
-cargo build --package prealloc-filter-wasm --target wasm32-wasip1 --release
-cargo build --package prealloc-filter-native --release
-export CARGO_TARGET_DIR="$root/target"
-cargo build --release --manifest-path bench/Cargo.toml --bin propagation
-export PREALLOC_CONTROL_PLANE="${PREALLOC_CONTROL_PLANE:-$root/target/release/prealloc-control-plane}"
-export PREALLOC_ENVOY="${PREALLOC_ENVOY:-$root/.tools/venv/bin/envoy}"
-export PREALLOC_WASM="${PREALLOC_WASM:-$root/target/wasm32-wasip1/release/prealloc_filter.wasm}"
-export PREALLOC_NATIVE="${PREALLOC_NATIVE:-$root/target/release/libprealloc_native.so}"
+. bench/common.sh
+bench_build propagation
 exec "$root/target/release/propagation" "$@"

@@ -4,6 +4,7 @@
 //! stay up for the whole run and the load cases are interleaved, so slow drift
 //! of a shared machine spreads over every case instead of biasing one.
 
+use prealloc_bench::stats::{median, min_max};
 use prealloc_bench::{probe, procs};
 
 use prealloc_e2e::envoy::{Build, Endpoint, Envoy, EnvoyConfig, EnvoyOptions};
@@ -306,27 +307,6 @@ struct Run {
     lat: WrkResult,
     cpu_ns_per_req: f64,
     envoy_cpu_util: f64,
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-    if s.is_empty() {
-        return f64::NAN;
-    }
-    let m = s.len() / 2;
-    if s.len() % 2 == 1 {
-        s[m]
-    } else {
-        (s[m - 1] + s[m]) / 2.0
-    }
-}
-
-fn min_max(v: &[f64]) -> (f64, f64) {
-    v.iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| {
-            (a.min(*x), b.max(*x))
-        })
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {

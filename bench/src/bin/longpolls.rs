@@ -9,6 +9,7 @@
 //! `bench/longpolls.sh [--pollers N] [--changes C]`
 
 use prealloc_bench::procs;
+use prealloc_bench::stats::quantile;
 use prealloc_e2e::client::Client;
 use prealloc_e2e::control_plane::{ControlPlane, ControlPlaneConfig, ManagerSpec};
 use prealloc_wire::{RoutesQuery, RoutesResponse};
@@ -34,13 +35,6 @@ async fn routes_version(c: &mut Client, token: &str) -> u64 {
 
 /// Per poller: each new version it received, and when.
 type Arrivals = Arc<Mutex<Vec<Vec<(u64, Instant)>>>>;
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 1)]
 async fn main() {
@@ -208,11 +202,11 @@ async fn main() {
     );
     println!(
         "{changes} changes x {pollers} pollers, from sending the sign-up: its answer p50 {:.2} ms; a poller holds it p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; the last poller holds it p50 {:.2} ms, p99 {:.2} ms; {missing} never arrived",
-        percentile(&answered, 0.5),
-        percentile(&each, 0.5),
-        percentile(&each, 0.99),
-        percentile(&each, 1.0),
-        percentile(&last, 0.5),
-        percentile(&last, 0.99)
+        quantile(&answered, 0.5),
+        quantile(&each, 0.5),
+        quantile(&each, 0.99),
+        quantile(&each, 1.0),
+        quantile(&last, 0.5),
+        quantile(&last, 0.99)
     );
 }

@@ -13,18 +13,12 @@
 //!
 //! `bench/propagation.sh [--envoys E] [--changes C] [--build wasm|native]`
 
+use prealloc_bench::stats::quantile;
 use prealloc_e2e::client::Client;
 use prealloc_e2e::control_plane::Replication;
 use prealloc_e2e::envoy::Build;
 use prealloc_e2e::story::{SignedUp, Stack, StackOptions, MANAGER_IDS, STEP_TIMEOUT};
 use std::time::{Duration, Instant};
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
 
 /// Probes one Envoy until a request with `cookie` is served by `second`;
 /// the time from `from`.
@@ -124,12 +118,12 @@ async fn main() {
     println!(
         "| {} | {envoys} | {changes} | {:.2} / {:.2} / **{:.2}** / {:.2} | {:.2} / **{:.2}** / {:.2} | {violations} |",
         build.name(),
-        percentile(&each, 0.5),
-        percentile(&each, 0.9),
-        percentile(&each, 0.99),
+        quantile(&each, 0.5),
+        quantile(&each, 0.9),
+        quantile(&each, 0.99),
         each.last().copied().unwrap_or(f64::NAN),
-        percentile(&every, 0.5),
-        percentile(&every, 0.99),
+        quantile(&every, 0.5),
+        quantile(&every, 0.99),
         every.last().copied().unwrap_or(f64::NAN),
     );
 }

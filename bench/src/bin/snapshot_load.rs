@@ -17,74 +17,27 @@
 //!
 //! `bench/snapshot-load.sh [--consumers N] [--reps R]` builds and runs it.
 
+use prealloc_bench::db::{now_ms, Filler, MANAGERS};
 use prealloc_bench::probe::Probe;
 use prealloc_bench::procs;
-use prealloc_control_plane::registry::Registry;
-use prealloc_control_plane::store::{sqlite::SqliteStore, Store};
+use prealloc_bench::stats::{median, quantile};
 use prealloc_e2e::control_plane::{ControlPlane, ControlPlaneConfig, ManagerSpec};
 use prealloc_e2e::envoy::{Build, Endpoint, Envoy, EnvoyConfig, EnvoyOptions};
-use prealloc_wire::ConsumerId;
 use serde_json::json;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-const MANAGERS: [&str; 3] = ["m1", "m2", "m3"];
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// splitmix64's finalizer: a bijection, so distinct `n` give distinct ids.
-fn mix(n: u64) -> u64 {
-    let mut z = n.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-/// Consumer `n`'s id: every byte as random-looking as the control plane's
-/// ids are (the native table picks its shard by the last byte).
-fn consumer(n: u64) -> ConsumerId {
-    let mut b = [0u8; 16];
-    b[..8].copy_from_slice(&mix(n).to_le_bytes());
-    b[8..].copy_from_slice(&mix(!n).to_le_bytes());
-    ConsumerId::from_bytes(b)
-}
-
-/// Writes `n` consumers signed up now, through the control plane's registry:
-/// even ones registering on their first manager, odd ones registered on all three.
+/// Writes `n` consumers signed up now: even ones registering on their first
+/// manager, odd ones registered on all three.
 fn fill(cp: &ControlPlane, n: u64) -> Duration {
     let start = Instant::now();
-    let text = std::fs::read_to_string(cp.dir().join("prealloc.toml")).expect("cp config");
-    let config = prealloc_control_plane::Config::parse(&text, cp.dir()).expect("cp config parses");
-    let mut store = SqliteStore::open(&cp.database_path()).expect("open the database");
-    let snap = store.load().expect("load");
-    let mut reg = Registry::from_snapshot(&config, &snap).expect("registry");
+    let mut f = Filler::open(cp);
     let now = now_ms();
-    let mut ops = Vec::new();
     for i in 0..n {
-        reg.reserve(0, now, &mut ops)
-            .expect("capacity for every consumer");
-        let id = consumer(i);
-        let (r, _) = reg
-            .register("mailbox", None, id.clone(), now, &mut ops)
-            .expect("a ready resource");
-        reg.confirm(&id, now, &mut ops).expect("confirm");
-        if i % 2 == 1 {
-            for m in MANAGERS.iter().filter(|m| **m != r.manager) {
-                reg.add_replica(&id, m, now + 5, &mut ops).expect("replica");
-            }
-        }
-        if ops.len() > 200_000 {
-            store.commit(&ops).expect("commit");
-            ops.clear();
-        }
+        f.sign_up(i, now, if i % 2 == 1 { 2 } else { 0 });
     }
-    store.commit(&ops).expect("commit");
+    f.finish();
     start.elapsed()
 }
 
@@ -269,17 +222,10 @@ fn load(
     }
 }
 
-fn median(v: &[f64]) -> f64 {
+fn sorted(v: &[f64]) -> Vec<f64> {
     let mut v = v.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
-}
-
-fn percentile(v: &[f64], p: f64) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-    v.get(i).copied().unwrap_or(0.0)
+    v
 }
 
 fn main() {
@@ -349,7 +295,7 @@ fn main() {
                 p.applied.as_secs_f64() * 1e3,
                 p.ready_ms.len(),
                 median(&p.ready_ms),
-                percentile(&p.ready_ms, 0.99),
+                quantile(&sorted(&p.ready_ms), 0.99),
                 p.ready_ms.iter().cloned().fold(0.0, f64::max),
             );
         }

@@ -8,46 +8,19 @@
 //!
 //! `bench/status-page.sh [--consumers N] [--reps R]` builds and runs it.
 
-use prealloc_control_plane::registry::Registry;
-use prealloc_control_plane::store::{sqlite::SqliteStore, Store};
+use prealloc_bench::db::{now_ms, Filler, MANAGERS};
+use prealloc_bench::stats::{median, min_max};
 use prealloc_e2e::browser::Browser;
 use prealloc_e2e::client::Client;
 use prealloc_e2e::control_plane::{ControlPlane, ControlPlaneConfig, ManagerSpec};
-use prealloc_wire::ConsumerId;
 use serde_json::Value;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-const MANAGERS: [&str; 3] = ["m1", "m2", "m3"];
 /// Consumers signed up "now" (in their replication window); the rest long ago.
 const RECENT: u64 = 1000;
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-fn consumer(n: u64) -> ConsumerId {
-    let mut z = n.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^= z >> 31;
-    let mut b = [0u8; 16];
-    b[..8].copy_from_slice(&z.to_le_bytes());
-    b[8..].copy_from_slice(&n.to_le_bytes());
-    ConsumerId::from_bytes(b)
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 fn range(v: &[f64]) -> String {
-    let lo = v.iter().cloned().fold(f64::INFINITY, f64::min);
-    let hi = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let (lo, hi) = min_max(v);
     format!("{lo:.1}–{hi:.1}")
 }
 
@@ -56,34 +29,15 @@ fn range(v: &[f64]) -> String {
 /// still registering. Returns how long it took.
 fn fill(cp: &ControlPlane, n: u64) -> Duration {
     let start = Instant::now();
-    let text = std::fs::read_to_string(cp.dir().join("prealloc.toml")).expect("cp config");
-    let config = prealloc_control_plane::Config::parse(&text, cp.dir()).expect("cp config parses");
-    let mut store = SqliteStore::open(&cp.database_path()).expect("open the database");
-    let snap = store.load().expect("load");
-    let mut reg = Registry::from_snapshot(&config, &snap).expect("registry");
+    let mut f = Filler::open(cp);
     let now = now_ms();
     let long_ago = now - 86_400_000;
-    let mut ops = Vec::new();
     for i in 0..n {
         let recent = i >= n.saturating_sub(RECENT);
         let t = if recent { now } else { long_ago + i / 100 };
-        reg.reserve(0, t, &mut ops)
-            .expect("capacity for every consumer");
-        let id = consumer(i);
-        let (r, _) = reg
-            .register("mailbox", None, id.clone(), t, &mut ops)
-            .expect("a ready resource");
-        reg.confirm(&id, t, &mut ops).expect("confirm");
-        let copies = if recent && i % 2 == 0 { 1 } else { 2 };
-        for m in MANAGERS.iter().filter(|m| **m != r.manager).take(copies) {
-            reg.add_replica(&id, m, t + 5, &mut ops).expect("replica");
-        }
-        if ops.len() > 200_000 {
-            store.commit(&ops).expect("commit");
-            ops.clear();
-        }
+        f.sign_up(i, t, if recent && i % 2 == 0 { 1 } else { 2 });
     }
-    store.commit(&ops).expect("commit");
+    f.finish();
     start.elapsed()
 }
 

@@ -1,0 +1,88 @@
+//! Filling a real control plane's database fast: consumers written through
+//! the control plane's own registry (the same ops a sign-up writes),
+//! committed in large batches, far faster than as many HTTP sign-ups.
+
+use prealloc_control_plane::registry::Registry;
+use prealloc_control_plane::store::Op;
+use prealloc_control_plane::store::{sqlite::SqliteStore, Store};
+use prealloc_e2e::control_plane::ControlPlane;
+use prealloc_wire::ConsumerId;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// The managers of the benchmarks' control planes.
+pub const MANAGERS: [&str; 3] = ["m1", "m2", "m3"];
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// splitmix64's finalizer: a bijection, so distinct `n` give distinct ids.
+fn mix(n: u64) -> u64 {
+    let mut z = n.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Consumer `n`'s id: every byte as random-looking as the control plane's
+/// own ids are (the native table picks its shard by the last byte).
+pub fn consumer(n: u64) -> ConsumerId {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&mix(n).to_le_bytes());
+    b[8..].copy_from_slice(&mix(!n).to_le_bytes());
+    ConsumerId::from_bytes(b)
+}
+
+/// Writes consumers into the database of a stopped control plane.
+pub struct Filler {
+    reg: Registry,
+    store: SqliteStore,
+    ops: Vec<Op>,
+}
+
+impl Filler {
+    /// Opens `cp`'s database (kill the control plane first).
+    pub fn open(cp: &ControlPlane) -> Filler {
+        let text = std::fs::read_to_string(cp.dir().join("prealloc.toml")).expect("cp config");
+        let config =
+            prealloc_control_plane::Config::parse(&text, cp.dir()).expect("cp config parses");
+        let mut store = SqliteStore::open(&cp.database_path()).expect("open the database");
+        let snap = store.load().expect("load");
+        let reg = Registry::from_snapshot(&config, &snap).expect("registry");
+        Filler {
+            reg,
+            store,
+            ops: Vec::new(),
+        }
+    }
+
+    /// Signs up consumer `n` at `t` (ms) and records `copies` more managers
+    /// holding its data 5 ms later (all of them: registered).
+    pub fn sign_up(&mut self, n: u64, t: u64, copies: usize) {
+        let ops = &mut self.ops;
+        self.reg
+            .reserve(0, t, ops)
+            .expect("capacity for every consumer");
+        let id = consumer(n);
+        let (r, _) = self
+            .reg
+            .register("mailbox", None, id.clone(), t, ops)
+            .expect("a ready resource");
+        self.reg.confirm(&id, t, ops).expect("confirm");
+        for m in MANAGERS.iter().filter(|m| **m != r.manager).take(copies) {
+            self.reg.add_replica(&id, m, t + 5, ops).expect("replica");
+        }
+        if self.ops.len() > 200_000 {
+            self.store.commit(&self.ops).expect("commit");
+            self.ops.clear();
+        }
+    }
+
+    /// Commits what is left.
+    pub fn finish(mut self) {
+        self.store.commit(&self.ops).expect("commit");
+    }
+}
