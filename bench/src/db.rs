@@ -41,6 +41,8 @@ pub struct Filler {
     reg: Registry,
     store: SqliteStore,
     ops: Vec<Op>,
+    /// The routes version the database had.
+    version: u64,
 }
 
 impl Filler {
@@ -52,10 +54,15 @@ impl Filler {
         let mut store = SqliteStore::open(&cp.database_path()).expect("open the database");
         let snap = store.load().expect("load");
         let reg = Registry::from_snapshot(&config, &snap).expect("registry");
+        let version = snap
+            .meta("version")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1);
         Filler {
             reg,
             store,
             ops: Vec::new(),
+            version,
         }
     }
 
@@ -81,8 +88,13 @@ impl Filler {
         }
     }
 
-    /// Commits what is left.
+    /// Commits what is left, with the next routes version: Envoys that
+    /// polled the control plane before see a gap and load the new table.
     pub fn finish(mut self) {
+        self.ops.push(Op::SetMeta {
+            key: "version".into(),
+            value: (self.version + 1).to_string(),
+        });
         self.store.commit(&self.ops).expect("commit");
     }
 }

@@ -11,8 +11,13 @@
 //! invariant checker's count of requests that reached a manager without the
 //! data.
 //!
-//! `bench/propagation.sh [--envoys E] [--changes C] [--build wasm|native]`
+//! With `--window N`, N more consumers are in the table the whole time
+//! (written into the database through the registry, the control plane
+//! restarted on it, every Envoy loading it before the changes start).
+//!
+//! `bench/propagation.sh [--envoys E] [--changes C] [--build wasm|native] [--window N]`
 
+use prealloc_bench::db::{now_ms, Filler};
 use prealloc_bench::stats::quantile;
 use prealloc_e2e::client::Client;
 use prealloc_e2e::control_plane::Replication;
@@ -45,12 +50,14 @@ async fn main() {
     let mut envoys = 1usize;
     let mut changes = 1000usize;
     let mut build = Build::Native;
+    let mut window = 0u64;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let v = args.next().unwrap_or_else(|| panic!("{a} needs a value"));
         match a.as_str() {
             "--envoys" => envoys = v.parse().expect("--envoys N"),
             "--changes" => changes = v.parse().expect("--changes C"),
+            "--window" => window = v.parse().expect("--window N"),
             "--build" => {
                 build = match v.as_str() {
                     "wasm" => Build::Wasm,
@@ -58,16 +65,40 @@ async fn main() {
                     _ => panic!("--build wasm|native"),
                 }
             }
-            _ => panic!("usage: propagation [--envoys E] [--changes C] [--build wasm|native]"),
+            _ => panic!(
+                "usage: propagation [--envoys E] [--changes C] [--build wasm|native] [--window N]"
+            ),
         }
     }
     let mut o = StackOptions::new(Replication::Reported).with_build(build);
     o.envoys = envoys;
     o.grace_period_ms = 3_600_000;
     o.pool_depth = 200;
-    o.manager_capacity = changes as u64 + 1000;
+    o.manager_capacity = window + changes as u64 + 1000;
     o.control_plane_log = Some("warn".into());
-    let stack = Stack::start(&o);
+    let mut stack = Stack::start(&o);
+    if window > 0 {
+        let t = Instant::now();
+        stack.cp.kill9();
+        let mut f = Filler::open(&stack.cp);
+        let now = now_ms();
+        for i in 0..window {
+            f.sign_up(i, now, if i % 2 == 1 { 2 } else { 0 });
+        }
+        f.finish();
+        stack.cp.set_start_timeout(Duration::from_secs(600));
+        stack.cp.restart();
+        let deadline = Instant::now() + Duration::from_secs(600);
+        for e in &stack.envoys {
+            e.wait_for_stat("prealloc_poller_entries", deadline - Instant::now(), |v| {
+                v >= window
+            });
+        }
+        eprintln!(
+            "bench: {window} consumers in the window, every Envoy holds them after {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
+    }
     let t = Instant::now();
     let mut people: Vec<SignedUp> = Vec::with_capacity(changes);
     let mut c = Client::new(stack.envoys[0].addr());
@@ -116,7 +147,7 @@ async fn main() {
     every.sort_by(|a, b| a.total_cmp(b));
     let violations = stack.violations().len();
     println!(
-        "| {} | {envoys} | {changes} | {:.2} / {:.2} / **{:.2}** / {:.2} | {:.2} / **{:.2}** / {:.2} | {violations} |",
+        "| {} | {envoys} | {window} | {changes} | {:.2} / {:.2} / **{:.2}** / {:.2} | {:.2} / **{:.2}** / {:.2} | {violations} |",
         build.name(),
         quantile(&each, 0.5),
         quantile(&each, 0.9),
