@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Durable sign-ups from 0 to N consumers, driven by wrk (BENCHMARKS.md, section 6):
-#   bench/signups.sh [--consumers N] [--round S] [--connections C] [--depth D] [--stacks]
+#   bench/signups.sh [--consumers N] [--round S] [--connections C] [--depth D] [--managers M] [--stacks]
 # Installs wrk if missing, builds the release control plane and the driver, runs it.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)

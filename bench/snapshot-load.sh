@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A new Envoy receiving a big table from the real control plane (BENCHMARKS.md,
 # section 8), both builds, Envoy's default buffers:
-#   bench/snapshot-load.sh [--consumers N] [--reps R] [--page-entries P] [--writes-per-turn W]
+#   bench/snapshot-load.sh [--consumers N] [--reps R] [--page-entries P] [--writes-per-turn W] [--managers M]
 # (defaults: 1000000, 3, the control plane's and the poller's defaults).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)

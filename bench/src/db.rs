@@ -9,8 +9,10 @@ use prealloc_e2e::control_plane::ControlPlane;
 use prealloc_wire::ConsumerId;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// The managers of the benchmarks' control planes.
-pub const MANAGERS: [&str; 3] = ["m1", "m2", "m3"];
+/// The ids of a benchmark control plane's `n` managers: `m1`..`mn`.
+pub fn manager_ids(n: usize) -> Vec<String> {
+    (1..=n).map(|i| format!("m{i}")).collect()
+}
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -43,6 +45,7 @@ pub struct Filler {
     ops: Vec<Op>,
     /// The routes version the database had.
     version: u64,
+    managers: Vec<String>,
 }
 
 impl Filler {
@@ -59,6 +62,7 @@ impl Filler {
             .and_then(|v| v.parse().ok())
             .unwrap_or(1);
         Filler {
+            managers: config.managers.iter().map(|m| m.id.clone()).collect(),
             reg,
             store,
             ops: Vec::new(),
@@ -67,7 +71,8 @@ impl Filler {
     }
 
     /// Signs up consumer `n` at `t` (ms) and records `copies` more managers
-    /// holding its data 5 ms later (all of them: registered).
+    /// holding its data 5 ms later (the ones after its first manager, in
+    /// the configuration's order, wrapping around).
     pub fn sign_up(&mut self, n: u64, t: u64, copies: usize) {
         let ops = &mut self.ops;
         self.reg
@@ -79,7 +84,14 @@ impl Filler {
             .register("mailbox", None, id.clone(), t, ops)
             .expect("a ready resource");
         self.reg.confirm(&id, t, ops).expect("confirm");
-        for m in MANAGERS.iter().filter(|m| **m != r.manager).take(copies) {
+        let at = self
+            .managers
+            .iter()
+            .position(|m| *m == r.manager)
+            .unwrap_or(0);
+        let n = self.managers.len();
+        for k in 1..=copies.min(n.saturating_sub(1)) {
+            let m = &self.managers[(at + k) % n];
             self.reg.add_replica(&id, m, t + 5, ops).expect("replica");
         }
         if self.ops.len() > 200_000 {

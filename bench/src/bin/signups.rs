@@ -25,6 +25,8 @@ struct Args {
     round: Duration,
     connections: u32,
     depth: u64,
+    /// Managers `m1..mN`, each able to hold every consumer.
+    managers: usize,
     stacks: bool,
 }
 
@@ -34,6 +36,7 @@ fn args() -> Args {
         round: Duration::from_secs(10),
         connections: 64,
         depth: 50_000,
+        managers: 3,
         stacks: false,
     };
     let mut it = std::env::args().skip(1);
@@ -51,7 +54,8 @@ fn args() -> Args {
             "--round" => a.round = Duration::from_secs(v),
             "--connections" => a.connections = v as u32,
             "--depth" => a.depth = v,
-            _ => panic!("usage: signups [--consumers N] [--round S] [--connections C] [--depth D] [--stacks]"),
+            "--managers" => a.managers = v as usize,
+            _ => panic!("usage: signups [--consumers N] [--round S] [--connections C] [--depth D] [--managers M] [--stacks]"),
         }
     }
     a
@@ -150,7 +154,7 @@ impl Drop for StallProbe {
 fn main() {
     let a = args();
     let root = prealloc_e2e::envoy::workspace_root();
-    let managers = ["m1", "m2", "m3"]
+    let managers = prealloc_bench::db::manager_ids(a.managers)
         .iter()
         .map(|id| ManagerSpec {
             capacity: vec![("mailbox".to_owned(), a.consumers + a.depth + 100_000)],

@@ -17,7 +17,7 @@
 //!
 //! `bench/snapshot-load.sh [--consumers N] [--reps R]` builds and runs it.
 
-use prealloc_bench::db::{now_ms, Filler, MANAGERS};
+use prealloc_bench::db::{manager_ids, now_ms, Filler};
 use prealloc_bench::probe::Probe;
 use prealloc_bench::procs;
 use prealloc_bench::stats::{median, quantile};
@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Writes `n` consumers signed up now: even ones registering on their first
-/// manager, odd ones registered on all three.
+/// manager, odd ones registered (on three managers).
 fn fill(cp: &ControlPlane, n: u64) -> Duration {
     let start = Instant::now();
     let mut f = Filler::open(cp);
@@ -41,15 +41,17 @@ fn fill(cp: &ControlPlane, n: u64) -> Duration {
     start.elapsed()
 }
 
-fn control_plane(consumers: u64, page_entries: Option<u64>) -> ControlPlane {
-    let managers = MANAGERS
+fn control_plane(consumers: u64, page_entries: Option<u64>, managers: usize) -> ControlPlane {
+    let specs = manager_ids(managers)
         .iter()
         .map(|id| ManagerSpec {
             capacity: vec![("mailbox".to_owned(), consumers + 1000)],
             ..ManagerSpec::new(id, "http://127.0.0.1:9")
         })
         .collect();
-    let mut cfg = ControlPlaneConfig::new(managers);
+    let mut cfg = ControlPlaneConfig::new(specs);
+    // Registered at three copies, however many managers there are.
+    cfg.replication_target = Some(3);
     cfg.pools = vec![("mailbox".into(), "local".into(), 10)];
     // Everyone stays in the table for the whole run.
     cfg.grace_period_ms = 86_400_000;
@@ -98,9 +100,10 @@ struct Load {
 fn envoy_config(cp: &ControlPlane, build: Build, admin_port: u16) -> EnvoyConfig {
     let dead = Endpoint::new("127.0.0.1", 9);
     let mut cfg = EnvoyConfig::new(
-        MANAGERS
+        cp.config()
+            .managers
             .iter()
-            .map(|m| ((*m).to_owned(), dead.clone()))
+            .map(|m| (m.id.clone(), dead.clone()))
             .collect(),
         dead.clone(),
         Endpoint::from(cp.addr()),
@@ -233,6 +236,7 @@ fn main() {
     let mut reps = 3usize;
     let mut page_entries = None;
     let mut writes_per_turn = None;
+    let mut managers = 3usize;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let v: u64 = args
@@ -244,10 +248,11 @@ fn main() {
             "--reps" => reps = v as usize,
             "--page-entries" => page_entries = Some(v),
             "--writes-per-turn" => writes_per_turn = Some(v),
-            _ => panic!("usage: snapshot_load [--consumers N] [--reps R] [--page-entries P] [--writes-per-turn W]"),
+            "--managers" => managers = v as usize,
+            _ => panic!("usage: snapshot_load [--consumers N] [--reps R] [--page-entries P] [--writes-per-turn W] [--managers M]"),
         }
     }
-    let mut cp = control_plane(consumers, page_entries);
+    let mut cp = control_plane(consumers, page_entries, managers);
     cp.kill9();
     let filled = fill(&cp, consumers);
     cp.set_start_timeout(Duration::from_secs(1800));
@@ -255,7 +260,7 @@ fn main() {
     cp.restart();
     let restart = t.elapsed();
     let cp_rss = cp.pid().map(procs::rss_kib).unwrap_or(0);
-    let empty = control_plane(0, page_entries);
+    let empty = control_plane(0, page_entries, managers);
     let empty_rss = empty.pid().map(procs::rss_kib).unwrap_or(0);
     println!(
         "{consumers} consumers in the window written in {:.1} s; control plane restarted in {:.2} s, RSS {:.0} MiB (an empty one: {:.0} MiB): {:.0} bytes per consumer in the window",
@@ -266,7 +271,7 @@ fn main() {
         (cp_rss.saturating_sub(empty_rss) * 1024) as f64 / consumers as f64
     );
     println!(
-        "page_entries {}, writes_per_turn {}",
+        "{managers} managers, page_entries {}, writes_per_turn {}",
         page_entries.map_or("the control plane's default".to_owned(), |p| p.to_string()),
         writes_per_turn.map_or("the poller's default".to_owned(), |p| p.to_string())
     );

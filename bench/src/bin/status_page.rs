@@ -8,7 +8,7 @@
 //!
 //! `bench/status-page.sh [--consumers N] [--reps R]` builds and runs it.
 
-use prealloc_bench::db::{now_ms, Filler, MANAGERS};
+use prealloc_bench::db::{manager_ids, now_ms, Filler};
 use prealloc_bench::stats::{median, min_max};
 use prealloc_e2e::browser::Browser;
 use prealloc_e2e::client::Client;
@@ -57,7 +57,7 @@ async fn main() {
             _ => panic!("usage: status_page [--consumers N] [--reps R]"),
         }
     }
-    let managers = MANAGERS
+    let managers = manager_ids(3)
         .iter()
         .map(|id| ManagerSpec {
             capacity: vec![("mailbox".to_owned(), consumers + 1000)],
