@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::Bound;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 /// One change to the table: a new value, or `None` for removal.
@@ -31,7 +32,18 @@ struct Inner {
     log_changes: usize,
     /// Deltas can be answered for any `since >= base`.
     base: u64,
+    /// Snapshots being paged in: their version, and when a page of it was
+    /// last asked for. The log keeps the changes after each of them (up to
+    /// [`PINNED_LOG_FACTOR`] × the log's limit), so that the delta that ends
+    /// a snapshot can be answered however long the paging took.
+    paging: Vec<(u64, Instant)>,
 }
+
+/// How long a snapshot keeps the log from forgetting its changes after its
+/// last page was asked for.
+const SNAPSHOT_PIN: Duration = Duration::from_secs(60);
+/// The most the log grows past `push.change_log` for snapshots being paged in.
+const PINNED_LOG_FACTOR: usize = 10;
 
 /// An answer to a routes query, ready to be written out.
 pub enum Answer {
@@ -138,6 +150,7 @@ impl Routes {
                 log: VecDeque::new(),
                 log_changes: 0,
                 base: version,
+                paging: Vec::new(),
             }),
             version_tx,
             waiting: AtomicI64::new(0),
@@ -198,7 +211,18 @@ impl Routes {
         g.log_changes += changes.len().max(1);
         g.log.push_back((version, changes));
         g.version = version;
+        let now = Instant::now();
+        g.paging
+            .retain(|(_, seen)| now.duration_since(*seen) < SNAPSHOT_PIN);
+        let pinned = g.paging.iter().map(|(v, _)| *v).min();
+        let hard_limit = self.log_limit.saturating_mul(PINNED_LOG_FACTOR);
         while g.log_changes > self.log_limit && g.log.len() > 1 {
+            // Forgetting the oldest version `v` makes `base = v`: a snapshot
+            // at `p >= v` can still be caught up from.
+            let front = g.log.front().map_or(0, |(v, _)| *v);
+            if pinned.is_some_and(|p| front > p) && g.log_changes <= hard_limit {
+                break;
+            }
             let (v, c) = g.log.pop_front().expect("len > 1");
             g.log_changes -= c.len().max(1);
             g.base = v;
@@ -235,19 +259,50 @@ impl Routes {
         }
     }
 
+    /// The first page of a new snapshot at the current version.
+    fn first_page(&self, g: &mut Inner) -> Answer {
+        let a = self.page(g, g.version, None);
+        if let Answer::Full { next: Some(_), .. } = &a {
+            Self::pin(g, g.version);
+        }
+        a
+    }
+
+    /// Keeps the changes after `version` while its snapshot is paged in.
+    fn pin(g: &mut Inner, version: u64) {
+        let now = Instant::now();
+        match g.paging.iter_mut().find(|(v, _)| *v == version) {
+            Some(p) => p.1 = now,
+            None => g.paging.push((version, now)),
+        }
+    }
+
     /// The answer to a query right now, or `None` when the caller should wait.
     pub fn answer(&self, q: &RoutesQuery) -> Option<Answer> {
-        let g = self.lock();
+        let mut g = self.lock();
         let same_epoch = q.epoch.as_deref() == Some(self.epoch.as_str());
         if let (Some(after), true) = (&q.after, same_epoch) {
-            // The next page of a snapshot taken at `since`.
+            // The next page of a snapshot taken at `since`, unless its
+            // changes are forgotten already (it could never be caught up):
+            // then a new snapshot at once.
+            if q.since < g.base || q.since > g.version {
+                return Some(self.first_page(&mut g));
+            }
+            Self::pin(&mut g, q.since);
             return Some(self.page(&g, q.since, Some(after.clone())));
         }
         if q.since == 0 || !same_epoch || q.since > g.version || q.since < g.base {
-            return Some(self.page(&g, g.version, None));
+            return Some(self.first_page(&mut g));
         }
         if q.since == g.version {
             return None;
+        }
+        // A single commit with more than a page of changes (e.g. a manager
+        // marked down settles many consumers at once) is not sent as one
+        // delta: a new snapshot, in pages, carries it.
+        let first = g.log.iter().find(|(v, _)| *v > q.since);
+        if first.is_some_and(|(_, c)| c.len() > self.page_entries) {
+            return Some(self.first_page(&mut g));
         }
         // Coalesce: the last change of each consumer after `since` wins. At
         // most a page of changes: the delta ends at the last version whose
@@ -327,10 +382,13 @@ impl Routes {
         }
         self.answer(q).unwrap_or_else(|| {
             let g = self.lock();
+            // The version `answer` found unchanged: should a change have come
+            // in since, the next poll gets it (an answer claiming a newer
+            // version without its changes would be out of sequence).
             Answer::Typed(RoutesResponse {
                 protocol: ROUTES_PROTOCOL,
                 epoch: self.epoch.clone(),
-                version: g.version,
+                version: q.since,
                 kind: RoutesKind::Unchanged,
                 managers: g.managers.clone(),
                 upsert: vec![],

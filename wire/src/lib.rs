@@ -16,7 +16,9 @@
 //! - at once with a [`RoutesKind::Delta`] when there are changes after `since`
 //!   within `epoch`. A delta holds at most a page of changes: when more
 //!   happened, it stops at an earlier committed version (its `version`), and
-//!   the next poll continues from there at once;
+//!   the next poll continues from there at once; when the first commit after
+//!   `since` alone holds more than a page, the answer is the first page of a
+//!   new snapshot instead;
 //! - at once with the first page of a [`RoutesKind::Full`] snapshot when
 //!   `since` is 0, when `epoch` is not the control plane's epoch, or when
 //!   `since` is older than the oldest change the control plane still
@@ -34,7 +36,9 @@
 //! table's version when its first page was cut); the last page has no
 //! `next`. Pages are cut from the live table, so a client that read the last
 //! page then polls `since=<version>` and gets, as a delta, every change made
-//! while it was paging.
+//! while it was paging (the control plane keeps those changes while a
+//! snapshot's pages are being asked for, up to ten times `push.change_log`;
+//! a continuation whose changes are forgotten gets a new first page).
 //!
 //! A client applies a response by: replacing its manager list with
 //! `managers`; for a snapshot page, writing `upsert` and dropping the entries

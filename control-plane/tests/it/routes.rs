@@ -288,6 +288,44 @@ async fn a_snapshot_comes_in_pages_in_id_order_and_a_delta_catches_up() {
 }
 
 #[tokio::test]
+async fn a_snapshot_paged_in_while_the_log_turns_over_still_ends_in_a_delta() {
+    // A log of 2 changes: far fewer than the sign-ups made while a poller pages.
+    let p = Plane::start(&Setup {
+        page_entries: 2,
+        change_log: 2,
+        ..Setup::default()
+    })
+    .await;
+    p.wait_depth(10).await;
+    for _ in 0..6 {
+        p.register().await;
+    }
+    let first = p.routes("since=0").await;
+    let (epoch, version) = (
+        first["epoch"].as_str().unwrap().to_owned(),
+        first["version"].as_u64().unwrap(),
+    );
+    // Five commits while the snapshot is being paged in.
+    for _ in 0..5 {
+        p.register().await;
+    }
+    let mut next = first["next"].as_str().map(str::to_owned);
+    while let Some(after) = next {
+        let r = p
+            .routes(&format!("since={version}&epoch={epoch}&after={after}"))
+            .await;
+        assert_eq!(r["version"].as_u64(), Some(version), "{r}");
+        next = r["next"].as_str().map(str::to_owned);
+    }
+    // The log kept the changes after the snapshot's version for it.
+    let d = p
+        .routes(&format!("since={version}&epoch={epoch}&wait_ms=0"))
+        .await;
+    assert_eq!(d["kind"], "delta", "{d}");
+    assert!(d["version"].as_u64().unwrap() > version);
+}
+
+#[tokio::test]
 async fn bad_query_is_400() {
     let p = Plane::start(&Setup::default()).await;
     let (s, v) = p

@@ -655,6 +655,8 @@ impl Poller {
     /// Applies up to `writes_per_turn` more writes of the answer taken by
     /// [`Poller::on_response`]: managers first, then entries, then removals.
     /// `Done` once the answer is applied whole (the position then moves).
+    /// Call it while [`Poller::applying`]; otherwise there is nothing to
+    /// apply, and it writes nothing and says `More`.
     pub fn step(&mut self, sink: &mut dyn FnMut(TableWrite<'_>) -> bool) -> Step {
         let Some(mut a) = self.applying.take() else {
             return Step::More;
