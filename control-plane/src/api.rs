@@ -791,14 +791,6 @@ impl From<String> for RoutesQueryError {
     }
 }
 
-impl std::fmt::Display for RoutesQueryError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            RoutesQueryError::Protocol(m) | RoutesQueryError::Bad(m) => f.write_str(m),
-        }
-    }
-}
-
 /// Parses `protocol`, `since`, `epoch`, `wait_ms`, `node`, `after` of `GET /v1/routes`.
 pub fn parse_routes_query(q: &str) -> Result<RoutesQuery, RoutesQueryError> {
     let mut out = RoutesQuery::default();

@@ -153,15 +153,6 @@ fn load(
                         first.get_or_insert_with(|| t0.elapsed());
                         if counting.load(Ordering::Relaxed) {
                             samples.push(t.elapsed().as_secs_f64() * 1e3);
-                            if std::env::var_os("BENCH_TRACE").is_some()
-                                && t.elapsed() > Duration::from_millis(30)
-                            {
-                                eprintln!(
-                                    "stall {:.1} ms, {:.0} ms after the Envoy started",
-                                    t.elapsed().as_secs_f64() * 1e3,
-                                    t0.elapsed().as_secs_f64() * 1e3
-                                );
-                            }
                         }
                     }
                     _ => std::thread::sleep(Duration::from_millis(2)),

@@ -1,7 +1,7 @@
 //! The poller's logic: long-poll requests, applying routes responses as ordered table writes, backoff.
 //!
 //! The glue owns the host calls; this state machine decides what to ask the
-//! control plane next and turns each [`RoutesResponse`] into the table
+//! control plane next and turns each [`prealloc_wire::RoutesResponse`] into the table
 //! writes that apply it. Write order keeps readers safe (ARCHITECTURE.md):
 //! the managers first, then consumer entries, each written whole. Anything
 //! wrong with a response leaves the last good table in place; the poller then
@@ -16,9 +16,10 @@
 //! position (`since`) moves only once an answer (for a snapshot: its last
 //! page) is applied whole.
 
+#[cfg(test)]
+use prealloc_wire::RoutesResponse;
 use prealloc_wire::{
-    Availability, ConsumerId, ConsumerState, ErrorBody, RoutesKind, RoutesQuery, RoutesResponse,
-    ROUTES_PROTOCOL,
+    Availability, ConsumerId, ConsumerState, ErrorBody, RoutesKind, RoutesQuery, ROUTES_PROTOCOL,
 };
 use serde::{Deserialize, Deserializer};
 use std::borrow::Cow;
@@ -432,9 +433,10 @@ impl Poller {
         }
     }
 
-    /// Applies a decoded answer whole, in one go (tests, and hosts without a
-    /// main thread to share).
-    pub fn apply(
+    /// Applies an answer whole, in one go (the tests' shorthand; the glues
+    /// go through `on_response` and `step`).
+    #[cfg(test)]
+    fn apply(
         &mut self,
         r: RoutesResponse,
         sink: &mut dyn FnMut(TableWrite<'_>) -> bool,
@@ -847,7 +849,7 @@ impl Poller {
 mod tests {
     use super::*;
     use crate::table::{consumer_key, MANAGERS_KEY};
-    use prealloc_wire::{Availability, ConsumerState, ManagerRoute, RouteEntry};
+    use prealloc_wire::{Availability, ConsumerState, ManagerRoute, RouteEntry, RoutesResponse};
     use proptest::prelude::*;
 
     /// Test view of an update: the writes collected in order.
