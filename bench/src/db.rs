@@ -55,7 +55,11 @@ impl Filler {
         let config =
             prealloc_control_plane::Config::parse(&text, cp.dir()).expect("cp config parses");
         let mut store = SqliteStore::open(&cp.database_path()).expect("open the database");
-        let snap = store.load().expect("load");
+        let window = prealloc_control_plane::registry::load_window(
+            &config,
+            prealloc_control_plane::now_ms(),
+        );
+        let snap = store.load(window).expect("load");
         let reg = Registry::from_snapshot(&config, &snap).expect("registry");
         let version = snap
             .meta("version")

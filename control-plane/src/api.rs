@@ -496,10 +496,22 @@ impl App {
         }
     }
 
-    fn record(&self, consumer: &ConsumerId) -> Option<ConsumerRecord> {
-        let mut rec = self.plane.core.registry().consumer_record(consumer)?;
-        rec.in_routing_table = self.plane.core.routes.contains(consumer);
-        Some(rec)
+    /// A consumer's record: from memory, or, settled, from the database.
+    fn record(&self, consumer: &ConsumerId) -> Result<Option<ConsumerRecord>, Resp> {
+        let core = &self.plane.core;
+        let in_memory = core.registry().consumer_record(consumer);
+        let mut rec = match in_memory {
+            Some(rec) => rec,
+            None => {
+                let stored = core.stored_consumer(consumer).map_err(unreadable)?;
+                match stored.and_then(|s| core.registry().stored_record(&s)) {
+                    Some(rec) => rec,
+                    None => return Ok(None),
+                }
+            }
+        };
+        rec.in_routing_table = core.routes.contains(consumer);
+        Ok(Some(rec))
     }
 
     fn consumer(&self, id: &str) -> Resp {
@@ -508,12 +520,13 @@ impl App {
             Err(e) => return error(StatusCode::BAD_REQUEST, "bad_consumer_id", e.to_string()),
         };
         match self.record(&consumer) {
-            Some(rec) => json(StatusCode::OK, &rec),
-            None => error(
+            Ok(Some(rec)) => json(StatusCode::OK, &rec),
+            Ok(None) => error(
                 StatusCode::NOT_FOUND,
                 "unknown_consumer",
                 format!("no consumer {consumer}"),
             ),
+            Err(r) => r,
         }
     }
 
@@ -552,8 +565,30 @@ impl App {
                 }
             }
         }
-        let ids = self.plane.core.registry().list_consumers(state, limit);
-        let records: Vec<ConsumerRecord> = ids.iter().filter_map(|c| self.record(c)).collect();
+        // Every registering consumer is in memory; registered ones may be
+        // settled, so those lists come from the database, in id order.
+        let ids: Vec<ConsumerId> = match state {
+            Some(ConsumerState::Registering) => {
+                self.plane.core.registry().list_consumers(state, limit)
+            }
+            _ => {
+                let registered_only = state == Some(ConsumerState::Registered);
+                match self.plane.core.stored_consumer_ids(registered_only, limit) {
+                    Ok(ids) => ids
+                        .iter()
+                        .filter_map(|id| ConsumerId::parse(id).ok())
+                        .collect(),
+                    Err(e) => return unreadable(e),
+                }
+            }
+        };
+        let mut records = Vec::with_capacity(ids.len());
+        for c in &ids {
+            match self.record(c) {
+                Ok(rec) => records.extend(rec),
+                Err(r) => return r,
+            }
+        }
         json(StatusCode::OK, &records)
     }
 
@@ -669,6 +704,13 @@ fn not_routed(method: &Method, path: &str, segs: &[&str]) -> Resp {
         r.headers_mut().insert(ALLOW, v);
     }
     r
+}
+
+/// A read of the database failed: 503, retry.
+fn unreadable(e: anyhow::Error) -> Resp {
+    refusal(Refusal::Storage(format!(
+        "the database could not be read ({e:#}); retry later"
+    )))
 }
 
 fn refusal(e: Refusal) -> Resp {

@@ -4,6 +4,7 @@
 
 use crate::batch::Batch;
 use crate::registry::{ManagerView, RegisterError, Registry, ReleaseError, ReplicaError, Reserved};
+use crate::store::{StoreRead, StoredConsumer};
 use prealloc_wire::{Availability, ConsumerId, ConsumerState, Registration};
 use rand::RngCore;
 use serde::Serialize;
@@ -35,10 +36,29 @@ impl From<ReplicaError> for Refusal {
 
 /// One kind of write. `apply` runs on the writer thread with the registry
 /// locked; it records in the batch what must be made durable and published.
-/// A refusal must leave the registry and the batch as they were.
+/// A refusal must leave the registry and the batch as they were. `db` reads
+/// what is committed: a consumer that is not in memory is settled, and only
+/// the database has it.
 pub trait Write: Send + 'static {
     type Answer: Send + 'static;
-    fn apply(self, reg: &mut Registry, batch: &mut Batch) -> Result<Self::Answer, Refusal>;
+    fn apply(
+        self,
+        reg: &mut Registry,
+        batch: &mut Batch,
+        db: &mut dyn StoreRead,
+    ) -> Result<Self::Answer, Refusal>;
+}
+
+/// A consumer that is not in memory, read from the database.
+fn settled_consumer(
+    db: &mut dyn StoreRead,
+    consumer: &ConsumerId,
+) -> Result<Option<StoredConsumer>, Refusal> {
+    db.consumer(consumer.as_str()).map_err(|e| {
+        Refusal::Storage(format!(
+            "the database could not be read ({e:#}); nothing was changed, retry later"
+        ))
+    })
 }
 
 /// A new consumer on a ready resource of the pool (`POST /v1/registrations`).
@@ -49,7 +69,12 @@ pub struct Register {
 
 impl Write for Register {
     type Answer = Registration;
-    fn apply(self, reg: &mut Registry, b: &mut Batch) -> Result<Registration, Refusal> {
+    fn apply(
+        self,
+        reg: &mut Registry,
+        b: &mut Batch,
+        _db: &mut dyn StoreRead,
+    ) -> Result<Registration, Refusal> {
         let id = fresh_id(reg, &mut b.rng);
         let registered = reg.register(
             &self.resource_type,
@@ -95,13 +120,23 @@ pub struct Release {
 
 impl Write for Release {
     type Answer = ();
-    fn apply(self, reg: &mut Registry, b: &mut Batch) -> Result<(), Refusal> {
-        let pool = reg
-            .release(&self.consumer, &mut b.ops)
-            .map_err(|e| match e {
-                ReleaseError::UnknownConsumer => Refusal::UnknownConsumer,
-                ReleaseError::Confirmed => Refusal::Confirmed,
-            })?;
+    fn apply(
+        self,
+        reg: &mut Registry,
+        b: &mut Batch,
+        db: &mut dyn StoreRead,
+    ) -> Result<(), Refusal> {
+        let pool = match reg.release(&self.consumer, &mut b.ops) {
+            Ok(pool) => pool,
+            Err(ReleaseError::Confirmed) => return Err(Refusal::Confirmed),
+            // A settled consumer is confirmed: never given back.
+            Err(ReleaseError::UnknownConsumer) => {
+                return Err(match settled_consumer(db, &self.consumer)? {
+                    Some(_) => Refusal::Confirmed,
+                    None => Refusal::UnknownConsumer,
+                })
+            }
+        };
         b.counts.released += 1;
         b.pools.insert(pool);
         b.changes.push((self.consumer, None));
@@ -118,8 +153,25 @@ pub struct Confirm {
 impl Write for Confirm {
     /// Whether this call confirmed it (false: it already was).
     type Answer = bool;
-    fn apply(self, reg: &mut Registry, b: &mut Batch) -> Result<bool, Refusal> {
-        Ok(reg.confirm(&self.consumer, b.now_ms, &mut b.ops)?)
+    fn apply(
+        self,
+        reg: &mut Registry,
+        b: &mut Batch,
+        db: &mut dyn StoreRead,
+    ) -> Result<bool, Refusal> {
+        match reg.confirm(&self.consumer, b.now_ms, &mut b.ops) {
+            Ok(confirmed) => {
+                // Its grace period may be over already (a lease longer than it).
+                reg.evict_if_settled(&self.consumer, b.now_ms);
+                Ok(confirmed)
+            }
+            // A settled consumer was confirmed long ago.
+            Err(ReplicaError::UnknownConsumer) => match settled_consumer(db, &self.consumer)? {
+                Some(_) => Ok(false),
+                None => Err(Refusal::UnknownConsumer),
+            },
+            Err(e) => Err(e.into()),
+        }
     }
 }
 
@@ -133,7 +185,12 @@ pub struct Reclaim {
 impl Write for Reclaim {
     /// How many were reclaimed (the others were confirmed meanwhile, or gone).
     type Answer = usize;
-    fn apply(self, reg: &mut Registry, b: &mut Batch) -> Result<usize, Refusal> {
+    fn apply(
+        self,
+        reg: &mut Registry,
+        b: &mut Batch,
+        _db: &mut dyn StoreRead,
+    ) -> Result<usize, Refusal> {
         let now = b.now_ms.max(self.due_ms);
         let mut n = 0;
         for c in self.consumers {
@@ -172,8 +229,28 @@ pub struct Replica {
 
 impl Write for Replica {
     type Answer = ReplicaAck;
-    fn apply(self, reg: &mut Registry, b: &mut Batch) -> Result<ReplicaAck, Refusal> {
+    fn apply(
+        self,
+        reg: &mut Registry,
+        b: &mut Batch,
+        db: &mut dyn StoreRead,
+    ) -> Result<ReplicaAck, Refusal> {
         let Replica { consumer, manager } = self;
+        if !reg.contains(&consumer) {
+            // Settled (or unknown): a late copy only adds its row.
+            let stored = settled_consumer(db, &consumer)?.ok_or(Refusal::UnknownConsumer)?;
+            let (outcome, entry) = reg.settled_replica(&stored, &manager, b.now_ms, &mut b.ops)?;
+            if outcome.added {
+                b.counts.replicas += 1;
+                b.lags_ms.extend(outcome.lag_ms);
+            }
+            return Ok(ReplicaAck {
+                consumer,
+                state: entry.state,
+                replicas: entry.replicas,
+                added: outcome.added,
+            });
+        }
         // Judged before the copy: the copy that completes the target still
         // reaches the table, so Envoys see the consumer registered.
         let in_window = reg.in_route_window(&consumer, b.now_ms);
@@ -211,7 +288,12 @@ pub struct SetAvailability {
 
 impl Write for SetAvailability {
     type Answer = ManagerView;
-    fn apply(self, reg: &mut Registry, b: &mut Batch) -> Result<ManagerView, Refusal> {
+    fn apply(
+        self,
+        reg: &mut Registry,
+        b: &mut Batch,
+        _db: &mut dyn StoreRead,
+    ) -> Result<ManagerView, Refusal> {
         let changed = reg
             .set_availability(&self.manager, self.availability, &mut b.ops)
             .ok_or_else(|| Refusal::UnknownManager(self.manager.clone()))?;
@@ -255,7 +337,12 @@ pub struct Reserve {
 
 impl Write for Reserve {
     type Answer = Vec<Reserved>;
-    fn apply(self, reg: &mut Registry, b: &mut Batch) -> Result<Vec<Reserved>, Refusal> {
+    fn apply(
+        self,
+        reg: &mut Registry,
+        b: &mut Batch,
+        _db: &mut dyn StoreRead,
+    ) -> Result<Vec<Reserved>, Refusal> {
         Ok((0..self.count)
             .map_while(|_| reg.reserve(self.pool, b.now_ms, &mut b.ops))
             .collect())
@@ -269,7 +356,12 @@ pub struct Provisioned {
 
 impl Write for Provisioned {
     type Answer = bool;
-    fn apply(self, reg: &mut Registry, b: &mut Batch) -> Result<bool, Refusal> {
+    fn apply(
+        self,
+        reg: &mut Registry,
+        b: &mut Batch,
+        _db: &mut dyn StoreRead,
+    ) -> Result<bool, Refusal> {
         Ok(reg.provisioned(self.id, &mut b.ops))
     }
 }
@@ -281,7 +373,12 @@ pub struct Abandon {
 
 impl Write for Abandon {
     type Answer = bool;
-    fn apply(self, reg: &mut Registry, b: &mut Batch) -> Result<bool, Refusal> {
+    fn apply(
+        self,
+        reg: &mut Registry,
+        b: &mut Batch,
+        _db: &mut dyn StoreRead,
+    ) -> Result<bool, Refusal> {
         if let Some((pool, _, _)) = reg.resource_info(self.id) {
             b.pools.insert(pool);
         }
@@ -297,11 +394,18 @@ pub struct Expire {
 
 impl Write for Expire {
     type Answer = ();
-    fn apply(self, reg: &mut Registry, b: &mut Batch) -> Result<(), Refusal> {
+    fn apply(
+        self,
+        reg: &mut Registry,
+        b: &mut Batch,
+        _db: &mut dyn StoreRead,
+    ) -> Result<(), Refusal> {
         // The later of the two clocks: a clock stepping back must not keep them.
         let now = b.now_ms.max(self.due_ms);
         for c in self.consumers {
             if reg.route_window_over(&c, now) {
+                // Out of the table; once confirmed, out of memory too.
+                reg.evict_if_settled(&c, now);
                 b.changes.push((c, None));
             }
         }
@@ -327,7 +431,12 @@ pub type Deferred = Box<dyn FnOnce(Option<&Refusal>) + Send>;
 /// A queued write with its reply channel, whatever its answer type.
 pub trait Queued: Send {
     /// Applies the write; its answer waits for the commit.
-    fn apply(self: Box<Self>, reg: &mut Registry, batch: &mut Batch) -> Deferred;
+    fn apply(
+        self: Box<Self>,
+        reg: &mut Registry,
+        batch: &mut Batch,
+        db: &mut dyn StoreRead,
+    ) -> Deferred;
     /// Answers without applying.
     fn refuse(self: Box<Self>, why: Refusal);
 }
@@ -338,9 +447,14 @@ struct Pending<W: Write> {
 }
 
 impl<W: Write> Queued for Pending<W> {
-    fn apply(self: Box<Self>, reg: &mut Registry, batch: &mut Batch) -> Deferred {
+    fn apply(
+        self: Box<Self>,
+        reg: &mut Registry,
+        batch: &mut Batch,
+        db: &mut dyn StoreRead,
+    ) -> Deferred {
         let Pending { write, reply } = *self;
-        let answer = write.apply(reg, batch);
+        let answer = write.apply(reg, batch, db);
         Box::new(move |failed: Option<&Refusal>| {
             let _ = reply.send(match failed {
                 None => answer,

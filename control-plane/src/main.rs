@@ -3,7 +3,7 @@
 use clap::{Parser, Subcommand};
 use prealloc_control_plane::config::Config;
 use prealloc_control_plane::registry::Registry;
-use prealloc_control_plane::store::{SqliteStore, Store};
+use prealloc_control_plane::store::{SqliteStore, Store, StoreRead};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -82,12 +82,17 @@ fn init_logs(json: bool) {
     }
 }
 
-fn load_registry(config: &std::path::Path) -> anyhow::Result<(Config, Registry)> {
+/// The state as a running control plane would hold it, and the database for
+/// what it leaves there (settled consumers).
+fn load_registry(config: &std::path::Path) -> anyhow::Result<(SqliteStore, Registry)> {
     let cfg = Config::load(config)?;
     let mut store = SqliteStore::open_read_only(&cfg.database)?;
-    let snap = store.load()?;
+    let snap = store.load(prealloc_control_plane::registry::load_window(
+        &cfg,
+        prealloc_control_plane::now_ms(),
+    ))?;
     let reg = Registry::from_snapshot(&cfg, &snap)?;
-    Ok((cfg, reg))
+    Ok((store, reg))
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -194,13 +199,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     anyhow::bail!("--state {other:?}: expected registering or registered")
                 }
             };
-            let (_, reg) = load_registry(&config)?;
+            let (mut store, reg) = load_registry(&config)?;
             println!(
                 "{:<24} {:<12} {:<20} replicas",
                 "consumer", "state", "resource"
             );
-            for c in reg.list_consumers(state, limit) {
-                if let Some(r) = reg.consumer_record(&c) {
+            // Registering ones are all in memory; registered ones may be settled.
+            let ids = match state {
+                Some(prealloc_wire::ConsumerState::Registering) => reg.list_consumers(state, limit),
+                _ => store
+                    .consumer_ids(state.is_some(), limit)?
+                    .iter()
+                    .filter_map(|id| prealloc_wire::ConsumerId::parse(id).ok())
+                    .collect(),
+            };
+            for c in ids {
+                let record = match reg.consumer_record(&c) {
+                    Some(r) => Some(r),
+                    None => store
+                        .consumer(c.as_str())?
+                        .and_then(|s| reg.stored_record(&s)),
+                };
+                if let Some(r) = record {
                     let reps: Vec<&str> = r.replicas.iter().map(|x| x.manager.as_str()).collect();
                     println!(
                         "{:<24} {:<12} {:<20} {}",

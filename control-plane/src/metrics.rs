@@ -321,7 +321,8 @@ impl Metrics {
                 );
             }
         }
-        let _ = writeln!(o, "# HELP prealloc_consumers Consumers known.\n# TYPE prealloc_consumers gauge\nprealloc_consumers {}", registry.consumer_count());
+        let _ = writeln!(o, "# HELP prealloc_consumers Consumers registered and not given back (in memory or settled in the database).\n# TYPE prealloc_consumers gauge\nprealloc_consumers {}", registry.consumer_count());
+        let _ = writeln!(o, "# HELP prealloc_consumers_in_memory Consumers held in memory: registering, provisional, in the route window or among the newest; the others are settled, in the database only.\n# TYPE prealloc_consumers_in_memory gauge\nprealloc_consumers_in_memory {}", registry.consumers_in_memory());
         let _ = writeln!(o, "# HELP prealloc_routes_version Version of the pushed routing table.\n# TYPE prealloc_routes_version gauge\nprealloc_routes_version {}", routes.version());
         let _ = writeln!(o, "# HELP prealloc_routes_entries Consumers in the routing table.\n# TYPE prealloc_routes_entries gauge\nprealloc_routes_entries {}", routes.len());
         let _ = writeln!(o, "# HELP prealloc_routes_waiting_pollers Long-polls currently held.\n# TYPE prealloc_routes_waiting_pollers gauge\nprealloc_routes_waiting_pollers {}", routes.waiting());

@@ -40,7 +40,8 @@ impl ControlPlane {
         config: Config,
         mut store: Box<dyn Store>,
     ) -> anyhow::Result<ControlPlane> {
-        let mut snap = store.load().context("cannot read the database")?;
+        let window = crate::registry::load_window(&config, crate::now_ms());
+        let mut snap = store.load(window).context("cannot read the database")?;
         if snap.meta("epoch").is_none() {
             // A new database: its epoch identifies it to pollers for its whole life.
             let ops = vec![
@@ -56,7 +57,7 @@ impl ControlPlane {
             store
                 .commit(&ops)
                 .context("cannot initialise the database")?;
-            snap = store.load()?;
+            snap = store.load(window)?;
         }
         let epoch = snap.meta("epoch").unwrap_or_default().to_owned();
         let version: u64 = snap
@@ -79,7 +80,10 @@ impl ControlPlane {
         let pools = registry.pools().len();
         let provisioning = registry.provisioning();
         let active = config.replication.mode == ReplicationMode::Active;
-        let mut core = Core::new(config, registry, routes);
+        let db = store
+            .reader()
+            .context("cannot open a second connection to the database")?;
+        let mut core = Core::new(config, registry, db, routes);
         let replicate_rx = active.then(|| {
             let (tx, rx) = mpsc::unbounded_channel();
             core.replicate_tx = Some(tx);

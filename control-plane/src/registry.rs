@@ -1,8 +1,13 @@
 //! The domain state in memory: managers, pools, resources, consumers, replica sets.
 //! Pure logic (no I/O): every mutation appends the [`Op`]s that make it durable.
+//!
+//! Memory holds the consumers that can still change: registering, provisional,
+//! or in the route window (and the few newest, for the status page). A
+//! consumer that is settled ([`crate::store::settled`]) leaves memory and is
+//! only counted; the database keeps it, and reads of it go there.
 
 use crate::config::{Config, ReplicationTarget};
-use crate::store::{Op, ReplicaRow, ResourceRow, ResourceState, Snapshot};
+use crate::store::{self, Op, ReplicaRow, ResourceRow, ResourceState, Snapshot, StoredConsumer};
 use anyhow::anyhow;
 use prealloc_wire::{
     Availability, ConsumerId, ConsumerState, ManagerRoute, Registration, ResourceRef, RouteEntry,
@@ -151,11 +156,25 @@ pub struct Registry {
     recent: VecDeque<ConsumerId>,
     /// How many consumers are registering (pinned to their first manager).
     registering: usize,
+    /// Settled consumers out of memory, per (first manager, resource type):
+    /// their resources count in [`Manager::used`] without being held here.
+    settled: BTreeMap<(usize, String), u64>,
+    /// All settled consumers out of memory.
+    settled_total: u64,
     pub next_resource_id: u64,
 }
 
 /// How many of the latest sign-ups the status page follows one by one.
 pub const RECENT: usize = 20;
+
+/// What a load at `now_ms` reads into memory: everything but the settled consumers.
+pub fn load_window(config: &Config, now_ms: u64) -> store::LoadWindow {
+    store::LoadWindow {
+        now_ms,
+        grace_ms: config.grace_period_ms,
+        recent: RECENT,
+    }
+}
 
 impl Registry {
     /// An empty registry with the config's managers and pools.
@@ -192,6 +211,8 @@ impl Registry {
             consumers: BTreeMap::new(),
             recent: VecDeque::new(),
             registering: 0,
+            settled: BTreeMap::new(),
+            settled_total: 0,
             next_resource_id: 1,
         };
         for p in &config.pools {
@@ -260,6 +281,22 @@ impl Registry {
                 },
             );
             reg.next_resource_id = reg.next_resource_id.max(r.id + 1);
+        }
+        for s in &snap.settled {
+            let &m = reg.manager_idx.get(&s.manager).ok_or_else(|| {
+                anyhow!(
+                    "manager {:?} holds consumers in the database but is missing from the config; \
+                     add it back (availability = \"down\" retires it)",
+                    s.manager
+                )
+            })?;
+            reg.pool_for(&s.resource_type, &s.location);
+            *reg.managers[m]
+                .used
+                .entry(s.resource_type.clone())
+                .or_insert(0) += s.count;
+            *reg.settled.entry((m, s.resource_type.clone())).or_insert(0) += s.count;
+            reg.settled_total += s.count;
         }
         if let Some(n) = snap.meta("next_resource_id") {
             let n: u64 = n
@@ -385,8 +422,39 @@ impl Registry {
         &self.pools
     }
 
-    pub fn consumer_count(&self) -> usize {
+    /// Every consumer registered and not given back, in memory or settled.
+    pub fn consumer_count(&self) -> u64 {
+        self.consumers.len() as u64 + self.settled_total
+    }
+
+    /// Consumers held in memory (the rest are settled, in the database only).
+    pub fn consumers_in_memory(&self) -> usize {
         self.consumers.len()
+    }
+
+    /// Drops a settled consumer from memory (unless the status page still
+    /// follows it); its resource stays counted as used. True if dropped.
+    pub fn evict_if_settled(&mut self, consumer: &ConsumerId, now_ms: u64) -> bool {
+        let Some(c) = self.consumers.get(consumer) else {
+            return false;
+        };
+        if !store::settled(c.registered_ms, c.confirmed_ms, now_ms, self.grace_ms)
+            || self.recent.contains(consumer)
+        {
+            return false;
+        }
+        let resource = c.resource;
+        let Some(r) = self.resources.remove(&resource) else {
+            return false;
+        };
+        self.consumers.remove(consumer);
+        let p = &self.pools[r.pool];
+        *self
+            .settled
+            .entry((p.members[r.member], p.resource_type.clone()))
+            .or_insert(0) += 1;
+        self.settled_total += 1;
+        true
     }
 
     /// Consumers still registering: pinned to their first manager.
@@ -603,7 +671,10 @@ impl Registry {
         }));
         self.consumers.insert(consumer.clone(), c);
         if self.recent.len() == RECENT {
-            self.recent.pop_front();
+            // No longer followed by the status page: it may be settled already.
+            if let Some(old) = self.recent.pop_front() {
+                self.evict_if_settled(&old, now_ms);
+            }
         }
         self.recent.push_back(consumer.clone());
         let p = &self.pools[pool];
@@ -739,13 +810,16 @@ impl Registry {
     /// manager that is down does not count).
     pub fn target_size(&self, consumer: &ConsumerId) -> Option<usize> {
         let c = self.consumers.get(consumer)?;
-        let up = self
-            .target_members(self.resources[&c.resource].pool)
-            .count();
-        Some(match self.target {
+        Some(self.pool_target(self.resources[&c.resource].pool))
+    }
+
+    /// How many copies make a consumer of the pool registered, as things stand.
+    fn pool_target(&self, pool: usize) -> usize {
+        let up = self.target_members(pool).count();
+        match self.target {
             ReplicationTarget::All => up,
             ReplicationTarget::Count(k) => k.min(up),
-        })
+        }
     }
 
     /// Registering consumers that reach their target as things stand (after a
@@ -1025,12 +1099,100 @@ impl Registry {
     /// The full record of a consumer.
     pub fn consumer_record(&self, consumer: &ConsumerId) -> Option<ConsumerRecord> {
         let c = self.consumers.get(consumer)?;
-        let r = &self.resources[&c.resource];
+        Some(self.record(consumer, c, &self.resources[&c.resource]))
+    }
+
+    /// The record of a consumer read from the database (a settled one).
+    /// `None` if its resource's pool or manager is no longer known.
+    pub fn stored_record(&self, s: &StoredConsumer) -> Option<ConsumerRecord> {
+        let (id, c, r) = self.from_stored(s)?;
+        Some(self.record(&id, &c, &r))
+    }
+
+    /// A stored consumer in the in-memory shape (replicas on managers no
+    /// longer configured are left out; the first manager first).
+    fn from_stored(&self, s: &StoredConsumer) -> Option<(ConsumerId, Consumer, Resource)> {
+        let id = ConsumerId::parse(&s.consumer.id).ok()?;
+        let rr = &s.resource;
+        let pool = *self
+            .pool_idx
+            .get(&(rr.resource_type.clone(), rr.location.clone()))?;
+        let first = *self.manager_idx.get(&rr.manager)?;
+        let member = self.pools[pool].members.iter().position(|&m| m == first)?;
+        let mut replicas: Vec<(usize, u64)> = s
+            .replicas
+            .iter()
+            .filter_map(|x| Some((*self.manager_idx.get(&x.manager)?, x.at_ms)))
+            .collect();
+        if let Some(pos) = replicas.iter().position(|&(m, _)| m == first) {
+            let f = replicas.remove(pos);
+            replicas.insert(0, f);
+        }
+        let c = Consumer {
+            resource: rr.id,
+            replicas,
+            created_ms: s.consumer.created_ms,
+            registered_ms: s.consumer.registered_ms,
+            confirmed_ms: s.consumer.confirmed_ms,
+        };
+        let r = Resource {
+            id: rr.id,
+            pool,
+            member,
+            state: rr.state,
+            consumer: Some(id.clone()),
+            created_ms: rr.created_ms,
+        };
+        Some((id, c, r))
+    }
+
+    /// Records one more copy of a settled consumer read from the database:
+    /// only the replica row changes (it is out of the table and registered).
+    /// Returns the outcome and its replicas after, the first manager first.
+    pub fn settled_replica(
+        &self,
+        s: &StoredConsumer,
+        manager: &str,
+        now_ms: u64,
+        ops: &mut Vec<Op>,
+    ) -> Result<(ReplicaOutcome, RouteEntry), ReplicaError> {
+        let &m = self
+            .manager_idx
+            .get(manager)
+            .ok_or_else(|| ReplicaError::UnknownManager(manager.to_owned()))?;
+        let (id, mut c, _) = self.from_stored(s).ok_or(ReplicaError::UnknownConsumer)?;
+        let added = !c.replicas.iter().any(|&(r, _)| r == m);
+        if added {
+            c.replicas.push((m, now_ms));
+            ops.push(Op::PutReplica(ReplicaRow {
+                resource: c.resource,
+                manager: manager.to_owned(),
+                at_ms: now_ms,
+            }));
+        }
+        let entry = RouteEntry {
+            consumer: id,
+            state: c.state(),
+            replicas: c
+                .replicas
+                .iter()
+                .map(|&(m, _)| self.managers[m].id.clone())
+                .collect(),
+        };
+        let outcome = ReplicaOutcome {
+            added,
+            became_registered: false,
+            lag_ms: added.then(|| now_ms.saturating_sub(c.created_ms)),
+        };
+        Ok((outcome, entry))
+    }
+
+    fn record(&self, consumer: &ConsumerId, c: &Consumer, r: &Resource) -> ConsumerRecord {
         let p = &self.pools[r.pool];
         let m = &self.managers[p.members[r.member]];
         let cap = m.capacity.get(&p.resource_type).copied().unwrap_or(0);
         let used = m.used.get(&p.resource_type).copied().unwrap_or(0);
-        Some(ConsumerRecord {
+        ConsumerRecord {
             consumer: consumer.clone(),
             state: c.state(),
             location: p.location.clone(),
@@ -1070,9 +1232,9 @@ impl Registry {
                     }
                 })
                 .collect(),
-            replication_target: self.target_size(consumer).unwrap_or(0),
+            replication_target: self.pool_target(r.pool),
             in_routing_table: false,
-        })
+        }
     }
 
     /// The latest sign-ups still known, newest first, with their progress.
@@ -1101,7 +1263,8 @@ impl Registry {
             .collect()
     }
 
-    /// Consumer ids, optionally of one state, sorted, at most `limit`.
+    /// Consumer ids in memory, optionally of one state, sorted, at most
+    /// `limit`. Every registering consumer is in memory; settled ones are not.
     pub fn list_consumers(&self, state: Option<ConsumerState>, limit: usize) -> Vec<ConsumerId> {
         let mut v: Vec<ConsumerId> = self
             .consumers
@@ -1172,7 +1335,8 @@ impl Registry {
                 self.registering
             ));
         }
-        let mut used: HashMap<(usize, String), u64> = HashMap::new();
+        let mut used: HashMap<(usize, String), u64> =
+            self.settled.iter().map(|(k, &n)| (k.clone(), n)).collect();
         for r in self.resources.values() {
             let p = &self.pools[r.pool];
             *used

@@ -9,6 +9,7 @@ use crate::pollers::Pollers;
 use crate::registry::Registry;
 use crate::routes::Routes;
 use crate::sessions::Sessions;
+use crate::store::{StoreRead, StoredConsumer};
 use prealloc_wire::ConsumerId;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -50,6 +51,8 @@ impl Deadlines {
 pub struct Core {
     pub config: Config,
     registry: Mutex<Registry>,
+    /// Reads of committed consumers beside the writer (settled ones are only there).
+    db: Mutex<Box<dyn StoreRead>>,
     pub routes: Routes,
     pub metrics: Metrics,
     /// The Envoys polling the routes, as last seen.
@@ -74,12 +77,13 @@ pub struct Core {
 }
 
 impl Core {
-    pub fn new(config: Config, registry: Registry, routes: Routes) -> Core {
+    pub fn new(config: Config, registry: Registry, db: Box<dyn StoreRead>, routes: Routes) -> Core {
         let pools = registry.pools().len();
         let permits = config.provisioning.concurrency;
         Core {
             config,
             registry: Mutex::new(registry),
+            db: Mutex::new(db),
             routes,
             metrics: Metrics::default(),
             pollers: Pollers::default(),
@@ -97,6 +101,22 @@ impl Core {
 
     pub fn registry(&self) -> MutexGuard<'_, Registry> {
         self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A consumer as committed, read from the database (a point read by id).
+    pub fn stored_consumer(&self, id: &ConsumerId) -> anyhow::Result<Option<StoredConsumer>> {
+        let mut db = self.db.lock().unwrap_or_else(|p| p.into_inner());
+        db.consumer(id.as_str())
+    }
+
+    /// Consumer ids as committed, in id order, at most `limit`.
+    pub fn stored_consumer_ids(
+        &self,
+        registered_only: bool,
+        limit: usize,
+    ) -> anyhow::Result<Vec<String>> {
+        let mut db = self.db.lock().unwrap_or_else(|p| p.into_inner());
+        db.consumer_ids(registered_only, limit)
     }
 
     /// Replaces the in-memory state (after a failed commit, from the store).

@@ -96,7 +96,7 @@ impl WriterLoop {
             // Popped one by one (not drained): should a write panic, the ones
             // after it stay queued until the failure is published.
             while let Some(q) = self.queued.pop_front() {
-                let reply = q.apply(&mut reg, &mut self.batch);
+                let reply = q.apply(&mut reg, &mut self.batch, &mut *self.store);
                 self.replies.push(reply);
             }
             if reg.next_resource_id != self.persisted_next_id {
@@ -175,7 +175,10 @@ impl WriterLoop {
     fn reload(&mut self) {
         let fresh = self
             .store
-            .load()
+            .load(crate::registry::load_window(
+                &self.core.config,
+                crate::now_ms(),
+            ))
             .and_then(|s| Registry::from_snapshot(&self.core.config, &s));
         match fresh {
             Ok(fresh) => {

@@ -2,7 +2,7 @@
 //! tests flip a switch and every failure path above the store seam becomes a
 //! plain test against a real database underneath.
 
-use super::{Op, Snapshot, Store};
+use super::{LoadWindow, Op, Snapshot, Store, StoreRead, StoredConsumer};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -50,10 +50,24 @@ impl<S: Store> FaultyStore<S> {
     }
 }
 
+impl<S: Store> StoreRead for FaultyStore<S> {
+    fn consumer(&mut self, id: &str) -> anyhow::Result<Option<StoredConsumer>> {
+        self.inner.consumer(id)
+    }
+
+    fn consumer_ids(&mut self, registered_only: bool, limit: usize) -> anyhow::Result<Vec<String>> {
+        self.inner.consumer_ids(registered_only, limit)
+    }
+}
+
 impl<S: Store> Store for FaultyStore<S> {
-    fn load(&mut self) -> anyhow::Result<Snapshot> {
+    fn load(&mut self, window: LoadWindow) -> anyhow::Result<Snapshot> {
         self.faults.loads.fetch_add(1, Ordering::SeqCst);
-        self.inner.load()
+        self.inner.load(window)
+    }
+
+    fn reader(&self) -> anyhow::Result<Box<dyn StoreRead>> {
+        self.inner.reader()
     }
 
     fn commit(&mut self, ops: &[Op]) -> anyhow::Result<()> {

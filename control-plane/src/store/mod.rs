@@ -1,5 +1,9 @@
 //! The storage seam: the domain logic hands batches of [`Op`]s to a [`Store`] and
 //! rebuilds itself from a [`Snapshot`]; SQLite is the built-in implementation.
+//!
+//! The database holds every consumer ever registered; memory holds only the
+//! ones the routing table, the leases and replication still need (see
+//! [`settled`]). The others are read back one at a time ([`StoreRead`]).
 
 pub mod faulty;
 pub mod sqlite;
@@ -115,14 +119,59 @@ pub enum Op {
     PutReplica(ReplicaRow),
 }
 
+/// Whether a consumer is settled: registered, confirmed, and out of the route
+/// window (its grace period is over). Nothing about it changes any more but
+/// late copies, so it lives in the database only, not in memory.
+pub fn settled(
+    registered_ms: Option<u64>,
+    confirmed_ms: Option<u64>,
+    now_ms: u64,
+    grace_ms: u64,
+) -> bool {
+    confirmed_ms.is_some() && registered_ms.is_some_and(|at| at.saturating_add(grace_ms) <= now_ms)
+}
+
+/// What a load leaves in the database: the consumers [`settled`] at `now_ms`,
+/// except the `recent` newest sign-ups (the status page follows them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadWindow {
+    pub now_ms: u64,
+    pub grace_ms: u64,
+    pub recent: usize,
+}
+
+impl LoadWindow {
+    /// Loads every consumer (nothing counts as settled).
+    pub const ALL: LoadWindow = LoadWindow {
+        now_ms: 0,
+        grace_ms: u64::MAX,
+        recent: 0,
+    };
+}
+
+/// Settled consumers a load left in the database, per first manager and type:
+/// their resources still count as used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettledCount {
+    pub manager: String,
+    pub resource_type: String,
+    pub location: String,
+    pub count: u64,
+}
+
 /// Everything needed to rebuild the in-memory state at start.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     pub meta: Vec<(String, String)>,
     pub availability: Vec<(String, String)>,
+    /// Resources that are ready or provisioning, and those of the consumers loaded.
     pub resources: Vec<ResourceRow>,
+    /// Consumers that are not settled (plus the newest few).
     pub consumers: Vec<ConsumerRow>,
+    /// Copies of the consumers loaded.
     pub replicas: Vec<ReplicaRow>,
+    /// Consumers left in the database.
+    pub settled: Vec<SettledCount>,
 }
 
 impl Snapshot {
@@ -134,10 +183,29 @@ impl Snapshot {
     }
 }
 
+/// One consumer as the database holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredConsumer {
+    pub consumer: ConsumerRow,
+    pub resource: ResourceRow,
+    /// Its copies, oldest first.
+    pub replicas: Vec<ReplicaRow>,
+}
+
+/// Reads of what is committed, one consumer at a time.
+pub trait StoreRead: Send {
+    /// The consumer with this id, if it was ever registered and not given back.
+    fn consumer(&mut self, id: &str) -> anyhow::Result<Option<StoredConsumer>>;
+    /// Consumer ids in id order, only registered ones if asked, at most `limit`.
+    fn consumer_ids(&mut self, registered_only: bool, limit: usize) -> anyhow::Result<Vec<String>>;
+}
+
 /// A durable store. `commit` must not return before the batch is durable.
-pub trait Store: Send + 'static {
-    /// Reads everything back (at start, or after a failed commit).
-    fn load(&mut self) -> anyhow::Result<Snapshot>;
+pub trait Store: StoreRead + 'static {
+    /// Reads back everything but the settled consumers (at start, or after a failed commit).
+    fn load(&mut self, window: LoadWindow) -> anyhow::Result<Snapshot>;
     /// Applies the batch in one transaction; all or nothing, durable on `Ok`.
     fn commit(&mut self, ops: &[Op]) -> anyhow::Result<()>;
+    /// A second handle for reads beside the writer (the API's lookups).
+    fn reader(&self) -> anyhow::Result<Box<dyn StoreRead>>;
 }

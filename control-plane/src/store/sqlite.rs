@@ -1,8 +1,11 @@
 //! The SQLite store: WAL, `synchronous=FULL`, versioned migrations, prepared statements.
 
-use super::{ConsumerRow, Op, ReplicaRow, ResourceRow, ResourceState, Snapshot, Store};
+use super::{
+    settled, ConsumerRow, LoadWindow, Op, ReplicaRow, ResourceRow, ResourceState, SettledCount,
+    Snapshot, Store, StoreRead, StoredConsumer,
+};
 use anyhow::{anyhow, Context};
-use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row};
 use std::path::{Path, PathBuf};
 
 /// Schema migrations, applied in order; the `migrations` table records which ran.
@@ -39,7 +42,17 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "ALTER TABLE resources ADD COLUMN confirmed_ms INTEGER;
          UPDATE resources SET confirmed_ms = consumer_created_ms WHERE consumer IS NOT NULL;",
     ),
+    (
+        "0003_consumer_lookup",
+        // Settled consumers live in the database only: they are found by id.
+        // Unique, so the database itself refuses a consumer id handed out twice.
+        "CREATE UNIQUE INDEX resources_consumer ON resources (consumer) WHERE consumer IS NOT NULL;",
+    ),
 ];
+
+/// The columns of a resource row, in the order [`read_row`] reads them.
+const RESOURCE_COLUMNS: &str = "id, resource_type, name, location, manager, state, consumer,
+    created_ms, consumer_created_ms, registered_ms, confirmed_ms";
 
 /// A store in one SQLite file.
 pub struct SqliteStore {
@@ -202,8 +215,98 @@ fn to_i64(v: u64) -> i64 {
     v as i64
 }
 
+/// A resource row and, when it is assigned, its consumer.
+fn read_row(r: &Row<'_>) -> anyhow::Result<(ResourceRow, Option<ConsumerRow>)> {
+    let id = r.get::<_, i64>(0)? as u64;
+    let state: String = r.get(5)?;
+    let state = ResourceState::parse(&state)
+        .ok_or_else(|| anyhow!("resource {id} has unknown state {state:?}"))?;
+    let consumer: Option<String> = r.get(6)?;
+    let manager: String = r.get(4)?;
+    let consumer_row = match &consumer {
+        Some(cid) => {
+            let registered_ms = r.get::<_, Option<i64>>(9)?.map(|v| v as u64);
+            Some(ConsumerRow {
+                id: cid.clone(),
+                resource: id,
+                manager: manager.clone(),
+                registered: registered_ms.is_some(),
+                created_ms: r.get::<_, Option<i64>>(8)?.unwrap_or(0) as u64,
+                registered_ms,
+                confirmed_ms: r.get::<_, Option<i64>>(10)?.map(|v| v as u64),
+            })
+        }
+        None => None,
+    };
+    let resource = ResourceRow {
+        id,
+        resource_type: r.get(1)?,
+        name: r.get(2)?,
+        location: r.get(3)?,
+        manager,
+        state,
+        consumer,
+        created_ms: r.get::<_, i64>(7)? as u64,
+    };
+    Ok((resource, consumer_row))
+}
+
+impl SqliteStore {
+    fn replicas_of(&self, resource: u64) -> anyhow::Result<Vec<ReplicaRow>> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT resource, manager, at_ms FROM replicas WHERE resource = ?1 ORDER BY at_ms",
+        )?;
+        let rows = st.query_map([to_i64(resource)], |r| {
+            Ok(ReplicaRow {
+                resource: r.get::<_, i64>(0)? as u64,
+                manager: r.get(1)?,
+                at_ms: r.get::<_, i64>(2)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+impl StoreRead for SqliteStore {
+    fn consumer(&mut self, id: &str) -> anyhow::Result<Option<StoredConsumer>> {
+        let found = {
+            let mut st = self.conn.prepare_cached(&format!(
+                "SELECT {RESOURCE_COLUMNS} FROM resources WHERE consumer = ?1"
+            ))?;
+            let mut rows = st.query([id])?;
+            match rows.next()? {
+                Some(r) => Some(read_row(r)?),
+                None => None,
+            }
+        };
+        let Some((resource, Some(consumer))) = found else {
+            return Ok(None);
+        };
+        let replicas = self.replicas_of(resource.id)?;
+        Ok(Some(StoredConsumer {
+            consumer,
+            resource,
+            replicas,
+        }))
+    }
+
+    fn consumer_ids(&mut self, registered_only: bool, limit: usize) -> anyhow::Result<Vec<String>> {
+        // In the order of the consumer index, which stops the scan at the limit.
+        let sql = if registered_only {
+            "SELECT consumer FROM resources WHERE consumer IS NOT NULL AND registered_ms IS NOT NULL
+             ORDER BY consumer LIMIT ?1"
+        } else {
+            "SELECT consumer FROM resources WHERE consumer IS NOT NULL ORDER BY consumer LIMIT ?1"
+        };
+        let mut st = self.conn.prepare_cached(sql)?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = st.query_map([limit], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
 impl Store for SqliteStore {
-    fn load(&mut self) -> anyhow::Result<Snapshot> {
+    fn load(&mut self, window: LoadWindow) -> anyhow::Result<Snapshot> {
         let c = &self.conn;
         let mut snap = Snapshot::default();
         let mut st = c.prepare("SELECT key, value FROM meta")?;
@@ -214,54 +317,83 @@ impl Store for SqliteStore {
         snap.availability = st
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<Result<_, _>>()?;
-        let mut st = c.prepare(
-            "SELECT id, resource_type, name, location, manager, state, consumer, created_ms,
-                    consumer_created_ms, registered_ms, confirmed_ms
-             FROM resources ORDER BY id",
-        )?;
+        // One pass over the resources: a settled consumer's row is only
+        // counted (its columns are read in place, nothing is allocated).
+        // The newest sign-ups, settled or not: the status page follows them.
+        let mut newest = std::collections::BinaryHeap::new();
+        let mut st = c.prepare(&format!(
+            "SELECT {RESOURCE_COLUMNS} FROM resources ORDER BY id"
+        ))?;
         let mut rows = st.query([])?;
         while let Some(r) = rows.next()? {
-            let id = r.get::<_, i64>(0)? as u64;
-            let state: String = r.get(5)?;
-            let state = ResourceState::parse(&state)
-                .ok_or_else(|| anyhow!("resource {id} has unknown state {state:?}"))?;
-            let consumer: Option<String> = r.get(6)?;
-            let manager: String = r.get(4)?;
-            if let Some(cid) = &consumer {
-                let registered_ms = r.get::<_, Option<i64>>(9)?.map(|v| v as u64);
-                snap.consumers.push(ConsumerRow {
-                    id: cid.clone(),
-                    resource: id,
-                    manager: manager.clone(),
-                    registered: registered_ms.is_some(),
-                    created_ms: r.get::<_, Option<i64>>(8)?.unwrap_or(0) as u64,
-                    registered_ms,
-                    confirmed_ms: r.get::<_, Option<i64>>(10)?.map(|v| v as u64),
-                });
+            let is_settled = r.get_ref(6)?.as_str_or_null()?.is_some()
+                && settled(
+                    r.get::<_, Option<i64>>(9)?.map(|v| v as u64),
+                    r.get::<_, Option<i64>>(10)?.map(|v| v as u64),
+                    window.now_ms,
+                    window.grace_ms,
+                );
+            if window.recent > 0 && r.get_ref(6)?.as_str_or_null()?.is_some() {
+                let created = r.get::<_, Option<i64>>(8)?.unwrap_or(0);
+                let id = r.get::<_, i64>(0)?;
+                newest.push(std::cmp::Reverse((created, id, is_settled)));
+                if newest.len() > window.recent {
+                    newest.pop();
+                }
             }
-            snap.resources.push(ResourceRow {
-                id,
-                resource_type: r.get(1)?,
-                name: r.get(2)?,
-                location: r.get(3)?,
-                manager,
-                state,
-                consumer,
-                created_ms: r.get::<_, i64>(7)? as u64,
-            });
+            if !is_settled {
+                let (resource, consumer) = read_row(r)?;
+                snap.consumers.extend(consumer);
+                snap.resources.push(resource);
+                continue;
+            }
+            let (manager, resource_type) = (r.get_ref(4)?.as_str()?, r.get_ref(1)?.as_str()?);
+            match snap
+                .settled
+                .iter_mut()
+                .find(|s| s.manager == manager && s.resource_type == resource_type)
+            {
+                Some(s) => s.count += 1,
+                None => snap.settled.push(SettledCount {
+                    manager: manager.to_owned(),
+                    resource_type: resource_type.to_owned(),
+                    location: r.get(3)?,
+                    count: 1,
+                }),
+            }
         }
-        let mut st =
-            c.prepare("SELECT resource, manager, at_ms FROM replicas ORDER BY resource, at_ms")?;
-        snap.replicas = st
-            .query_map([], |r| {
-                Ok(ReplicaRow {
-                    resource: r.get::<_, i64>(0)? as u64,
-                    manager: r.get(1)?,
-                    at_ms: r.get::<_, i64>(2)? as u64,
-                })
-            })?
-            .collect::<Result<_, _>>()?;
+        drop(rows);
+        drop(st);
+        // The newest sign-ups are loaded even when settled (the others are loaded already).
+        let mut st = c.prepare(&format!(
+            "SELECT {RESOURCE_COLUMNS} FROM resources WHERE id = ?1"
+        ))?;
+        let newest_settled = newest.into_iter().filter(|n| n.0 .2).map(|n| n.0 .1);
+        for id in newest_settled {
+            let mut rows = st.query([id])?;
+            if let Some(r) = rows.next()? {
+                let (resource, consumer) = read_row(r)?;
+                if let Some(s) = snap.settled.iter_mut().find(|s| {
+                    s.manager == resource.manager && s.resource_type == resource.resource_type
+                }) {
+                    s.count -= 1;
+                }
+                snap.consumers.extend(consumer);
+                snap.resources.push(resource);
+            }
+        }
+        drop(st);
+        snap.resources.sort_by_key(|r| r.id);
+        snap.consumers.sort_by_key(|c| c.resource);
+        for consumer in &snap.consumers {
+            let replicas = self.replicas_of(consumer.resource)?;
+            snap.replicas.extend(replicas);
+        }
         Ok(snap)
+    }
+
+    fn reader(&self) -> anyhow::Result<Box<dyn StoreRead>> {
+        Ok(Box::new(SqliteStore::open_read_only(&self.path)?))
     }
 
     fn commit(&mut self, ops: &[Op]) -> anyhow::Result<()> {

@@ -36,6 +36,8 @@ enum Step {
     Release(usize),
     Availability(usize, u8),
     Replica(usize, usize),
+    /// Time passes for one consumer: once settled it leaves memory.
+    Settle(usize),
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -47,6 +49,7 @@ fn step() -> impl Strategy<Value = Step> {
         1 => any::<usize>().prop_map(Step::Release),
         1 => (any::<usize>(), 0u8..3).prop_map(|(m, a)| Step::Availability(m, a)),
         2 => (any::<usize>(), any::<usize>()).prop_map(|(c, m)| Step::Replica(c, m)),
+        2 => any::<usize>().prop_map(Step::Settle),
     ]
 }
 
@@ -119,6 +122,18 @@ proptest! {
                     let out = reg.add_replica(c, &format!("m{}", m % n), 2, &mut ops).unwrap();
                     let after = reg.route_entry(c).unwrap();
                     prop_assert_eq!(after.replicas.len(), before + usize::from(out.added), "replica sets only grow");
+                }
+                Step::Settle(i) if !consumers.is_empty() => {
+                    let k = i % consumers.len();
+                    let rec = reg.consumer_record(&consumers[k]).unwrap();
+                    let settles = rec.confirmed_ms.is_some() && rec.registered_ms.is_some();
+                    let before = reg.consumer_count();
+                    if reg.evict_if_settled(&consumers[k], u64::MAX) {
+                        prop_assert!(settles, "evicted a consumer that can still change: {rec:?}");
+                        let c = consumers.swap_remove(k);
+                        prop_assert!(!reg.contains(&c));
+                        prop_assert_eq!(reg.consumer_count(), before, "a settled consumer still counts");
+                    }
                 }
                 _ => {}
             }

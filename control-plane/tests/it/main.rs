@@ -15,6 +15,7 @@ mod restart;
 mod route_window;
 mod routes;
 mod routes_props;
+mod settled;
 mod socket;
 mod status;
 mod storage_faults;
