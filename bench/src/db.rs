@@ -46,6 +46,8 @@ pub struct Filler {
     /// The routes version the database had.
     version: u64,
     managers: Vec<String>,
+    /// When the fill started (ms): who is settled by then.
+    now: u64,
 }
 
 impl Filler {
@@ -71,6 +73,7 @@ impl Filler {
             store,
             ops: Vec::new(),
             version,
+            now: prealloc_control_plane::now_ms(),
         }
     }
 
@@ -98,6 +101,8 @@ impl Filler {
             let m = &self.managers[(at + k) % n];
             self.reg.add_replica(&id, m, t + 5, ops).expect("replica");
         }
+        // Signed up long ago: settled, it leaves memory as in the control plane.
+        self.reg.evict_if_settled(&id, self.now);
         if self.ops.len() > 200_000 {
             self.store.commit(&self.ops).expect("commit");
             self.ops.clear();

@@ -497,13 +497,13 @@ impl App {
     }
 
     /// A consumer's record: from memory, or, settled, from the database.
-    fn record(&self, consumer: &ConsumerId) -> Result<Option<ConsumerRecord>, Resp> {
+    fn record(&self, consumer: &ConsumerId) -> anyhow::Result<Option<ConsumerRecord>> {
         let core = &self.plane.core;
         let in_memory = core.registry().consumer_record(consumer);
         let mut rec = match in_memory {
             Some(rec) => rec,
             None => {
-                let stored = core.stored_consumer(consumer).map_err(unreadable)?;
+                let stored = core.stored_consumer(consumer)?;
                 match stored.and_then(|s| core.registry().stored_record(&s)) {
                     Some(rec) => rec,
                     None => return Ok(None),
@@ -526,7 +526,7 @@ impl App {
                 "unknown_consumer",
                 format!("no consumer {consumer}"),
             ),
-            Err(r) => r,
+            Err(e) => unreadable(e),
         }
     }
 
@@ -586,7 +586,7 @@ impl App {
         for c in &ids {
             match self.record(c) {
                 Ok(rec) => records.extend(rec),
-                Err(r) => return r,
+                Err(e) => return unreadable(e),
             }
         }
         json(StatusCode::OK, &records)

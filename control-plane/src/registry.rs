@@ -1105,13 +1105,13 @@ impl Registry {
     /// The record of a consumer read from the database (a settled one).
     /// `None` if its resource's pool or manager is no longer known.
     pub fn stored_record(&self, s: &StoredConsumer) -> Option<ConsumerRecord> {
-        let (id, c, r) = self.from_stored(s)?;
+        let (id, c, r) = self.unpack(s)?;
         Some(self.record(&id, &c, &r))
     }
 
     /// A stored consumer in the in-memory shape (replicas on managers no
     /// longer configured are left out; the first manager first).
-    fn from_stored(&self, s: &StoredConsumer) -> Option<(ConsumerId, Consumer, Resource)> {
+    fn unpack(&self, s: &StoredConsumer) -> Option<(ConsumerId, Consumer, Resource)> {
         let id = ConsumerId::parse(&s.consumer.id).ok()?;
         let rr = &s.resource;
         let pool = *self
@@ -1160,7 +1160,7 @@ impl Registry {
             .manager_idx
             .get(manager)
             .ok_or_else(|| ReplicaError::UnknownManager(manager.to_owned()))?;
-        let (id, mut c, _) = self.from_stored(s).ok_or(ReplicaError::UnknownConsumer)?;
+        let (id, mut c, _) = self.unpack(s).ok_or(ReplicaError::UnknownConsumer)?;
         let added = !c.replicas.iter().any(|&(r, _)| r == m);
         if added {
             c.replicas.push((m, now_ms));

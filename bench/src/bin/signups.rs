@@ -10,7 +10,12 @@
 //! the control plane's thread stacks from gdb (`target/signup-stalls/`), taken
 //! while the stall is still going on.
 //!
-//! `bench/signups.sh [--consumers N] [--round S] [--connections C] [--depth D] [--stacks]`
+//! With `--prefill P`, P consumers signed up and replicated a day ago are
+//! written into the database first (settled: in the database, not in
+//! memory), the control plane is restarted on it (restart time and RSS are
+//! printed), and the rounds run from there until P + N.
+//!
+//! `bench/signups.sh [--consumers N] [--prefill P] [--round S] [--connections C] [--depth D] [--stacks]`
 
 use prealloc_bench::probe::Probe;
 use prealloc_bench::procs::{self, WrkOptions};
@@ -27,6 +32,8 @@ struct Args {
     depth: u64,
     /// Managers `m1..mN`, each able to hold every consumer.
     managers: usize,
+    /// Settled consumers written into the database before the rounds.
+    prefill: u64,
     stacks: bool,
 }
 
@@ -37,6 +44,7 @@ fn args() -> Args {
         connections: 64,
         depth: 50_000,
         managers: 3,
+        prefill: 0,
         stacks: false,
     };
     let mut it = std::env::args().skip(1);
@@ -55,7 +63,8 @@ fn args() -> Args {
             "--connections" => a.connections = v as u32,
             "--depth" => a.depth = v,
             "--managers" => a.managers = v as usize,
-            _ => panic!("usage: signups [--consumers N] [--round S] [--connections C] [--depth D] [--managers M] [--stacks]"),
+            "--prefill" => a.prefill = v,
+            _ => panic!("usage: signups [--consumers N] [--prefill P] [--round S] [--connections C] [--depth D] [--managers M] [--stacks]"),
         }
     }
     a
@@ -157,7 +166,10 @@ fn main() {
     let managers = prealloc_bench::db::manager_ids(a.managers)
         .iter()
         .map(|id| ManagerSpec {
-            capacity: vec![("mailbox".to_owned(), a.consumers + a.depth + 100_000)],
+            capacity: vec![(
+                "mailbox".to_owned(),
+                a.prefill + a.consumers + a.depth + 100_000,
+            )],
             ..ManagerSpec::new(id, "http://127.0.0.1:9")
         })
         .collect();
@@ -169,7 +181,29 @@ fn main() {
     // wrk never confirms: keep the registrations (leases) for the whole run.
     cfg.registration_lease_ms = Some(86_400_000);
     cfg.log_level = Some("warn".into());
-    let cp = ControlPlane::start(cfg);
+    let mut cp = ControlPlane::start(cfg);
+    if a.prefill > 0 {
+        cp.kill9();
+        let t = Instant::now();
+        let mut f = prealloc_bench::db::Filler::open(&cp);
+        let long_ago = prealloc_bench::db::now_ms() - 86_400_000;
+        for i in 0..a.prefill {
+            f.sign_up(i, long_ago + i / 100, 1);
+        }
+        f.finish();
+        let filled = t.elapsed();
+        cp.set_start_timeout(Duration::from_secs(1800));
+        let t = Instant::now();
+        cp.restart();
+        eprintln!(
+            "{} settled consumers written in {:.1} s; control plane restarted in {:.2} s, RSS {} MiB",
+            a.prefill,
+            filled.as_secs_f64(),
+            t.elapsed().as_secs_f64(),
+            cp.pid().map(procs::rss_kib).unwrap_or(0) / 1024
+        );
+    }
+    let target = a.prefill + a.consumers;
     let metrics = || {
         let mut p = Probe::new(cp.addr());
         p.get_path("/metrics", &[])
@@ -237,7 +271,7 @@ fn main() {
             total.2.max(r.p99_us),
             total.3 + r.errors,
         );
-        if consumers >= a.consumers {
+        if consumers >= target {
             break;
         }
         // Let pre-allocation catch up if the pool ran low during the round.
