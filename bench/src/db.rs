@@ -2,11 +2,10 @@
 //! the control plane's own registry (the same ops a sign-up writes),
 //! committed in large batches, far faster than as many HTTP sign-ups.
 
-use prealloc_control_plane::registry::Registry;
+use prealloc_control_plane::registry::{NewId, Registry};
 use prealloc_control_plane::store::Op;
 use prealloc_control_plane::store::{sqlite::SqliteStore, Store};
 use prealloc_e2e::control_plane::ControlPlane;
-use prealloc_wire::ConsumerId;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// The ids of a benchmark control plane's `n` managers: `m1`..`mn`.
@@ -27,15 +26,6 @@ fn mix(n: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
-}
-
-/// Consumer `n`'s id: every byte as random-looking as the control plane's
-/// own ids are (the native table picks its shard by the last byte).
-pub fn consumer(n: u64) -> ConsumerId {
-    let mut b = [0u8; 16];
-    b[..8].copy_from_slice(&mix(n).to_le_bytes());
-    b[8..].copy_from_slice(&mix(!n).to_le_bytes());
-    ConsumerId::from_bytes(b)
 }
 
 /// Writes consumers into the database of a stopped control plane.
@@ -85,11 +75,12 @@ impl Filler {
         self.reg
             .reserve(0, t, ops)
             .expect("capacity for every consumer");
-        let id = consumer(n);
+        // Minted as the control plane mints them: found by id once settled.
         let (r, _) = self
             .reg
-            .register("mailbox", None, id.clone(), t, ops)
+            .register("mailbox", None, NewId::Mint(mix(n)), t, ops)
             .expect("a ready resource");
+        let id = r.consumer.clone();
         self.reg.confirm(&id, t, ops).expect("confirm");
         let at = self
             .managers

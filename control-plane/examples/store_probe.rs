@@ -1,16 +1,17 @@
 //! Times the SQLite store alone: group commits of registration-shaped batches.
+//!
+//! `cargo run --release -p prealloc-control-plane --example store_probe [PER [BATCHES]]`:
+//! BATCHES commits of PER registrations each (default 30 and 500).
 use prealloc_control_plane::store::*;
 use std::time::Instant;
 fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let mut st = SqliteStore::open(&dir.path().join("p.db"))?;
-    let per: u64 = std::env::args()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(30);
+    let arg = |i: usize| std::env::args().nth(i);
+    let per: u64 = arg(1).and_then(|a| a.parse().ok()).unwrap_or(30);
+    let n: u64 = arg(2).and_then(|a| a.parse().ok()).unwrap_or(500);
     let mut id = 0u64;
     let mut exec = std::time::Duration::ZERO;
-    let n = 500;
     for _ in 0..n {
         let mut ops = Vec::new();
         for _ in 0..per {

@@ -3,7 +3,9 @@
 //! that queues them.
 
 use crate::batch::Batch;
-use crate::registry::{ManagerView, RegisterError, Registry, ReleaseError, ReplicaError, Reserved};
+use crate::registry::{
+    ManagerView, NewId, RegisterError, Registry, ReleaseError, ReplicaError, Reserved,
+};
 use crate::store::{StoreRead, StoredConsumer};
 use prealloc_wire::{Availability, ConsumerId, ConsumerState, Registration};
 use rand::RngCore;
@@ -51,14 +53,16 @@ pub trait Write: Send + 'static {
 
 /// A consumer that is not in memory, read from the database.
 fn settled_consumer(
+    reg: &Registry,
     db: &mut dyn StoreRead,
     consumer: &ConsumerId,
 ) -> Result<Option<StoredConsumer>, Refusal> {
-    db.consumer(consumer.as_str()).map_err(|e| {
-        Refusal::Storage(format!(
-            "the database could not be read ({e:#}); nothing was changed, retry later"
-        ))
-    })
+    db.consumer(consumer.as_str(), reg.resource_hint(consumer))
+        .map_err(|e| {
+            Refusal::Storage(format!(
+                "the database could not be read ({e:#}); nothing was changed, retry later"
+            ))
+        })
 }
 
 /// A new consumer on a ready resource of the pool (`POST /v1/registrations`).
@@ -75,11 +79,10 @@ impl Write for Register {
         b: &mut Batch,
         _db: &mut dyn StoreRead,
     ) -> Result<Registration, Refusal> {
-        let id = fresh_id(reg, &mut b.rng);
         let registered = reg.register(
             &self.resource_type,
             self.location.as_deref(),
-            id.clone(),
+            NewId::Mint(b.rng.next_u64()),
             b.now_ms,
             &mut b.ops,
         );
@@ -94,6 +97,7 @@ impl Write for Register {
                 return Err(Refusal::Register(e));
             }
         };
+        let id = registration.consumer.clone();
         b.counts.registrations += 1;
         b.pools.insert(pool);
         b.leases
@@ -131,7 +135,7 @@ impl Write for Release {
             Err(ReleaseError::Confirmed) => return Err(Refusal::Confirmed),
             // A settled consumer is confirmed: never given back.
             Err(ReleaseError::UnknownConsumer) => {
-                return Err(match settled_consumer(db, &self.consumer)? {
+                return Err(match settled_consumer(reg, db, &self.consumer)? {
                     Some(_) => Refusal::Confirmed,
                     None => Refusal::UnknownConsumer,
                 })
@@ -166,10 +170,12 @@ impl Write for Confirm {
                 Ok(confirmed)
             }
             // A settled consumer was confirmed long ago.
-            Err(ReplicaError::UnknownConsumer) => match settled_consumer(db, &self.consumer)? {
-                Some(_) => Ok(false),
-                None => Err(Refusal::UnknownConsumer),
-            },
+            Err(ReplicaError::UnknownConsumer) => {
+                match settled_consumer(reg, db, &self.consumer)? {
+                    Some(_) => Ok(false),
+                    None => Err(Refusal::UnknownConsumer),
+                }
+            }
             Err(e) => Err(e.into()),
         }
     }
@@ -238,7 +244,7 @@ impl Write for Replica {
         let Replica { consumer, manager } = self;
         if !reg.contains(&consumer) {
             // Settled (or unknown): a late copy only adds its row.
-            let stored = settled_consumer(db, &consumer)?.ok_or(Refusal::UnknownConsumer)?;
+            let stored = settled_consumer(reg, db, &consumer)?.ok_or(Refusal::UnknownConsumer)?;
             let (outcome, entry) = reg.settled_replica(&stored, &manager, b.now_ms, &mut b.ops)?;
             if outcome.added {
                 b.counts.replicas += 1;
@@ -410,17 +416,6 @@ impl Write for Expire {
             }
         }
         Ok(())
-    }
-}
-
-fn fresh_id(reg: &Registry, rng: &mut impl RngCore) -> ConsumerId {
-    loop {
-        let mut bytes = [0u8; 16];
-        rng.fill_bytes(&mut bytes);
-        let id = ConsumerId::from_bytes(bytes);
-        if !reg.contains(&id) {
-            return id;
-        }
     }
 }
 

@@ -3,7 +3,7 @@
 
 // Layers, bottom up (a module imports only modules of the layers below it;
 // `tests/it/layering.rs` checks it):
-// 1. config, store, registry (pure domain), routes, metrics, manager_client, pollers, sessions
+// 1. config, ids (consumer ids), store, registry (pure domain), routes, metrics, manager_client, pollers, sessions
 // 2. batch (one group commit being built), command (the writes), state (shared core)
 // 3. writer, allocator, replicator, expiry, api, status (the status page)
 // 4. plane (wiring), server
@@ -13,6 +13,7 @@ pub mod batch;
 pub mod command;
 pub mod config;
 pub mod expiry;
+pub mod ids;
 pub mod manager_client;
 pub mod metrics;
 pub mod plane;

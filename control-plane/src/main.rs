@@ -217,7 +217,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let record = match reg.consumer_record(&c) {
                     Some(r) => Some(r),
                     None => store
-                        .consumer(c.as_str())?
+                        .consumer(c.as_str(), reg.resource_hint(&c))?
                         .and_then(|s| reg.stored_record(&s)),
                 };
                 if let Some(r) = record {

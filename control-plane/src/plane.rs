@@ -59,6 +59,18 @@ impl ControlPlane {
                 .context("cannot initialise the database")?;
             snap = store.load(window)?;
         }
+        if snap.meta(crate::registry::ID_KEY).is_none() {
+            // Its consumer ids' key (`ids.rs`), for its whole life; a database
+            // from before gets one too (its older ids stay findable).
+            let ops = vec![Op::SetMeta {
+                key: crate::registry::ID_KEY.into(),
+                value: crate::ids::IdKey::random_hex(),
+            }];
+            store
+                .commit(&ops)
+                .context("cannot initialise the database")?;
+            snap = store.load(window)?;
+        }
         let epoch = snap.meta("epoch").unwrap_or_default().to_owned();
         let version: u64 = snap
             .meta("version")

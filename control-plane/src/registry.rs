@@ -7,6 +7,7 @@
 //! only counted; the database keeps it, and reads of it go there.
 
 use crate::config::{Config, ReplicationTarget};
+use crate::ids::IdKey;
 use crate::store::{self, Op, ReplicaRow, ResourceRow, ResourceState, Snapshot, StoredConsumer};
 use anyhow::anyhow;
 use prealloc_wire::{
@@ -161,8 +162,23 @@ pub struct Registry {
     settled: BTreeMap<(usize, String), u64>,
     /// All settled consumers out of memory.
     settled_total: u64,
+    /// Mints consumer ids that name their resource (`ids.rs`).
+    ids: IdKey,
     pub next_resource_id: u64,
 }
+
+/// The id of a new consumer.
+#[derive(Debug, Clone)]
+pub enum NewId {
+    /// Minted from the resource it gets and this random nonce: the database
+    /// finds it by primary key once it is settled (what the control plane does).
+    Mint(u64),
+    /// Chosen by the caller (tests); found only while in memory.
+    Given(ConsumerId),
+}
+
+/// The meta key holding the database's consumer-id key.
+pub const ID_KEY: &str = "consumer_id_key";
 
 /// How many of the latest sign-ups the status page follows one by one.
 pub const RECENT: usize = 20;
@@ -213,6 +229,8 @@ impl Registry {
             registering: 0,
             settled: BTreeMap::new(),
             settled_total: 0,
+            // The database's own key replaces it in `from_snapshot`.
+            ids: IdKey::new(rand::random()),
             next_resource_id: 1,
         };
         for p in &config.pools {
@@ -225,6 +243,10 @@ impl Registry {
     /// Rebuilds the registry from what the store holds.
     pub fn from_snapshot(config: &Config, snap: &Snapshot) -> anyhow::Result<Registry> {
         let mut reg = Registry::new(config);
+        if let Some(hex) = snap.meta(ID_KEY) {
+            reg.ids = IdKey::from_hex(hex)
+                .ok_or_else(|| anyhow!("meta {ID_KEY} in the database is not 32 hex digits"))?;
+        }
         for (manager, availability) in &snap.availability {
             if let Some(&i) = reg.manager_idx.get(manager) {
                 reg.managers[i].availability = availability
@@ -615,7 +637,7 @@ impl Registry {
         &mut self,
         resource_type: &str,
         location: Option<&str>,
-        consumer: ConsumerId,
+        consumer: NewId,
         now_ms: u64,
         ops: &mut Vec<Op>,
     ) -> Result<(Registration, usize), RegisterError> {
@@ -639,6 +661,18 @@ impl Registry {
                 resource_type: self.pools[pool].resource_type.clone(),
                 location: self.pools[pool].location.clone(),
             });
+        };
+        let consumer = match consumer {
+            NewId::Given(id) => id,
+            NewId::Mint(mut nonce) => loop {
+                // Distinct from every id in memory; a resource taken again
+                // (after a give-back) gets another nonce.
+                let id = self.ids.mint(rid, nonce);
+                if !self.consumers.contains_key(&id) {
+                    break id;
+                }
+                nonce = nonce.wrapping_add(1);
+            },
         };
         let r = self
             .resources
@@ -694,6 +728,12 @@ impl Registry {
 
     pub fn contains(&self, consumer: &ConsumerId) -> bool {
         self.consumers.contains_key(consumer)
+    }
+
+    /// The resource whose row holds this consumer, if the id was minted here
+    /// (for another id, a number whose row does not match it).
+    pub fn resource_hint(&self, consumer: &ConsumerId) -> u64 {
+        self.ids.resource_of(consumer)
     }
 
     /// Gives a provisional registration's resource back to its pool and forgets
@@ -1263,10 +1303,11 @@ impl Registry {
             .collect()
     }
 
-    /// Consumer ids in memory, optionally of one state, sorted, at most
-    /// `limit`. Every registering consumer is in memory; settled ones are not.
+    /// Consumer ids in memory, optionally of one state, in resource order (as
+    /// the database lists them), at most `limit`. Every registering consumer
+    /// is in memory; settled ones are not.
     pub fn list_consumers(&self, state: Option<ConsumerState>, limit: usize) -> Vec<ConsumerId> {
-        let mut v: Vec<ConsumerId> = self
+        let mut v: Vec<(u64, &ConsumerId)> = self
             .consumers
             .iter()
             .filter(|(_, c)| match state {
@@ -1274,11 +1315,13 @@ impl Registry {
                 Some(ConsumerState::Registered) => c.registered_ms.is_some(),
                 Some(ConsumerState::Registering) => c.registered_ms.is_none(),
             })
-            .map(|(id, _)| id.clone())
+            .map(|(id, c)| (c.resource, id))
             .collect();
         v.sort();
-        v.truncate(limit);
-        v
+        v.into_iter()
+            .take(limit)
+            .map(|(_, id)| id.clone())
+            .collect()
     }
 
     pub fn manager_view(&self, m: usize) -> ManagerView {

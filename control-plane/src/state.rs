@@ -105,8 +105,9 @@ impl Core {
 
     /// A consumer as committed, read from the database (a point read by id).
     pub fn stored_consumer(&self, id: &ConsumerId) -> anyhow::Result<Option<StoredConsumer>> {
+        let resource = self.registry().resource_hint(id);
         let mut db = self.db.lock().unwrap_or_else(|p| p.into_inner());
-        db.consumer(id.as_str())
+        db.consumer(id.as_str(), resource)
     }
 
     /// Consumer ids as committed, in id order, at most `limit`.

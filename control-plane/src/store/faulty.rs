@@ -51,8 +51,8 @@ impl<S: Store> FaultyStore<S> {
 }
 
 impl<S: Store> StoreRead for FaultyStore<S> {
-    fn consumer(&mut self, id: &str) -> anyhow::Result<Option<StoredConsumer>> {
-        self.inner.consumer(id)
+    fn consumer(&mut self, id: &str, resource: u64) -> anyhow::Result<Option<StoredConsumer>> {
+        self.inner.consumer(id, resource)
     }
 
     fn consumer_ids(&mut self, registered_only: bool, limit: usize) -> anyhow::Result<Vec<String>> {

@@ -194,9 +194,13 @@ pub struct StoredConsumer {
 
 /// Reads of what is committed, one consumer at a time.
 pub trait StoreRead: Send {
-    /// The consumer with this id, if it was ever registered and not given back.
-    fn consumer(&mut self, id: &str) -> anyhow::Result<Option<StoredConsumer>>;
-    /// Consumer ids in id order, only registered ones if asked, at most `limit`.
+    /// The consumer with this id, if it was ever registered and not given
+    /// back. `resource` is where its id says it is (`ids.rs`): a read by
+    /// primary key, checked against the id; ids from before the scheme are
+    /// found in the table of them the migration kept.
+    fn consumer(&mut self, id: &str, resource: u64) -> anyhow::Result<Option<StoredConsumer>>;
+    /// Consumer ids in resource order (about the order they signed up), only
+    /// registered ones if asked, at most `limit`.
     fn consumer_ids(&mut self, registered_only: bool, limit: usize) -> anyhow::Result<Vec<String>>;
 }
 

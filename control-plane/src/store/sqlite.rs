@@ -43,10 +43,14 @@ const MIGRATIONS: &[(&str, &str)] = &[
          UPDATE resources SET confirmed_ms = consumer_created_ms WHERE consumer IS NOT NULL;",
     ),
     (
-        "0003_consumer_lookup",
-        // Settled consumers live in the database only: they are found by id.
-        // Unique, so the database itself refuses a consumer id handed out twice.
-        "CREATE UNIQUE INDEX resources_consumer ON resources (consumer) WHERE consumer IS NOT NULL;",
+        "0003_legacy_consumer_ids",
+        // Settled consumers live in the database only and are found by the
+        // resource their id names (`ids.rs`). Ids minted before that name
+        // nothing: they are kept here, once; new ones never are.
+        "CREATE TABLE legacy_consumer_ids (
+             consumer TEXT PRIMARY KEY, resource INTEGER NOT NULL) WITHOUT ROWID;
+         INSERT INTO legacy_consumer_ids (consumer, resource)
+             SELECT consumer, id FROM resources WHERE consumer IS NOT NULL;",
     ),
 ];
 
@@ -252,6 +256,17 @@ fn read_row(r: &Row<'_>) -> anyhow::Result<(ResourceRow, Option<ConsumerRow>)> {
 }
 
 impl SqliteStore {
+    fn resource_row(&self, id: u64) -> anyhow::Result<Option<(ResourceRow, Option<ConsumerRow>)>> {
+        let mut st = self.conn.prepare_cached(&format!(
+            "SELECT {RESOURCE_COLUMNS} FROM resources WHERE id = ?1"
+        ))?;
+        let mut rows = st.query([to_i64(id)])?;
+        match rows.next()? {
+            Some(r) => Ok(Some(read_row(r)?)),
+            None => Ok(None),
+        }
+    }
+
     fn replicas_of(&self, resource: u64) -> anyhow::Result<Vec<ReplicaRow>> {
         let mut st = self.conn.prepare_cached(
             "SELECT resource, manager, at_ms FROM replicas WHERE resource = ?1 ORDER BY at_ms",
@@ -268,17 +283,24 @@ impl SqliteStore {
 }
 
 impl StoreRead for SqliteStore {
-    fn consumer(&mut self, id: &str) -> anyhow::Result<Option<StoredConsumer>> {
-        let found = {
-            let mut st = self.conn.prepare_cached(&format!(
-                "SELECT {RESOURCE_COLUMNS} FROM resources WHERE consumer = ?1"
-            ))?;
-            let mut rows = st.query([id])?;
-            match rows.next()? {
-                Some(r) => Some(read_row(r)?),
+    fn consumer(&mut self, id: &str, resource: u64) -> anyhow::Result<Option<StoredConsumer>> {
+        // The row must hold this consumer (not given back, not another's).
+        let holds = |row: &Option<(ResourceRow, Option<ConsumerRow>)>| matches!(row, Some((_, Some(c))) if c.id == id);
+        let mut found = self.resource_row(resource)?;
+        if !holds(&found) {
+            let legacy: Option<i64> = self
+                .conn
+                .prepare_cached("SELECT resource FROM legacy_consumer_ids WHERE consumer = ?1")?
+                .query_row([id], |r| r.get(0))
+                .optional()?;
+            found = match legacy {
+                Some(r) => self.resource_row(r as u64)?,
                 None => None,
-            }
-        };
+            };
+        }
+        if !holds(&found) {
+            return Ok(None);
+        }
         let Some((resource, Some(consumer))) = found else {
             return Ok(None);
         };
@@ -291,12 +313,12 @@ impl StoreRead for SqliteStore {
     }
 
     fn consumer_ids(&mut self, registered_only: bool, limit: usize) -> anyhow::Result<Vec<String>> {
-        // In the order of the consumer index, which stops the scan at the limit.
+        // In primary-key order, so the scan stops at the limit.
         let sql = if registered_only {
             "SELECT consumer FROM resources WHERE consumer IS NOT NULL AND registered_ms IS NOT NULL
-             ORDER BY consumer LIMIT ?1"
+             ORDER BY id LIMIT ?1"
         } else {
-            "SELECT consumer FROM resources WHERE consumer IS NOT NULL ORDER BY consumer LIMIT ?1"
+            "SELECT consumer FROM resources WHERE consumer IS NOT NULL ORDER BY id LIMIT ?1"
         };
         let mut st = self.conn.prepare_cached(sql)?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);

@@ -2,7 +2,7 @@
 //! among eligible managers, no resource handed out twice.
 
 use prealloc_control_plane::config::Config;
-use prealloc_control_plane::registry::Registry;
+use prealloc_control_plane::registry::{NewId, Registry};
 use prealloc_wire::{Availability, ConsumerId};
 use proptest::prelude::*;
 use std::collections::HashSet;
@@ -90,7 +90,7 @@ proptest! {
                     next = next.wrapping_add(1);
                     let id = ConsumerId::from_bytes([next; 16]);
                     if reg.contains(&id) { continue; }
-                    if let Ok((r, _)) = reg.register("mailbox", None, id.clone(), 1, &mut ops) {
+                    if let Ok((r, _)) = reg.register("mailbox", None, NewId::Given(id.clone()), 1, &mut ops) {
                         let m = reg.manager_index(&r.manager).unwrap();
                         prop_assert_eq!(reg.managers()[m].availability, Availability::Available);
                         prop_assert!(handed.insert(r.resource.id), "resource {} handed out twice", r.resource.id);
@@ -189,12 +189,12 @@ proptest! {
         let mut counts = vec![0u64; n];
         for i in 0..total {
             let id = ConsumerId::from_bytes([(i % 251) as u8, (i / 251) as u8, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]);
-            let (r, _) = reg.register("mailbox", Some("l"), id, 1, &mut ops).expect("pool has room");
+            let (r, _) = reg.register("mailbox", Some("l"), NewId::Given(id), 1, &mut ops).expect("pool has room");
             counts[reg.manager_index(&r.manager).unwrap()] += 1;
             let max = counts.iter().max().unwrap();
             let min = counts.iter().min().unwrap();
             prop_assert!(max - min <= 1, "registrations spread {:?}", counts);
         }
-        prop_assert!(reg.register("mailbox", Some("l"), ConsumerId::from_bytes([9; 16]), 1, &mut ops).is_err());
+        prop_assert!(reg.register("mailbox", Some("l"), NewId::Given(ConsumerId::from_bytes([9; 16])), 1, &mut ops).is_err());
     }
 }

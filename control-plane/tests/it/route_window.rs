@@ -2,7 +2,7 @@
 //! table while registering and for `grace_period_ms` after it registered.
 
 use prealloc_control_plane::config::Config;
-use prealloc_control_plane::registry::Registry;
+use prealloc_control_plane::registry::{NewId, Registry};
 use prealloc_wire::ConsumerId;
 use std::path::Path;
 
@@ -33,7 +33,7 @@ fn the_window_covers_registering_and_the_grace_period_after_registration() {
     let mut ops = vec![];
     assert!(!reg.in_route_window(&c, 0), "unknown consumers are outside");
     let (registration, _) = reg
-        .register("mailbox", None, c.clone(), 100, &mut ops)
+        .register("mailbox", None, NewId::Given(c.clone()), 100, &mut ops)
         .unwrap();
     let other = if registration.manager == "m0" {
         "m1"
@@ -65,7 +65,7 @@ fn a_zero_grace_period_closes_the_window_at_registration() {
     let c = ConsumerId::from_bytes([9; 16]);
     let mut ops = vec![];
     let (registration, _) = reg
-        .register("mailbox", None, c.clone(), 10, &mut ops)
+        .register("mailbox", None, NewId::Given(c.clone()), 10, &mut ops)
         .unwrap();
     let other = if registration.manager == "m0" {
         "m1"

@@ -151,7 +151,7 @@ async fn settled_consumers_leave_memory_and_every_call_about_them_still_answers(
     let (s, _) = p.consumer(&stranger).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
 
-    // Lists come from the database: every consumer, in id order.
+    // Lists come from the database: every consumer, in resource order.
     let (s, list) = p
         .call(
             Method::GET,
@@ -167,9 +167,18 @@ async fn settled_consumers_leave_memory_and_every_call_about_them_still_answers(
         .iter()
         .map(|r| r["consumer"].as_str().unwrap())
         .collect();
-    let mut sorted: Vec<&str> = ids.iter().map(String::as_str).collect();
-    sorted.sort();
-    assert_eq!(listed, sorted);
+    let mut by_resource: Vec<(u64, &str)> = before
+        .iter()
+        .map(|r| {
+            (
+                r["resource"]["id"].as_u64().unwrap(),
+                r["consumer"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    by_resource.sort();
+    let in_order: Vec<&str> = by_resource.into_iter().map(|(_, c)| c).collect();
+    assert_eq!(listed, in_order);
 
     // After a restart: the same counts, the same capacity used, the same records.
     let (_, rec_before_restart) = p.consumer(settled).await;
@@ -180,4 +189,64 @@ async fn settled_consumers_leave_memory_and_every_call_about_them_still_answers(
     assert_eq!(managers(&p).await, used_before);
     let (_, rec) = p.consumer(settled).await;
     assert_eq!(rec, rec_before_restart);
+}
+
+/// A database from before minted ids (random ones, which name no resource):
+/// the migration keeps them in a table of their own, and a settled consumer
+/// with such an id is still found.
+#[tokio::test]
+async fn an_older_databases_consumers_stay_findable_once_settled() {
+    use prealloc_control_plane::registry::{NewId, Registry};
+    use prealloc_control_plane::store::{LoadWindow, SqliteStore, Store};
+    let p = Plane::start(&setup()).await;
+    p.wait_depth(40).await;
+    let db = p.stop().await;
+    // A consumer signed up a day ago under a random id, as releases before did.
+    let old = prealloc_wire::ConsumerId::from_bytes(rand::random());
+    {
+        let config = setup().config(&db.path());
+        let mut store = SqliteStore::open(&db.path()).unwrap();
+        let mut reg =
+            Registry::from_snapshot(&config, &store.load(LoadWindow::ALL).unwrap()).unwrap();
+        let day_ago = prealloc_control_plane::now_ms() - 86_400_000;
+        let mut ops = Vec::new();
+        reg.register(
+            "mailbox",
+            None,
+            NewId::Given(old.clone()),
+            day_ago,
+            &mut ops,
+        )
+        .unwrap();
+        reg.confirm(&old, day_ago, &mut ops).unwrap();
+        store.commit(&ops).unwrap();
+    }
+    // Back to the schema before the migration that keeps such ids.
+    let conn = rusqlite::Connection::open(db.path()).unwrap();
+    conn.execute_batch(
+        "DROP TABLE legacy_consumer_ids; DELETE FROM migrations WHERE name = '0003_legacy_consumer_ids';",
+    )
+    .unwrap();
+    drop(conn);
+
+    let p = Plane::start_on(&setup(), db).await;
+    // Twenty newer sign-ups push it off the status page's list: it leaves memory.
+    for _ in 0..RECENT + 1 {
+        p.register().await;
+    }
+    wait_metric(&p, "prealloc_consumers_in_memory", RECENT + 1).await;
+    let (s, rec) = p.consumer(old.as_str()).await;
+    assert_eq!(s, StatusCode::OK, "{rec}");
+    assert_eq!(
+        (rec["state"].as_str(), rec["in_routing_table"].as_bool()),
+        (Some("registered"), Some(false))
+    );
+    let first = rec["first_manager"]["id"].as_str().unwrap().to_owned();
+    let other = if first == "m1" { "m2" } else { "m1" };
+    let (s, ack) = p.replica(old.as_str(), other).await;
+    assert_eq!(
+        (s, ack["added"].as_bool()),
+        (StatusCode::OK, Some(true)),
+        "{ack}"
+    );
 }
