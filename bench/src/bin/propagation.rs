@@ -1,6 +1,6 @@
 //! Propagation through the real control plane to real Envoys (BENCHMARKS.md,
 //! "Propagation to 1 and 10 Envoys"): the same stack as the end-to-end tests
-//! (control plane, three recording managers, E Envoys long-polling it), C
+//! (control plane, M recording managers (3 unless `--managers M`), E Envoys long-polling it), C
 //! consumers signed up through Envoy, then for each consumer in turn (one
 //! change each): its data is placed on a second manager and that copy is
 //! reported; from the moment the report is acknowledged (committed), every
@@ -15,14 +15,14 @@
 //! (written into the database through the registry, the control plane
 //! restarted on it, every Envoy loading it before the changes start).
 //!
-//! `bench/propagation.sh [--envoys E] [--changes C] [--build wasm|native] [--window N]`
+//! `bench/propagation.sh [--envoys E] [--changes C] [--build wasm|native] [--window N] [--managers M]`
 
 use prealloc_bench::db::{now_ms, Filler};
 use prealloc_bench::stats::quantile;
 use prealloc_e2e::client::Client;
 use prealloc_e2e::control_plane::Replication;
 use prealloc_e2e::envoy::Build;
-use prealloc_e2e::story::{SignedUp, Stack, StackOptions, MANAGER_IDS, STEP_TIMEOUT};
+use prealloc_e2e::story::{SignedUp, Stack, StackOptions, STEP_TIMEOUT};
 use std::time::{Duration, Instant};
 
 /// Probes one Envoy until a request with `cookie` is served by `second`;
@@ -51,6 +51,7 @@ async fn main() {
     let mut changes = 1000usize;
     let mut build = Build::Native;
     let mut window = 0u64;
+    let mut managers = 3usize;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let v = args.next().unwrap_or_else(|| panic!("{a} needs a value"));
@@ -58,6 +59,7 @@ async fn main() {
             "--envoys" => envoys = v.parse().expect("--envoys N"),
             "--changes" => changes = v.parse().expect("--changes C"),
             "--window" => window = v.parse().expect("--window N"),
+            "--managers" => managers = v.parse().expect("--managers M"),
             "--build" => {
                 build = match v.as_str() {
                     "wasm" => Build::Wasm,
@@ -66,12 +68,13 @@ async fn main() {
                 }
             }
             _ => panic!(
-                "usage: propagation [--envoys E] [--changes C] [--build wasm|native] [--window N]"
+                "usage: propagation [--envoys E] [--changes C] [--build wasm|native] [--window N] [--managers M]"
             ),
         }
     }
     let mut o = StackOptions::new(Replication::Reported).with_build(build);
     o.envoys = envoys;
+    o.managers = managers;
     o.grace_period_ms = 3_600_000;
     o.pool_depth = 200;
     o.manager_capacity = window + changes as u64 + 1000;
@@ -113,23 +116,26 @@ async fn main() {
 
     let mut clients: Vec<Client> = stack.envoys.iter().map(|e| Client::new(e.addr())).collect();
     let (mut each, mut every) = (Vec::new(), Vec::new());
-    for s in &people {
-        let second = MANAGER_IDS
+    let names: Vec<String> = stack.managers.iter().map(|m| m.name().to_owned()).collect();
+    for (k, s) in people.iter().enumerate() {
+        // The second copy goes to each other manager in turn.
+        let others: Vec<&str> = names
             .iter()
-            .copied()
-            .find(|m| *m != s.first)
-            .expect("three managers");
-        stack.manager(second).hold(s.consumer.as_str());
-        let r = stack.cp.report_replica(&s.consumer, second).await;
+            .map(String::as_str)
+            .filter(|m| *m != s.first)
+            .collect();
+        let second = others[k % others.len()].to_owned();
+        stack.manager(&second).hold(s.consumer.as_str());
+        let r = stack.cp.report_replica(&s.consumer, &second).await;
         assert_eq!(r.status, 200, "{}", r.text());
         let acked = Instant::now();
         // One probe per Envoy at once, each on its own kept connection.
         let probes: Vec<_> = clients
             .drain(..)
             .map(|mut c| {
-                let cookie = s.cookie.clone();
+                let (cookie, second) = (s.cookie.clone(), second.clone());
                 tokio::spawn(async move {
-                    let t = until_routed(&mut c, &cookie, second, acked).await;
+                    let t = until_routed(&mut c, &cookie, &second, acked).await;
                     (c, t)
                 })
             })

@@ -198,12 +198,20 @@ where
 
 /// The claims of the upgraded (registered) cookie: same consumer, the entry's
 /// replica set, a fresh expiry.
+/// The upgraded cookie names at most [`crate::cookie::MAX_REPLICAS`] of the
+/// entry's replicas, the first manager first: every one of them holds the
+/// data, so a subset still routes only to managers with it (a consumer copied
+/// to 30 managers is spread over 16 of them rather than never upgraded).
 pub fn upgraded_claims<E: EntryView>(claims: &Claims, entry: &E, expires_at: u64) -> Claims {
     Claims {
         consumer: claims.consumer.clone(),
         state: ConsumerState::Registered,
         expires_at,
-        replicas: entry.replicas().map(str::to_owned).collect(),
+        replicas: entry
+            .replicas()
+            .take(crate::cookie::MAX_REPLICAS)
+            .map(str::to_owned)
+            .collect(),
     }
 }
 
@@ -463,5 +471,17 @@ mod tests {
         assert_eq!(u.replicas, vec!["a", "b", "c"]);
         assert_eq!(u.expires_at, 99);
         assert_eq!(u.consumer, c.consumer);
+    }
+
+    #[test]
+    fn a_consumer_on_more_managers_than_a_cookie_holds_is_upgraded_to_the_first_sixteen() {
+        let c = claims(G, &["m0"]);
+        let many: Vec<String> = (0..30).map(|i| format!("m{i}")).collect();
+        let raw = format!("1|r|{}", many.join(","));
+        let e = decode_entry(raw.as_bytes()).unwrap().unwrap();
+        let u = upgraded_claims(&c, &e, 99);
+        assert_eq!(u.replicas, many[..crate::cookie::MAX_REPLICAS].to_vec());
+        // And it signs: a cookie that never signed would leave it pinned for good.
+        assert!(crate::cookie::try_sign(&u, b"0123456789abcdef0123456789abcdef").is_ok());
     }
 }

@@ -59,6 +59,8 @@ pub struct StackOptions {
     pub poller: serde_json::Map<String, Value>,
     /// Raw TOML appended to the control plane's configuration (e.g. a `[push]` table).
     pub control_plane_toml: String,
+    /// Managers `m1..mN` (3: [`MANAGER_IDS`]).
+    pub managers: usize,
 }
 
 impl StackOptions {
@@ -82,6 +84,7 @@ impl StackOptions {
             node_ids: Vec::new(),
             poller: serde_json::Map::new(),
             control_plane_toml: String::new(),
+            managers: MANAGER_IDS.len(),
         }
     }
 
@@ -128,12 +131,11 @@ pub struct SignedUp {
 }
 
 impl Stack {
-    /// Starts managers `m1..m3`, the default backend, the control plane (fresh SQLite file) and the Envoys
+    /// Starts managers `m1..mN` (`opts.managers`), the default backend, the control plane (fresh SQLite file) and the Envoys
     /// (sign-up through the filter on `POST /signup`). Panics with the failing part's log when one does not start.
     pub fn start(opts: &StackOptions) -> Stack {
-        let managers: Vec<TestManager> = MANAGER_IDS
-            .iter()
-            .map(|id| TestManager::start(id))
+        let managers: Vec<TestManager> = (1..=opts.managers)
+            .map(|i| TestManager::start(&format!("m{i}")))
             .collect();
         let default = DefaultBackend::start();
         let mut cfg = ControlPlaneConfig::new(
