@@ -41,13 +41,16 @@ struct Args {
     only: Option<Vec<String>>,
     /// Requests per callgrind measurement (instructions per request); 0 skips it.
     callgrind: u64,
+    /// Managers `m1..mN` (at least 3) in every Envoy and routes stub; the
+    /// consumers measured stay on m1 and m2.
+    managers: usize,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: prealloc-bench [--reps N] [--duration S] [--warmup S] [--latency-duration S] [--connections N] \
          [--small N] [--large N] [--changes N] [--cookies N] [--envoy-cpu C|none] \
-         [--load-cpu C|none] [--out DIR] [--skip-load] [--only CASE,CASE] [--callgrind N]\n\
+         [--load-cpu C|none] [--out DIR] [--skip-load] [--only CASE,CASE] [--callgrind N] [--managers N]\n\
          Run it through bench/run.sh, which installs wrk and nginx, builds the .wasm and sets \
          PREALLOC_ENVOY / PREALLOC_WASM."
     );
@@ -71,6 +74,7 @@ fn parse_args() -> Args {
         skip_load: false,
         only: None,
         callgrind: 0,
+        managers: 3,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -102,6 +106,7 @@ fn parse_args() -> Args {
             "--out" => a.out = PathBuf::from(v),
             "--only" => a.only = Some(v.split(',').map(str::to_owned).collect()),
             "--callgrind" => a.callgrind = num(&v),
+            "--managers" => a.managers = (num(&v) as usize).max(3),
             _ => usage(),
         }
     }
@@ -141,14 +146,17 @@ fn cookie(id: &ConsumerId, state: ConsumerState, replicas: &[&str]) -> String {
     )
 }
 
+/// Managers `m1..m{managers}`, all available.
+fn manager_routes(managers: usize) -> Vec<prealloc_wire::ManagerRoute> {
+    (1..=managers)
+        .map(|i| manager_route(&format!("m{i}")))
+        .collect()
+}
+
 /// A routes stub holding `n` registering consumers, each replicated on m1 and m2.
-fn filled_stub(n: usize) -> RoutesStub {
+fn filled_stub(n: usize, managers: usize) -> RoutesStub {
     let stub = RoutesStub::start(TOKEN);
-    stub.set_managers(vec![
-        manager_route("m1"),
-        manager_route("m2"),
-        manager_route("m3"),
-    ]);
+    stub.set_managers(manager_routes(managers));
     stub.upsert_all(entries(n));
     stub
 }
@@ -166,7 +174,7 @@ fn entries(n: usize) -> Vec<RouteEntry> {
 /// Size of the full snapshot of `n` entries and how long the stub's way of
 /// serializing it (to a JSON value, then text) takes here: the server's share
 /// of the load time, which a real control plane may do differently.
-fn snapshot_cost(n: usize) -> (usize, f64) {
+fn snapshot_cost(n: usize, managers: usize) -> (usize, f64) {
     let r = prealloc_wire::RoutesResponse {
         protocol: prealloc_wire::ROUTES_PROTOCOL,
         after: None,
@@ -174,11 +182,7 @@ fn snapshot_cost(n: usize) -> (usize, f64) {
         epoch: "stub-0123456789abcdef".into(),
         version: 3,
         kind: prealloc_wire::RoutesKind::Full,
-        managers: vec![
-            manager_route("m1"),
-            manager_route("m2"),
-            manager_route("m3"),
-        ],
+        managers: manager_routes(managers),
         upsert: entries(n),
         remove: Vec::new(),
     };
@@ -211,13 +215,11 @@ fn prealloc_envoy(
     async_limit: Option<u64>,
     build: Build,
 ) -> Envoy {
-    let managers = (0..3)
-        .map(|i| {
-            (
-                format!("m{}", i + 1),
-                Endpoint::new("127.0.0.1", nginx.m_ports[i]),
-            )
-        })
+    let managers = nginx
+        .m_ports
+        .iter()
+        .enumerate()
+        .map(|(i, &port)| (format!("m{}", i + 1), Endpoint::new("127.0.0.1", port)))
         .collect();
     let mut cfg = EnvoyConfig::new(
         managers,
@@ -253,8 +255,8 @@ fn manager_clusters(nginx: &procs::Nginx) -> String {
             "    - name: {name}\n      type: STRICT_DNS\n      dns_lookup_family: V4_ONLY\n      connect_timeout: 1s\n      load_assignment:\n        cluster_name: {name}\n        endpoints:\n          - lb_endpoints:\n              - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }} }}\n"
         );
     };
-    for i in 0..3 {
-        add(&format!("manager_m{}", i + 1), nginx.m_ports[i]);
+    for (i, &port) in nginx.m_ports.iter().enumerate() {
+        add(&format!("manager_m{}", i + 1), port);
     }
     add("default_backend", nginx.default_port);
     s
@@ -394,14 +396,18 @@ fn main() {
         "reps": args.reps, "duration_s": args.duration.as_secs(), "warmup_s": args.warmup.as_secs(),
         "connections": args.connections, "small": args.small, "large": args.large,
         "changes": args.changes, "cookies": args.cookies,
-        "envoy_cpu": args.envoy_cpu, "load_cpu": args.load_cpu,
+        "envoy_cpu": args.envoy_cpu, "load_cpu": args.load_cpu, "managers": args.managers,
     });
 
     // --------------------------------------------------------------- upstream
-    let nginx = procs::Nginx::start(&read(&bench_dir.join("nginx.conf.tmpl")), args.load_cpu);
+    let nginx = procs::Nginx::start(
+        &read(&bench_dir.join("nginx.conf.tmpl")),
+        args.managers,
+        args.load_cpu,
+    );
 
     // ------------------------------------------------------------ small table
-    let stub_small = filled_stub(args.small);
+    let stub_small = filled_stub(args.small, args.managers);
     stub_small.forget_history();
     let probe_id = consumer(u64::MAX / 2);
     let clusters = manager_clusters(&nginx);
@@ -414,8 +420,9 @@ fn main() {
     )];
     wait_applied(&stub_small, &targets[0].envoy, Duration::from_secs(30)).unwrap_or_else(|e| {
         panic!(
-            "the prealloc Envoy never loaded the {}-entry table: {e}",
-            args.small
+            "the prealloc Envoy never loaded the {}-entry table: {e}\n{}",
+            args.small,
+            targets[0].envoy.log_tail(30)
         )
     });
     targets.push(Target::new(
@@ -531,8 +538,8 @@ fn main() {
         eprintln!(
             "bench: filling a routes stub with {size} consumers (response buffer limit {limit:?})"
         );
-        let (body_bytes, serialize_ms) = snapshot_cost(size);
-        let stub = filled_stub(size);
+        let (body_bytes, serialize_ms) = snapshot_cost(size, args.managers);
+        let stub = filled_stub(size, args.managers);
         eprintln!("bench: snapshot {body_bytes} bytes, serialized in {serialize_ms:.0} ms; starting a new Envoy against it");
         let t0 = Instant::now();
         let envoy = prealloc_envoy(&nginx, &stub, limit, Build::Wasm);

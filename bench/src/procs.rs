@@ -26,29 +26,45 @@ pub fn render(template: &str, vars: &[(&str, String)]) -> String {
     out
 }
 
-/// The upstream: nginx on four loopback ports (default, m1, m2, m3), stopped on drop.
+/// The upstream: nginx on loopback ports (default, m1..mN), stopped on drop.
 pub struct Nginx {
     child: Child,
     pub default_port: u16,
-    pub m_ports: [u16; 3],
+    /// Manager `m{i+1}`'s port at `i`.
+    pub m_ports: Vec<u16>,
     _dir: tempfile::TempDir,
 }
 
 impl Nginx {
-    pub fn start(template: &str, cpu: Option<usize>) -> Nginx {
+    /// Answers as the default backend and as `managers` managers `m1..mN`.
+    pub fn start(template: &str, managers: usize, cpu: Option<usize>) -> Nginx {
         let dir = tempfile::Builder::new()
             .prefix("prealloc-bench-nginx-")
             .tempdir()
             .expect("temp dir for nginx");
         let default_port = free_port();
-        let m_ports = [free_port(), free_port(), free_port()];
+        let mut m_ports: Vec<u16> = Vec::new();
+        while m_ports.len() < managers {
+            let p = free_port();
+            if p != default_port && !m_ports.contains(&p) {
+                m_ports.push(p);
+            }
+        }
+        let servers: String = m_ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                format!(
+                    "    server {{ listen 127.0.0.1:{p}; location / {{ return 200 \"m{}\\n\"; }} }}\n",
+                    i + 1
+                )
+            })
+            .collect();
         let conf = render(
             template,
             &[
                 ("DEFAULT_PORT", default_port.to_string()),
-                ("M1_PORT", m_ports[0].to_string()),
-                ("M2_PORT", m_ports[1].to_string()),
-                ("M3_PORT", m_ports[2].to_string()),
+                ("MANAGER_SERVERS", servers),
             ],
         );
         let conf_path = dir.path().join("nginx.conf");
@@ -78,7 +94,7 @@ impl Nginx {
 
     fn wait_ready(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
-        for port in std::iter::once(self.default_port).chain(self.m_ports) {
+        for port in std::iter::once(self.default_port).chain(self.m_ports.iter().copied()) {
             while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
                 assert!(
                     Instant::now() < deadline,

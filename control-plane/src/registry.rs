@@ -255,21 +255,7 @@ impl Registry {
             }
         }
         for r in &snap.resources {
-            let &m = reg.manager_idx.get(&r.manager).ok_or_else(|| {
-                anyhow!(
-                    "manager {:?} holds resources in the database but is missing from the config; \
-                     add it back (availability = \"down\" retires it)",
-                    r.manager
-                )
-            })?;
-            if reg.managers[m].location != r.location {
-                return Err(anyhow!(
-                    "manager {:?} is in location {:?} in the config but holds resources in {:?} in the database",
-                    r.manager,
-                    reg.managers[m].location,
-                    r.location
-                ));
-            }
+            let m = reg.stored_manager(&r.manager, &r.location)?;
             let pool = reg.pool_for(&r.resource_type, &r.location);
             let member = reg.pools[pool]
                 .members
@@ -305,13 +291,7 @@ impl Registry {
             reg.next_resource_id = reg.next_resource_id.max(r.id + 1);
         }
         for s in &snap.settled {
-            let &m = reg.manager_idx.get(&s.manager).ok_or_else(|| {
-                anyhow!(
-                    "manager {:?} holds consumers in the database but is missing from the config; \
-                     add it back (availability = \"down\" retires it)",
-                    s.manager
-                )
-            })?;
+            let m = reg.stored_manager(&s.manager, &s.location)?;
             reg.pool_for(&s.resource_type, &s.location);
             *reg.managers[m]
                 .used
@@ -393,6 +373,24 @@ impl Registry {
             }
         }
         Ok(reg)
+    }
+
+    /// The configured manager that the database says holds resources in
+    /// `location`: refused when the config lost it or moved it.
+    fn stored_manager(&self, manager: &str, location: &str) -> anyhow::Result<usize> {
+        let &m = self.manager_idx.get(manager).ok_or_else(|| {
+            anyhow!(
+                "manager {manager:?} holds resources in the database but is missing from the config; \
+                 add it back (availability = \"down\" retires it)"
+            )
+        })?;
+        if self.managers[m].location != location {
+            return Err(anyhow!(
+                "manager {manager:?} is in location {:?} in the config but holds resources in {location:?} in the database",
+                self.managers[m].location
+            ));
+        }
+        Ok(m)
     }
 
     fn pool_for(&mut self, resource_type: &str, location: &str) -> usize {

@@ -366,11 +366,11 @@ fn answer(t: &Table, since: u64, epoch: Option<&str>) -> Option<RoutesResponse> 
         || since < t.oldest_delta_base
         || since > t.version;
     if full {
-        return Some(base(
-            RoutesKind::Full,
-            t.entries.values().cloned().collect(),
-            Vec::new(),
-        ));
+        // A page lists its entries in the order of the ids' bytes (protocol 2),
+        // which is not the order of their text.
+        let mut all: Vec<RouteEntry> = t.entries.values().cloned().collect();
+        all.sort_by_key(|e| e.consumer.to_bytes());
+        return Some(base(RoutesKind::Full, all, Vec::new()));
     }
     if since == t.version {
         return None;
@@ -527,5 +527,30 @@ pub fn manager_route(id: &str) -> ManagerRoute {
         cluster: format!("manager_{id}"),
         location: "local".to_owned(),
         availability: Availability::Available,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_lists_its_entries_in_the_order_of_the_ids_bytes() {
+        let stub = RoutesStub::start("token");
+        let entries: Vec<RouteEntry> = (0..=255u8)
+            .map(|i| RouteEntry {
+                consumer: ConsumerId::from_bytes([i.wrapping_mul(97); 16]),
+                state: prealloc_wire::ConsumerState::Registering,
+                replicas: vec!["m1".into()],
+            })
+            .collect();
+        stub.upsert_all(entries);
+        let t = stub.table.lock().unwrap_or_else(|p| p.into_inner());
+        let snap = answer(&t, 0, None).expect("a snapshot is never held");
+        let ids: Vec<[u8; 16]> = snap.upsert.iter().map(|e| e.consumer.to_bytes()).collect();
+        let mut sorted = ids.clone();
+        sorted.sort();
+        assert_eq!(ids.len(), 256);
+        assert_eq!(ids, sorted, "the poller refuses a page out of id order");
     }
 }
