@@ -967,15 +967,19 @@ impl Registry {
     /// The consumer's routing entry.
     pub fn route_entry(&self, consumer: &ConsumerId) -> Option<RouteEntry> {
         let c = self.consumers.get(consumer)?;
-        Some(RouteEntry {
-            consumer: consumer.clone(),
+        Some(self.entry_of(consumer.clone(), c))
+    }
+
+    fn entry_of(&self, consumer: ConsumerId, c: &Consumer) -> RouteEntry {
+        RouteEntry {
+            consumer,
             state: c.state(),
             replicas: c
                 .replicas
                 .iter()
                 .map(|&(m, _)| self.managers[m].id.clone())
                 .collect(),
-        })
+        }
     }
 
     pub fn manager_routes(&self) -> Vec<ManagerRoute> {
@@ -1208,15 +1212,7 @@ impl Registry {
                 at_ms: now_ms,
             }));
         }
-        let entry = RouteEntry {
-            consumer: id,
-            state: c.state(),
-            replicas: c
-                .replicas
-                .iter()
-                .map(|&(m, _)| self.managers[m].id.clone())
-                .collect(),
-        };
+        let entry = self.entry_of(id, &c);
         let outcome = ReplicaOutcome {
             added,
             became_registered: false,
