@@ -566,7 +566,7 @@ impl App {
             }
         }
         // Every registering consumer is in memory; registered ones may be
-        // settled, so those lists come from the database, in id order.
+        // settled, so those lists come from the database, in resource order.
         let ids: Vec<ConsumerId> = match state {
             Some(ConsumerState::Registering) => {
                 self.plane.core.registry().list_consumers(state, limit)

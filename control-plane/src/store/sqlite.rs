@@ -387,14 +387,9 @@ impl Store for SqliteStore {
         drop(rows);
         drop(st);
         // The newest sign-ups are loaded even when settled (the others are loaded already).
-        let mut st = c.prepare(&format!(
-            "SELECT {RESOURCE_COLUMNS} FROM resources WHERE id = ?1"
-        ))?;
         let newest_settled = newest.into_iter().filter(|n| n.0 .2).map(|n| n.0 .1);
         for id in newest_settled {
-            let mut rows = st.query([id])?;
-            if let Some(r) = rows.next()? {
-                let (resource, consumer) = read_row(r)?;
+            if let Some((resource, consumer)) = self.resource_row(id as u64)? {
                 if let Some(s) = snap.settled.iter_mut().find(|s| {
                     s.manager == resource.manager && s.resource_type == resource.resource_type
                 }) {
@@ -404,7 +399,6 @@ impl Store for SqliteStore {
                 snap.resources.push(resource);
             }
         }
-        drop(st);
         snap.resources.sort_by_key(|r| r.id);
         snap.consumers.sort_by_key(|c| c.resource);
         for consumer in &snap.consumers {
