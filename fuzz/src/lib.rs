@@ -361,8 +361,9 @@ pub fn wire(data: &[u8]) -> Outcome {
 /// newline into two successive answers) applied to the native process table,
 /// checked against a plain map of what was written.
 pub fn poller(data: &[u8]) -> Outcome {
-    let mut p = Poller::new(poller_config_fixture());
-    let t = ProcessTable::new();
+    // As the native build runs it: the table lists the ids it holds.
+    let t = std::sync::Arc::new(ProcessTable::new());
+    let mut p = Poller::with_held_ids(poller_config_fixture(), Box::new(t.clone()));
     let mut model: HashMap<ConsumerId, (ConsumerState, Vec<String>)> = HashMap::new();
     let (first, second) = match data.iter().position(|&b| b == b'\n') {
         Some(i) => (&data[..i], &data[i + 1..]),
@@ -411,6 +412,12 @@ pub fn poller(data: &[u8]) -> Outcome {
         }
         now += 10;
     }
+    assert_eq!(
+        t.len(),
+        model.len(),
+        "process table and writes disagree on the count"
+    );
+    assert_eq!(p.entries(), t.len());
     for (consumer, (state, replicas)) in &model {
         let got = t.get(consumer).map(|g| {
             (

@@ -135,6 +135,7 @@ fn load(
             .unwrap_or(false);
         assert!(ok, "kill {sig} {cp_pid}");
     };
+    let profiled = entries > 0 && !paused && std::env::var_os("BENCH_ENVOY_PROFILE").is_some();
     let admin_port = procs::free_port();
     let admin: std::net::SocketAddr = ([127, 0, 0, 1], admin_port).into();
     let stop = Arc::new(AtomicBool::new(false));
@@ -167,10 +168,7 @@ fn load(
         ready_timeout: Duration::from_secs(120),
         // Envoy on a core of its own (snapshot-load.sh runs this driver, and
         // with it the control plane, on the other one).
-        wrapper: std::env::var("BENCH_ENVOY_CPU")
-            .ok()
-            .map(|c| vec!["taskset".to_owned(), "-c".to_owned(), c])
-            .unwrap_or_default(),
+        wrapper: wrapper(build, profiled),
         ..EnvoyOptions::default()
     };
     let mut ec = envoy_config(cp, build, admin_port);
@@ -207,6 +205,13 @@ fn load(
     stop.store(true, Ordering::Relaxed);
     let (ready, ready_ms) = prober.join().expect("prober");
     let pid = envoy.pid();
+    if profiled {
+        // The profiler writes its data when interrupted, not when killed.
+        let _ = std::process::Command::new("kill")
+            .args(["-INT", &pid.to_string()])
+            .status();
+        std::thread::sleep(Duration::from_secs(5));
+    }
     Load {
         applied,
         ready: ready.unwrap_or_default(),
@@ -214,6 +219,28 @@ fn load(
         rss_kib: procs::rss_kib(pid),
         cpu_ms: procs::cpu_ns(pid) as f64 / 1e6,
     }
+}
+
+/// What Envoy runs under: `taskset` when `BENCH_ENVOY_CPU` names a core, and,
+/// for the timed load only, `BENCH_ENVOY_PROFILE` (a command line, `{build}`
+/// replaced by the build's name), e.g.
+/// `BENCH_ENVOY_PROFILE="perf record -e cpu-clock -g -o /tmp/{build}.perf"`.
+fn wrapper(build: Build, profiled: bool) -> Vec<String> {
+    let mut w: Vec<String> = std::env::var("BENCH_ENVOY_CPU")
+        .ok()
+        .map(|c| vec!["taskset".to_owned(), "-c".to_owned(), c])
+        .unwrap_or_default();
+    if let Some(p) = std::env::var("BENCH_ENVOY_PROFILE")
+        .ok()
+        .filter(|_| profiled)
+    {
+        w.extend(
+            p.replace("{build}", build.name())
+                .split_whitespace()
+                .map(str::to_owned),
+        );
+    }
+    w
 }
 
 fn sorted(v: &[f64]) -> Vec<f64> {

@@ -268,15 +268,72 @@ struct Page {
     scanned: bool,
 }
 
+/// Which consumers have an entry in the table, as the poller needs to know
+/// for clearing a snapshot page's absent entries and for its entry count.
+/// The default ([`Poller::new`]) is a set the poller keeps itself (shared
+/// data cannot be listed); a table that can list its own ids in order (the
+/// native build's [`crate::process_table::ProcessTable`]) answers instead,
+/// and a second copy of every id is saved.
+pub trait HeldIds: fmt::Debug {
+    /// `id` now has an entry (`true`) or none (`false`).
+    fn note(&mut self, id: [u8; 16], held: bool);
+    /// How many ids have an entry.
+    fn count(&self) -> usize;
+    /// Appends to `out`, in id order, up to `limit` ids with an entry in `range`.
+    fn ids_in(
+        &self,
+        range: (Bound<[u8; 16]>, Bound<[u8; 16]>),
+        limit: usize,
+        out: &mut Vec<[u8; 16]>,
+    );
+}
+
+impl HeldIds for BTreeSet<[u8; 16]> {
+    fn note(&mut self, id: [u8; 16], held: bool) {
+        if held {
+            self.insert(id);
+        } else {
+            self.remove(&id);
+        }
+    }
+    fn count(&self) -> usize {
+        self.len()
+    }
+    fn ids_in(
+        &self,
+        range: (Bound<[u8; 16]>, Bound<[u8; 16]>),
+        limit: usize,
+        out: &mut Vec<[u8; 16]>,
+    ) {
+        out.extend(self.range(range).take(limit).copied());
+    }
+}
+
+/// The table lists its own ids: nothing to note.
+impl HeldIds for std::sync::Arc<crate::process_table::ProcessTable> {
+    fn note(&mut self, _: [u8; 16], _: bool) {}
+    fn count(&self) -> usize {
+        self.len()
+    }
+    fn ids_in(
+        &self,
+        range: (Bound<[u8; 16]>, Bound<[u8; 16]>),
+        limit: usize,
+        out: &mut Vec<[u8; 16]>,
+    ) {
+        crate::process_table::ProcessTable::ids_in(self, range, limit, out);
+    }
+}
+
 /// The poller's state between calls.
 #[derive(Debug)]
 pub struct Poller {
     cfg: PollerConfig,
     epoch: Option<String>,
     version: u64,
-    /// Consumers this poller wrote a non-empty entry for, in the byte order
-    /// snapshot pages come in: a page clears the absent ones of its range.
-    written: BTreeSet<[u8; 16]>,
+    /// Consumers with an entry, listed in the byte order snapshot pages come
+    /// in: a page clears the absent ones of its range.
+    written: Box<dyn HeldIds + Send>,
     /// The managers value last written, to skip identical rewrites.
     managers_value: Option<String>,
     failures: u32,
@@ -286,12 +343,18 @@ pub struct Poller {
 }
 
 impl Poller {
+    /// A poller that keeps its own set of the ids it wrote.
     pub fn new(cfg: PollerConfig) -> Self {
+        Self::with_held_ids(cfg, Box::new(BTreeSet::new()))
+    }
+
+    /// A poller that asks `held` which consumers have an entry.
+    pub fn with_held_ids(cfg: PollerConfig, held: Box<dyn HeldIds + Send>) -> Self {
         Poller {
             cfg,
             epoch: None,
             version: 0,
-            written: BTreeSet::new(),
+            written: held,
             managers_value: None,
             failures: 0,
             phase: Phase::Ready,
@@ -333,7 +396,7 @@ impl Poller {
 
     /// How many consumers currently have an entry written by this poller.
     pub fn entries(&self) -> usize {
-        self.written.len()
+        self.written.count()
     }
 
     /// Whether an answer is being applied: call [`Poller::step`] on the next turn.
@@ -700,7 +763,7 @@ impl Poller {
                     replicas: &replica_clusters,
                 },
             );
-            self.written.insert(e.consumer);
+            self.written.note(e.consumer, true);
             if let Some(p) = &mut a.page {
                 p.written.push(e.consumer);
             }
@@ -710,7 +773,7 @@ impl Poller {
             budget -= 1;
             let id = ConsumerId::from_bytes(b);
             write(&mut a.writes, &mut a.failed_writes, TableWrite::Remove(&id));
-            self.written.remove(&b);
+            self.written.note(b, false);
         }
         // A snapshot page: clear the entries of its range it does not have.
         // Looking at an entry is cheap next to a write: a turn looks at up to
@@ -728,12 +791,8 @@ impl Poller {
                         (_, None) => Bound::Unbounded,
                     };
                     let want = budget.min(looks);
-                    let batch: Vec<[u8; 16]> = self
-                        .written
-                        .range((p.scan, end))
-                        .take(want)
-                        .copied()
-                        .collect();
+                    let mut batch = Vec::with_capacity(want);
+                    self.written.ids_in((p.scan, end), want, &mut batch);
                     p.scanned = batch.len() < want;
                     if let Some(&last) = batch.last() {
                         p.scan = Bound::Excluded(last);
@@ -747,7 +806,7 @@ impl Poller {
                                 &mut a.failed_writes,
                                 TableWrite::Remove(&ConsumerId::from_bytes(b)),
                             );
-                            self.written.remove(&b);
+                            self.written.note(b, false);
                         }
                     }
                 }
@@ -1482,10 +1541,20 @@ mod tests {
             after in proptest::collection::btree_set(any::<u8>(), 0..20),
             page_size in 1usize..6,
             per_turn in 1usize..5,
+            process_table in any::<bool>(),
         ) {
-            let mut p = Poller::new(PollerConfig { writes_per_turn: per_turn, ..cfg() });
+            // Ids held either by the poller's own set or by a process table
+            // that every write also goes to.
+            let process = std::sync::Arc::new(crate::process_table::ProcessTable::new());
+            let cfg = PollerConfig { writes_per_turn: per_turn, ..cfg() };
+            let mut p = if process_table {
+                Poller::with_held_ids(cfg, Box::new(process.clone()))
+            } else {
+                Poller::new(cfg)
+            };
             let mut table: HashMap<String, String> = HashMap::new();
             let mut sink = |w: TableWrite<'_>| {
+                assert_eq!(process.apply(w), Ok(()));
                 let (k, v) = w.shared_data();
                 if v.is_empty() { table.remove(&k); } else { table.insert(k, v); }
                 true
@@ -1509,6 +1578,7 @@ mod tests {
             let want: HashMap<String, String> = after.iter().map(|&n| (key(n), "1|r|manager_m2".to_owned())).chain([(MANAGERS_KEY.to_owned(), "manager_m1 available\nmanager_m2 available".to_owned())]).collect();
             prop_assert_eq!(table, want);
             prop_assert_eq!(p.entries(), after.len());
+            prop_assert_eq!(process.len(), after.len());
         }
 
         #[test]

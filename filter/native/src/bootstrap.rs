@@ -330,7 +330,7 @@ pub extern "C" fn envoy_dynamic_module_on_bootstrap_extension_config_new(
             let state = Bootstrap {
                 config_envoy,
                 tick_ms: cfg.min_backoff_ms.clamp(10, 1000),
-                poller: Poller::new(cfg),
+                poller: Poller::with_held_ids(cfg, Box::new(Arc::clone(&TABLE))),
                 in_flight: None,
                 timer: std::ptr::null_mut(),
                 counters,

@@ -12,8 +12,9 @@ use prealloc_filter_core::table::AvailabilityView;
 use crate::abi::EnvoyHeader;
 use crate::filter::FilterShared;
 
-/// The routing table: written by the poller (main thread), read by every worker.
-pub static TABLE: LazyLock<ProcessTable> = LazyLock::new(ProcessTable::new);
+/// The routing table: written by the poller (main thread), read by every
+/// worker; the poller also holds it, to list the ids it has.
+pub static TABLE: LazyLock<Arc<ProcessTable>> = LazyLock::new(|| Arc::new(ProcessTable::new()));
 
 /// Live HTTP filter configurations, so the main thread can send their give-backs.
 pub static FILTER_CONFIGS: Mutex<Vec<Arc<FilterShared>>> = Mutex::new(Vec::new());
