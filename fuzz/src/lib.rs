@@ -14,6 +14,7 @@
 //! - `tests/corpus.rs` (plain `cargo test`, in CI): replays every committed
 //!   input in `fuzz/corpus/<target>/` and the seeds below.
 
+use prealloc_filter_core::buckets;
 use prealloc_filter_core::config::{self, FilterConfig, PluginConfig, PollerConfig};
 use prealloc_filter_core::cookie::{self, Claims, VerifiedCookies, Verifier};
 use prealloc_filter_core::decision::EntryView;
@@ -319,6 +320,9 @@ pub fn table(data: &[u8]) -> Outcome {
             );
         }
     }
+    if bucket(data) > 0 {
+        outcome = "bucket";
+    }
     if let Ok(view) = table::decode_managers(data) {
         for m in MANAGERS {
             if view.is_down(m) {
@@ -330,6 +334,72 @@ pub fn table(data: &[u8]) -> Outcome {
         }
     }
     outcome
+}
+
+/// Shared data for the bucket writer: a map.
+#[derive(Default)]
+struct Shared(HashMap<String, Vec<u8>>);
+
+impl buckets::SharedData for Shared {
+    fn get(&self, key: &str) -> Option<Vec<u8>> {
+        self.0.get(key).cloned()
+    }
+    fn set(&mut self, key: &str, value: &[u8]) -> bool {
+        self.0.insert(key.to_owned(), value.to_vec());
+        true
+    }
+}
+
+/// What a filter reads for `c` in `store`: its state and replicas, if found.
+fn bucket_entry(store: &Shared, c: &ConsumerId) -> Option<(ConsumerState, Vec<String>)> {
+    use buckets::SharedData;
+    let value = store.get(&buckets::consumer_bucket_key(c))?;
+    let e = buckets::owned_entry(value, c).ok()??;
+    Some((e.state(), e.replicas().map(str::to_owned).collect()))
+}
+
+/// The bytes as a stored bucket (the wasm build's shared data): the reader
+/// never panics, and the poller's writer, adding one entry to it, keeps every
+/// entry a reader found there and makes the new one found. How many entries
+/// were found in it.
+fn bucket(data: &[u8]) -> usize {
+    let mut store = Shared::default();
+    store.0.insert(buckets::bucket_key(0), data.to_vec());
+    let found: Vec<(ConsumerId, (ConsumerState, Vec<String>))> = data
+        .split(|&b| b == b'\n')
+        .filter_map(|line| line.get(..prealloc_wire::CONSUMER_ID_LEN))
+        .filter_map(|id| ConsumerId::parse(std::str::from_utf8(id).ok()?).ok())
+        .filter(|c| buckets::bucket_of(c) == 0)
+        .filter_map(|c| Some((c.clone(), bucket_entry(&store, &c)?)))
+        .collect();
+    let new = ConsumerId::from_bytes([0, 0, 0x5a, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]);
+    let mut w = buckets::BucketWriter::new();
+    w.write(
+        &mut store,
+        TableWrite::Entry {
+            consumer: &new,
+            state: ConsumerState::Registered,
+            replicas: &MANAGERS[..2],
+        },
+    );
+    w.flush(&mut store);
+    let want = MANAGERS[..2].iter().map(|s| s.to_string()).collect();
+    assert_eq!(
+        bucket_entry(&store, &new),
+        Some((ConsumerState::Registered, want)),
+        "the written entry is not found"
+    );
+    let n = found.len();
+    for (c, before) in found {
+        if c != new {
+            assert_eq!(
+                bucket_entry(&store, &c),
+                Some(before),
+                "{c}'s entry changed"
+            );
+        }
+    }
+    n
 }
 
 /// The wire types as Envoy and managers receive them: routes answers,
@@ -614,6 +684,11 @@ pub fn seeds(name: &str) -> Vec<(Outcome, Vec<u8>)> {
         "table" => vec![
             ("entry", b"1|g|manager_m1".to_vec()),
             ("entry", b"1|r|manager_m1,manager_m2".to_vec()),
+            (
+                "bucket",
+                b"AAAAAAAAAAAAAAAAAAAAAA 1|g|manager_m1\nAAD__________________w 1|r|manager_m1,manager_m2\n"
+                    .to_vec(),
+            ),
             (
                 "managers",
                 table::encode_managers([

@@ -10,6 +10,7 @@
 //! `[workspace.lints.clippy]` denies `unwrap`, `expect`, `panic!`, indexing
 //! and their kin outside tests in these crates, and `cargo xtask test` runs
 //! clippy natively and for wasm32.
+pub mod buckets;
 pub mod config;
 pub mod cookie;
 pub mod decision;

@@ -907,9 +907,33 @@ impl Poller {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::table::{consumer_key, MANAGERS_KEY};
+    use crate::table::{encode_entry, encode_managers, MANAGERS_KEY};
     use prealloc_wire::{Availability, ConsumerState, ManagerRoute, RouteEntry, RoutesResponse};
     use proptest::prelude::*;
+
+    /// A consumer's key in the tests' rendering of writes.
+    fn consumer_key(id: &ConsumerId) -> String {
+        format!("prealloc.c.{id}")
+    }
+
+    /// A write as the tests compare them: a key (the managers', or one per
+    /// consumer) and its encoded value, empty for a removal.
+    fn rendered(w: TableWrite<'_>) -> (String, String) {
+        match w {
+            TableWrite::Managers(m) => {
+                (MANAGERS_KEY.to_owned(), encode_managers(m.iter().copied()))
+            }
+            TableWrite::Entry {
+                consumer,
+                state,
+                replicas,
+            } => (
+                consumer_key(consumer),
+                encode_entry(state, replicas.iter().copied()),
+            ),
+            TableWrite::Remove(consumer) => (consumer_key(consumer), String::new()),
+        }
+    }
 
     /// Test view of an update: the writes collected in order.
     #[derive(Debug)]
@@ -933,7 +957,7 @@ mod tests {
         fn apply_c(&mut self, r: RoutesResponse) -> Result<Collected, PollError> {
             let mut writes = Vec::new();
             let u = self.apply(r, &mut |w| {
-                writes.push(w.shared_data());
+                writes.push(rendered(w));
                 true
             })?;
             assert_eq!(u.writes, writes.len());
@@ -951,7 +975,7 @@ mod tests {
         ) -> Result<Collected, PollError> {
             let mut writes = Vec::new();
             let mut sink = |w: TableWrite<'_>| {
-                writes.push(w.shared_data());
+                writes.push(rendered(w));
                 true
             };
             let mut step = self.on_response(status, body, now, &mut sink)?;
@@ -1426,7 +1450,7 @@ mod tests {
                 &serde_json::to_vec(&full).unwrap(),
                 0,
                 &mut |w| {
-                    writes.push(w.shared_data());
+                    writes.push(rendered(w));
                     true
                 },
             )
@@ -1445,7 +1469,7 @@ mod tests {
                 writes.len()
             );
             step = p.step(&mut |w| {
-                writes.push(w.shared_data());
+                writes.push(rendered(w));
                 true
             });
             turns += 1;
@@ -1555,7 +1579,7 @@ mod tests {
             let mut table: HashMap<String, String> = HashMap::new();
             let mut sink = |w: TableWrite<'_>| {
                 assert_eq!(process.apply(w), Ok(()));
-                let (k, v) = w.shared_data();
+                let (k, v) = rendered(w);
                 if v.is_empty() { table.remove(&k); } else { table.insert(k, v); }
                 true
             };

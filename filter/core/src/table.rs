@@ -1,9 +1,10 @@
-//! Shared-data value codecs: one routing-table entry per consumer, and the managers' availability.
+//! The routing table's writes and value codecs: a consumer's entry, and the
+//! managers' availability.
 //!
 //! Formats (ARCHITECTURE.md):
-//! - key `prealloc.c.<consumer id>`: `1|<state>|<cluster>,<cluster>,...`, state
-//!   `g` (registering) or `r` (registered), first manager first; an empty value
-//!   means "no entry" (proxy-wasm cannot delete a key);
+//! - an entry: `1|<state>|<cluster>,<cluster>,...`, state `g` (registering)
+//!   or `r` (registered), first manager first; the wasm build keeps entries
+//!   in buckets of shared data ([`crate::buckets`]);
 //! - key `prealloc.managers`: one line per manager, `<cluster> <availability>`,
 //!   availability `available|draining|down`; a missing key means all available.
 //!
@@ -15,22 +16,12 @@ use std::fmt;
 
 /// Shared-data key of the managers' availability.
 pub const MANAGERS_KEY: &str = "prealloc.managers";
-/// Prefix of a consumer's shared-data key.
-pub const CONSUMER_KEY_PREFIX: &str = "prealloc.c.";
 /// Format version of consumer entries.
 pub const ENTRY_VERSION: &str = "1";
 /// Longest cluster name accepted anywhere in the data plane.
 pub const MAX_CLUSTER_LEN: usize = 255;
 /// Most replicas an entry may name (guards the reader against absurd values).
 pub const MAX_ENTRY_REPLICAS: usize = 64;
-
-/// Shared-data key of a consumer's entry.
-pub fn consumer_key(id: &ConsumerId) -> String {
-    let mut k = String::with_capacity(CONSUMER_KEY_PREFIX.len() + id.as_str().len());
-    k.push_str(CONSUMER_KEY_PREFIX);
-    k.push_str(id.as_str());
-    k
-}
 
 /// Whether `s` can be used as a cluster name in the data plane's formats:
 /// 1..=255 bytes of visible ASCII, without the separators `,` `|` `;` `"`.
@@ -97,7 +88,8 @@ impl<'a> Entry<'a> {
 
 /// One write of the routing table, as the poller applies a response: the
 /// managers first, then each consumer entry whole. Each build stores them its
-/// own way (the wasm build as shared data: [`TableWrite::shared_data`]).
+/// own way (wasm: [`crate::buckets::BucketWriter`]; native:
+/// [`crate::process_table::ProcessTable::apply`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TableWrite<'a> {
     /// Every manager's cluster and availability, in the control plane's order.
@@ -112,47 +104,44 @@ pub enum TableWrite<'a> {
     Remove(&'a ConsumerId),
 }
 
-impl TableWrite<'_> {
-    /// The shared-data key and value of this write (an empty value clears an entry).
-    pub fn shared_data(&self) -> (String, String) {
-        match *self {
-            TableWrite::Managers(m) => {
-                (MANAGERS_KEY.to_owned(), encode_managers(m.iter().copied()))
-            }
-            TableWrite::Entry {
-                consumer,
-                state,
-                replicas,
-            } => (
-                consumer_key(consumer),
-                encode_entry(state, replicas.iter().copied()),
-            ),
-            TableWrite::Remove(consumer) => (consumer_key(consumer), String::new()),
-        }
-    }
-}
-
 /// A consumer entry that owns its encoded value (what a shared-data read
 /// returns), checked once by [`OwnedEntry::decode`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OwnedEntry {
     value: Vec<u8>,
+    /// Where the entry lies in `value` (a bucket holds several).
+    range: std::ops::Range<usize>,
     state: ConsumerState,
 }
 
 impl OwnedEntry {
-    /// Checks `value`; `Ok(None)` for an empty value (no entry).
+    /// Checks `value`, one entry; `Ok(None)` for an empty value (no entry).
     pub fn decode(value: Vec<u8>) -> Result<Option<OwnedEntry>, TableError> {
-        let state = match decode_entry(&value)? {
+        let range = 0..value.len();
+        Self::decode_range(value, range)
+    }
+
+    /// Checks the entry at `range` of `value`; `Ok(None)` if it is empty.
+    pub fn decode_range(
+        value: Vec<u8>,
+        range: std::ops::Range<usize>,
+    ) -> Result<Option<OwnedEntry>, TableError> {
+        let raw = value.get(range.clone()).ok_or(TableError::Shape)?;
+        let state = match decode_entry(raw)? {
             Some(e) => e.state,
             None => return Ok(None),
         };
-        Ok(Some(OwnedEntry { value, state }))
+        Ok(Some(OwnedEntry {
+            value,
+            range,
+            state,
+        }))
     }
 
     /// The decoded view (never `None` for a value `decode` accepted).
     pub fn entry(&self) -> Option<Entry<'_>> {
-        decode_entry(&self.value).ok().flatten()
+        let raw = self.value.get(self.range.clone())?;
+        decode_entry(raw).ok().flatten()
     }
 }
 
@@ -406,12 +395,6 @@ mod tests {
                 ("b", Availability::Down)
             ])
         );
-    }
-
-    #[test]
-    fn consumer_key_shape() {
-        let id = ConsumerId::from_bytes([0; 16]);
-        assert_eq!(consumer_key(&id), "prealloc.c.AAAAAAAAAAAAAAAAAAAAAA");
     }
 
     proptest! {

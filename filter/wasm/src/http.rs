@@ -8,6 +8,7 @@ use std::rc::Rc;
 
 use super::host;
 use super::metrics::Metrics;
+use prealloc_filter_core::buckets;
 use prealloc_filter_core::config::{FilterConfig, SignupConfig};
 use prealloc_filter_core::cookie::{VerifiedCookies, Verifier};
 use prealloc_filter_core::headers::HeaderMap;
@@ -472,11 +473,12 @@ impl Http {
     }
 }
 
-/// The table read of the pipeline: one shared-data read of the consumer's key.
+/// The table read of the pipeline: one shared-data read of the consumer's
+/// bucket, and a search of its lines.
 fn lookup_shared(consumer: &ConsumerId) -> Lookup<OwnedEntry> {
-    match host::get_shared(&table::consumer_key(consumer)).0 {
+    match host::get_shared(&buckets::consumer_bucket_key(consumer)).0 {
         None => Lookup::Miss,
-        Some(value) => match OwnedEntry::decode(value) {
+        Some(value) => match buckets::owned_entry(value, consumer) {
             Ok(Some(e)) => Lookup::Hit(e),
             Ok(None) => Lookup::Miss,
             Err(e) => Lookup::Bad(e),

@@ -1,18 +1,21 @@
-//! The poller role: long-polls the control plane and writes the routing table into shared data.
+//! The poller role: long-polls the control plane and writes the routing
+//! table into shared data, in buckets ([`prealloc_filter_core::buckets`]).
 
 use std::time::Duration;
 
 use super::host;
 use super::metrics::Metrics;
+use prealloc_filter_core::buckets::{BucketWriter, SharedData};
 use prealloc_filter_core::config::PollerConfig;
 use prealloc_filter_core::metrics::{Counter, Gauge};
 use prealloc_filter_core::poller::{PollError, Poller, Step};
-use prealloc_filter_core::table::TableWrite;
 
 pub struct PollerRoot {
     id: u32,
     poller: Poller,
     in_flight: Option<u32>,
+    /// The bucket being written; flushed at the end of every turn.
+    buckets: BucketWriter,
     metrics: Metrics,
     /// The tick period between polls (retries, backoff).
     tick: Duration,
@@ -28,6 +31,7 @@ impl PollerRoot {
             fast: false,
             poller: Poller::new(cfg),
             in_flight: None,
+            buckets: BucketWriter::new(),
             metrics,
         }
     }
@@ -76,20 +80,38 @@ impl PollerRoot {
         let status = host::call_response_status();
         let body = host::call_response_body(body_size);
         let now = host::now_ms();
+        let buckets = &mut self.buckets;
         let result = self
             .poller
-            .on_response(status, &body, now, &mut write_shared);
+            .on_response(status, &body, now, &mut |w| buckets.write(&mut Host, w));
         drop(body);
+        self.end_turn();
         self.after_step(result);
     }
 
     /// Every tick: the next writes of the answer being applied, else the next poll.
     pub fn on_tick(&mut self) {
         if self.poller.applying() {
-            let step = self.poller.step(&mut write_shared);
+            let buckets = &mut self.buckets;
+            let step = self.poller.step(&mut |w| buckets.write(&mut Host, w));
+            self.end_turn();
             self.after_step(Ok(step));
         } else {
             self.poll_if_due();
+        }
+    }
+
+    /// Stores the bucket left open by a turn of writes, so that the turn's
+    /// writes are all visible before the main thread moves on.
+    fn end_turn(&mut self) {
+        self.buckets.flush(&mut Host);
+        let lost = self.buckets.take_failed();
+        if lost > 0 {
+            self.metrics.inc(Counter::PollerErrors);
+            host::warn(&format!(
+                "[prealloc poller {}] the host refused a shared-data store: {lost} table writes lost",
+                self.id
+            ));
         }
     }
 
@@ -128,8 +150,14 @@ impl PollerRoot {
     }
 }
 
-/// One table write as shared data; whether the host took it.
-fn write_shared(write: TableWrite<'_>) -> bool {
-    let (key, value) = write.shared_data();
-    host::set_shared(&key, value.as_bytes()).is_ok()
+/// The proxy-wasm host's shared data (this VM id's).
+struct Host;
+
+impl SharedData for Host {
+    fn get(&self, key: &str) -> Option<Vec<u8>> {
+        host::get_shared(key).0
+    }
+    fn set(&mut self, key: &str, value: &[u8]) -> bool {
+        host::set_shared(key, value).is_ok()
+    }
 }

@@ -123,7 +123,7 @@ fn synced() -> (Host, Vm) {
 }
 
 fn entry_of(host: &Host, n: u8) -> Option<String> {
-    host.shared_data_str(&entry_key(&consumer(n)))
+    entry_in(host, &consumer(n))
 }
 
 #[test]
@@ -203,9 +203,9 @@ fn a_delta_upserts_and_removes_entries() {
         Some("1|g|manager_m1,manager_m3")
     );
     assert_eq!(
-        entry_of(&host, 2).as_deref(),
-        Some(""),
-        "a removed entry is emptied"
+        entry_of(&host, 2),
+        None,
+        "a removed entry leaves its bucket"
     );
     assert_eq!(entry_of(&host, 3).as_deref(), Some("1|g|manager_m2"));
     let (call, _) = next_poll(&host, &vm);
@@ -273,8 +273,8 @@ fn a_delta_from_another_epoch_is_refused_and_forces_a_full_snapshot() {
             vec![entry(&consumer(3), ConsumerState::Registering, &["m2"])],
         ),
     );
-    assert_eq!(entry_of(&host, 1).as_deref(), Some(""));
-    assert_eq!(entry_of(&host, 2).as_deref(), Some(""));
+    assert_eq!(entry_of(&host, 1), None);
+    assert_eq!(entry_of(&host, 2), None);
     assert_eq!(entry_of(&host, 3).as_deref(), Some("1|g|manager_m2"));
     let (call, _) = next_poll(&host, &vm);
     let q = query(&call);
@@ -301,7 +301,7 @@ fn a_full_snapshot_of_a_new_epoch_drops_entries_it_does_not_list() {
             )],
         ),
     );
-    assert_eq!(entry_of(&host, 1).as_deref(), Some(""));
+    assert_eq!(entry_of(&host, 1), None);
     assert_eq!(
         entry_of(&host, 2).as_deref(),
         Some("1|r|manager_m2,manager_m1")
@@ -460,7 +460,7 @@ fn the_filter_routes_with_the_table_the_poller_writes() {
         ..full("e1", 4, vec![])
     };
     answer(&host, &call, &removal);
-    assert_eq!(host.shared_data_str(&entry_key(&me)).as_deref(), Some(""));
+    assert_eq!(entry_in(&host, &me), None);
     assert_even_over(&spread(&worker, &c, 4), &["manager_m1"]);
 }
 

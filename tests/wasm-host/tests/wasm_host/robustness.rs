@@ -2,7 +2,7 @@
 
 use crate::support::*;
 use prealloc_wasm_host::Host;
-use prealloc_wire::ConsumerState;
+use prealloc_wire::{ConsumerId, ConsumerState};
 
 /// A small deterministic generator (xorshift64*), so a failure replays exactly.
 struct Rng(u64);
@@ -108,8 +108,14 @@ fn garbage_table_and_availability_values_never_trap_and_never_misroute() {
     let me = consumer(1);
     let c = cookie(&host, &me, ConsumerState::Registering, &["manager_a"]);
     let alphabet = b"1|gr,manager_ab \n\xff";
-    for _ in 0..200 {
-        let entry = rng.bytes(60, alphabet);
+    for i in 0..200 {
+        // The consumer's line with a garbage entry (or a garbage bucket).
+        let mut entry = if i % 4 == 0 {
+            Vec::new()
+        } else {
+            format!("{me} ").into_bytes()
+        };
+        entry.extend(rng.bytes(60, alphabet));
         host.set_shared_data(&entry_key(&me), &entry);
         host.set_shared_data(MANAGERS_KEY, &rng.bytes(60, alphabet));
         host.tick(&vm);
@@ -157,10 +163,16 @@ fn garbage_control_plane_answers_never_trap_the_poller() {
         host.answer_http_call(call.token, 200, &[], &body);
         answered += 1;
     }
-    // Garbage never wrote a half-decoded entry.
-    for key in host.shared_data_keys("prealloc.c.") {
+    // Garbage never wrote a half-decoded entry: every line of every bucket is
+    // a consumer of that bucket with the one entry a good answer carries.
+    for key in host.shared_data_keys("prealloc.b.") {
         let v = host.shared_data_str(&key).unwrap();
-        assert!(v.is_empty() || v == "1|g|manager_m1", "{key} = {v:?}");
+        for line in v.lines() {
+            let (id, e) = line.split_once(' ').unwrap();
+            let id = ConsumerId::parse(id).unwrap();
+            assert_eq!(entry_key(&id), key, "{line:?} in the wrong bucket");
+            assert_eq!(e, "1|g|manager_m1", "{key} = {v:?}");
+        }
     }
 }
 

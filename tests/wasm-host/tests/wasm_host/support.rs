@@ -100,20 +100,41 @@ pub fn cookie(
     cookie_signed(KEY, consumer, state, replicas, host.now_unix_s() + 3600)
 }
 
-/// Writes the consumer's routing-table entry in the format of ARCHITECTURE.md.
+/// Writes the consumer's routing-table entry in the format of ARCHITECTURE.md:
+/// a line `<id> 1|<state>|<replicas>` in its bucket, the lines sorted by id.
 pub fn set_entry(host: &Host, consumer: &ConsumerId, state: ConsumerState, replicas: &[&str]) {
     let state = match state {
         ConsumerState::Registering => "g",
         ConsumerState::Registered => "r",
     };
-    host.set_shared_data(
-        &entry_key(consumer),
-        format!("1|{state}|{}", replicas.join(",")).as_bytes(),
-    );
+    let key = entry_key(consumer);
+    let old = host.shared_data_str(&key).unwrap_or_default();
+    let mut lines: Vec<String> = old
+        .lines()
+        .filter(|l| !l.starts_with(consumer.as_str()))
+        .map(str::to_owned)
+        .collect();
+    lines.push(format!("{consumer} 1|{state}|{}", replicas.join(",")));
+    lines.sort();
+    host.set_shared_data(&key, format!("{}\n", lines.join("\n")).as_bytes());
 }
 
+/// The shared-data key of the bucket holding the consumer's entry:
+/// `prealloc.b.` and the id's first two bytes in hex.
 pub fn entry_key(consumer: &ConsumerId) -> String {
-    format!("prealloc.c.{consumer}")
+    let b = consumer.to_bytes();
+    format!("prealloc.b.{:02x}{:02x}", b[0], b[1])
+}
+
+/// The consumer's entry as the poller wrote it (`1|g|manager_m1`), if its
+/// bucket holds one.
+pub fn entry_in(host: &Host, consumer: &ConsumerId) -> Option<String> {
+    let bucket = host.shared_data_str(&entry_key(consumer))?;
+    let prefix = format!("{consumer} ");
+    bucket
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .map(str::to_owned)
 }
 
 /// Writes the managers' availability and lets the filter worker refresh its cache (one tick).
