@@ -31,15 +31,30 @@ pub const BUCKETS: usize = 1 << 16;
 /// Prefix of a bucket's shared-data key.
 pub const BUCKET_KEY_PREFIX: &str = "prealloc.b.";
 
-/// The bucket of a consumer: the first two bytes of its id.
+/// The bucket of a consumer: the first two bytes of its id, read from the
+/// first three characters of its base64url form (on every table lookup).
 pub fn bucket_of(id: &ConsumerId) -> u16 {
-    let b = id.to_bytes();
-    u16::from_be_bytes([b[0], b[1]])
+    let sextet = |i: usize| -> u16 {
+        let v = match id.as_str().as_bytes().get(i).copied().unwrap_or(b'A') {
+            c @ b'A'..=b'Z' => c - b'A',
+            c @ b'a'..=b'z' => c - b'a' + 26,
+            c @ b'0'..=b'9' => c - b'0' + 52,
+            b'-' => 62,
+            _ => 63,
+        };
+        u16::from(v)
+    };
+    (sextet(0) << 10) | (sextet(1) << 4) | (sextet(2) >> 2)
 }
 
 /// Shared-data key of a bucket.
 pub fn bucket_key(bucket: u16) -> String {
-    format!("{BUCKET_KEY_PREFIX}{bucket:04x}")
+    let mut k = String::with_capacity(BUCKET_KEY_PREFIX.len() + 4);
+    k.push_str(BUCKET_KEY_PREFIX);
+    for shift in [12, 8, 4, 0] {
+        k.push(char::from_digit(u32::from((bucket >> shift) & 0xf), 16).unwrap_or('0'));
+    }
+    k
 }
 
 /// Shared-data key of the bucket that holds `id`'s entry.
@@ -451,6 +466,13 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn the_bucket_is_the_ids_first_two_bytes(bytes in any::<[u8; 16]>()) {
+            let c = ConsumerId::from_bytes(bytes);
+            prop_assert_eq!(bucket_of(&c), u16::from_be_bytes([bytes[0], bytes[1]]));
+            prop_assert_eq!(bucket_key(bucket_of(&c)), format!("prealloc.b.{:02x}{:02x}", bytes[0], bytes[1]));
+        }
+
         #[test]
         fn the_reader_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300), n in any::<u8>()) {
             let _ = find(&bytes, &id(0, n));
