@@ -268,6 +268,9 @@ struct Page {
     scanned: bool,
 }
 
+/// A range of consumer ids (their bytes), as `BTreeMap::range` takes it.
+pub type IdRange = (Bound<[u8; 16]>, Bound<[u8; 16]>);
+
 /// Which consumers have an entry in the table, as the poller needs to know
 /// for clearing a snapshot page's absent entries and for its entry count.
 /// The default ([`Poller::new`]) is a set the poller keeps itself (shared
@@ -280,12 +283,7 @@ pub trait HeldIds: fmt::Debug {
     /// How many ids have an entry.
     fn count(&self) -> usize;
     /// Appends to `out`, in id order, up to `limit` ids with an entry in `range`.
-    fn ids_in(
-        &self,
-        range: (Bound<[u8; 16]>, Bound<[u8; 16]>),
-        limit: usize,
-        out: &mut Vec<[u8; 16]>,
-    );
+    fn ids_in(&self, range: IdRange, limit: usize, out: &mut Vec<[u8; 16]>);
 }
 
 impl HeldIds for BTreeSet<[u8; 16]> {
@@ -299,12 +297,7 @@ impl HeldIds for BTreeSet<[u8; 16]> {
     fn count(&self) -> usize {
         self.len()
     }
-    fn ids_in(
-        &self,
-        range: (Bound<[u8; 16]>, Bound<[u8; 16]>),
-        limit: usize,
-        out: &mut Vec<[u8; 16]>,
-    ) {
+    fn ids_in(&self, range: IdRange, limit: usize, out: &mut Vec<[u8; 16]>) {
         out.extend(self.range(range).take(limit).copied());
     }
 }
@@ -315,12 +308,7 @@ impl HeldIds for std::sync::Arc<crate::process_table::ProcessTable> {
     fn count(&self) -> usize {
         self.len()
     }
-    fn ids_in(
-        &self,
-        range: (Bound<[u8; 16]>, Bound<[u8; 16]>),
-        limit: usize,
-        out: &mut Vec<[u8; 16]>,
-    ) {
+    fn ids_in(&self, range: IdRange, limit: usize, out: &mut Vec<[u8; 16]>) {
         crate::process_table::ProcessTable::ids_in(self, range, limit, out);
     }
 }

@@ -345,12 +345,7 @@ impl ProcessTable {
 
     /// Appends to `out`, in id order, up to `limit` ids with an entry that lie
     /// in `range` (one shard's read lock at a time).
-    pub fn ids_in(
-        &self,
-        range: (Bound<[u8; 16]>, Bound<[u8; 16]>),
-        limit: usize,
-        out: &mut Vec<[u8; 16]>,
-    ) {
+    pub fn ids_in(&self, range: crate::poller::IdRange, limit: usize, out: &mut Vec<[u8; 16]>) {
         let first = match &range.0 {
             Bound::Included(k) | Bound::Excluded(k) => Self::shard_index(k),
             Bound::Unbounded => 0,
