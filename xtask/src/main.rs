@@ -17,7 +17,8 @@ commands:
   setup        install the wasm32-wasip1 target, cargo-nextest, Envoy {ENVOY}
                and promtool (unpacked from Debian's prometheus package, where
                apt can fetch it) into .tools/, and Debian's chromium (headless,
-               for the status page's browser test) where missing (once)
+               for the status page's browser test) and PostgreSQL server
+               binaries (the tests' throwaway clusters) where missing (once)
   build-wasm   build target/wasm32-wasip1/release/prealloc_filter.wasm
   build-native build target/release/libprealloc_native.so (the Envoy dynamic module)
   check        the gates: rustfmt, clippy (native, wasm32, bench/) with -D warnings
@@ -108,6 +109,8 @@ struct Tools {
     promtool: Option<PathBuf>,
     /// Headless Chromium (the status page's browser test), when it could be had.
     chromium: Option<PathBuf>,
+    /// PostgreSQL's server binaries (`initdb`, `pg_ctl`), when they could be had.
+    postgres: Option<PathBuf>,
 }
 
 fn setup() -> Result<Tools, String> {
@@ -115,11 +118,58 @@ fn setup() -> Result<Tools, String> {
     let envoy = ensure_envoy()?;
     let promtool = ensure_promtool();
     let chromium = ensure_chromium();
+    let postgres = ensure_postgres();
     Ok(Tools {
         envoy,
         promtool,
         chromium,
+        postgres,
     })
+}
+
+/// The directory of PostgreSQL's server binaries: the newest
+/// `/usr/lib/postgresql/<version>/bin` holding `initdb`, after installing
+/// Debian's `postgresql` package where none is (needs root; no cluster of
+/// the package's is used: tests start their own). `None`, with a note,
+/// where that fails: the PostgreSQL tests then say how to install it.
+fn ensure_postgres() -> Option<PathBuf> {
+    let found = || -> Option<PathBuf> {
+        let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let v = e.file_name().to_str()?.parse::<u32>().ok()?;
+                let bin = e.path().join("bin");
+                (bin.join("initdb").exists() && bin.join("pg_ctl").exists()).then_some((v, bin))
+            })
+            .collect();
+        versions.sort();
+        versions.pop().map(|(_, bin)| bin)
+    };
+    if let Some(bin) = found() {
+        return Some(bin);
+    }
+    let install = || {
+        run(Command::new("apt-get")
+            .args([
+                "install",
+                "-y",
+                "-qq",
+                "--no-install-recommends",
+                "postgresql",
+            ])
+            .env("DEBIAN_FRONTEND", "noninteractive"))
+    };
+    if install().is_err() {
+        let _ = run(Command::new("apt-get").args(["update", "-qq"]));
+        if let Err(e) = install() {
+            eprintln!(
+                "xtask: PostgreSQL unavailable ({e}); install Debian's postgresql package                  (apt-get install postgresql) for the PostgreSQL tests"
+            );
+            return None;
+        }
+    }
+    found()
 }
 
 /// Chromium from Debian's `chromium` package (never a browser a tool
@@ -314,6 +364,7 @@ fn build_all() -> Result<Vec<(&'static str, PathBuf)>, String> {
     ];
     envs.extend(tools.promtool.map(|p| ("PREALLOC_PROMTOOL", p)));
     envs.extend(tools.chromium.map(|p| ("PREALLOC_CHROMIUM", p)));
+    envs.extend(tools.postgres.map(|p| ("PREALLOC_PG_BIN", p)));
     Ok(envs)
 }
 

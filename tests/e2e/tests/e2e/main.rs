@@ -20,6 +20,7 @@ mod leases;
 mod observability;
 mod pinned;
 mod poller_faults;
+mod postgres_harness;
 mod propagation;
 mod robustness;
 mod round_robin;
