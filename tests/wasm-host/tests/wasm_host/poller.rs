@@ -547,3 +547,79 @@ fn every_poll_names_the_node_configured_envoys_or_a_default() {
     cfg["poller"]["node_id"] = "a&b".into();
     assert!(!vm.configure_plugin(&cfg.to_string()));
 }
+
+#[test]
+fn consumers_sharing_a_bucket_are_written_a_turn_at_a_time_each_turn_stored_once() {
+    // ARCHITECTURE.md: the table's shared data is 65,536 buckets by the id's
+    // first two bytes; the poller stores a bucket once per run of writes to it,
+    // at the end of each turn, so readers see whole entries after every turn.
+    let host = Host::new();
+    let vm = host.new_vm();
+    let mut cfg = poller_json();
+    cfg["poller"]["writes_per_turn"] = 3.into();
+    assert!(vm.configure_plugin(&cfg.to_string()));
+    let ids: Vec<ConsumerId> = (0..10u8)
+        .map(|n| {
+            let mut b = [n; 16];
+            b[0] = 7;
+            b[1] = 7;
+            ConsumerId::from_bytes(b)
+        })
+        .collect();
+    let key = entry_key(&ids[0]);
+    assert!(ids.iter().all(|c| entry_key(c) == key), "one bucket");
+    let (call, _) = next_poll(&host, &vm);
+    let upsert = ids
+        .iter()
+        .map(|c| entry(c, ConsumerState::Registering, &["m1"]))
+        .collect();
+    answer(&host, &call, &full("e1", 2, upsert));
+    let mut seen = 0;
+    for _ in 0..20 {
+        // After every turn the bucket holds whole entries, never fewer than before.
+        let held: Vec<Option<String>> = ids.iter().map(|c| entry_in(&host, c)).collect();
+        let n = held.iter().filter(|e| e.is_some()).count();
+        assert!(n >= seen, "the bucket lost entries: {n} after {seen}");
+        assert!(
+            held.iter().flatten().all(|e| e == "1|g|manager_m1"),
+            "{held:?}"
+        );
+        seen = n;
+        if n == ids.len() {
+            break;
+        }
+        host.tick(&vm);
+    }
+    assert_eq!(seen, ids.len(), "the whole snapshot was applied");
+    let stores = host
+        .shared_data_writes()
+        .iter()
+        .filter(|(k, _)| *k == key)
+        .count();
+    // The answer's own turn writes the managers and 2 entries, then 3, 3, 2.
+    assert_eq!(
+        stores, 4,
+        "stores of the bucket for 10 entries at 3 writes per turn"
+    );
+
+    // A delta removes two of them and moves one: the others stay.
+    let (call, _) = next_poll(&host, &vm);
+    let delta = RoutesResponse {
+        kind: RoutesKind::Delta,
+        upsert: vec![entry(&ids[5], ConsumerState::Registered, &["m1", "m2"])],
+        remove: vec![ids[0].clone(), ids[9].clone()],
+        ..full("e1", 3, vec![])
+    };
+    answer(&host, &call, &delta);
+    for _ in 0..5 {
+        host.tick(&vm);
+    }
+    for (i, c) in ids.iter().enumerate() {
+        let want = match i {
+            0 | 9 => None,
+            5 => Some("1|r|manager_m1,manager_m2"),
+            _ => Some("1|g|manager_m1"),
+        };
+        assert_eq!(entry_in(&host, c).as_deref(), want, "consumer {i}");
+    }
+}
