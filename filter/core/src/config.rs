@@ -188,8 +188,13 @@ fn default_writes_per_turn() -> usize {
     DEFAULT_WRITES_PER_TURN
 }
 
-/// Table writes the poller makes per turn of Envoy's main thread by default.
-pub const DEFAULT_WRITES_PER_TURN: usize = 1000;
+/// Table writes the poller makes per turn of Envoy's main thread by default:
+/// a little more than a page of the control plane's default size (2,000
+/// entries, `push.page_entries`), so a page is applied in the turn it
+/// arrives. The wasm build's turns are its ticks, which came about 4 ms
+/// apart in Envoy 1.40 with a 1 ms period asked: splitting each page over
+/// two turns doubled a 1M load (BENCHMARKS.md, section 8).
+pub const DEFAULT_WRITES_PER_TURN: usize = 2500;
 
 // ---------------------------------------------------------------------------
 // Checked types.
