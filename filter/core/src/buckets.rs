@@ -103,28 +103,25 @@ impl<'a> Iterator for Lines<'a> {
     }
 }
 
-/// Finds `id`'s entry in a bucket value and checks it: its byte range in
-/// `value`, `Ok(None)` if the bucket does not hold it. Lines are sorted, so
-/// the search stops at the first id past `id`; a line before it that is out
-/// of shape is an error.
-pub fn find(value: &[u8], id: &ConsumerId) -> Result<Option<Range<usize>>, TableError> {
+/// Finds `id`'s line in a bucket value: the byte range of its entry (not
+/// empty, not decoded yet), `Ok(None)` if the bucket does not hold it. Lines
+/// are sorted, so the search stops at the first id past `id`; a line before
+/// it that is out of shape is an error.
+fn find(value: &[u8], id: &ConsumerId) -> Result<Option<Range<usize>>, TableError> {
     let want = id.as_str().as_bytes();
     for line in lines(value) {
         let line = line?;
         match line.id.cmp(want) {
             Ordering::Less => continue,
             Ordering::Greater => return Ok(None),
-            Ordering::Equal => {
-                let entry = value.get(line.entry.clone()).unwrap_or_default();
-                decode_entry(entry)?.ok_or(TableError::Shape)?;
-                return Ok(Some(line.entry));
-            }
+            Ordering::Equal => return Ok(Some(line.entry)),
         }
     }
     Ok(None)
 }
 
-/// `id`'s entry read out of a bucket value (what a shared-data read returns).
+/// `id`'s entry read out of a bucket value (what a shared-data read returns),
+/// decoded and checked once.
 pub fn owned_entry(value: Vec<u8>, id: &ConsumerId) -> Result<Option<OwnedEntry>, TableError> {
     match find(&value, id)? {
         Some(range) => OwnedEntry::decode_range(value, range),
@@ -436,7 +433,9 @@ mod tests {
     fn values_out_of_shape_are_refused_by_the_reader_and_dropped_by_the_writer() {
         let a = id(5, 1);
         let good = format!("{a} 1|g|m1\n");
-        assert!(find(good.as_bytes(), &a).unwrap().is_some());
+        assert!(owned_entry(good.clone().into_bytes(), &a)
+            .unwrap()
+            .is_some());
         for bad in [
             format!("{a} 1|g|m1"),           // no final newline
             format!("{a}1|g|m1\n"),          // no space
@@ -444,9 +443,12 @@ mod tests {
             format!("{a} 1|x|m1\n"),         // bad state
             format!("short 1|g|m1\n{good}"), // a bad line before it
         ] {
-            assert!(find(bad.as_bytes(), &a).is_err(), "{bad:?}");
+            assert!(
+                owned_entry(bad.clone().into_bytes(), &a).is_err(),
+                "{bad:?}"
+            );
         }
-        assert_eq!(find(b"", &a), Ok(None));
+        assert_eq!(owned_entry(Vec::new(), &a), Ok(None));
         let mut m = Map::default();
         let other = id(5, 2);
         m.set(&consumer_bucket_key(&a), format!("junk\n{good}").as_bytes());

@@ -91,14 +91,10 @@ impl Shard {
                 ids,
             };
         }
-        let mut inline = [0u16; 7];
-        for (to, from) in inline.iter_mut().zip(slot.ids) {
-            *to = from;
-        }
         Packed::Inline {
             state: slot.state,
             len: slot.len,
-            ids: inline,
+            ids: slot.ids,
         }
     }
 
@@ -159,7 +155,7 @@ pub enum Packed {
     Inline {
         state: ConsumerState,
         len: u8,
-        ids: [u16; 7],
+        ids: [u16; INLINE],
     },
     Spilled {
         state: ConsumerState,
