@@ -16,7 +16,12 @@ pub struct RawConfig {
     #[serde(default = "default_listen")]
     pub listen: String,
     /// SQLite database file; a relative path is relative to the config file.
-    pub database: PathBuf,
+    /// Shorthand for `[store] kind = "sqlite"`, `path = …`.
+    #[serde(default)]
+    pub database: Option<PathBuf>,
+    /// Where the state is kept, when not in `database`.
+    #[serde(default)]
+    pub store: Option<RawStore>,
     pub tokens: Tokens,
     #[serde(default)]
     pub managers: Vec<ManagerConfig>,
@@ -53,6 +58,163 @@ fn default_grace_ms() -> u64 {
 }
 fn default_max_batch() -> usize {
     1024
+}
+
+/// The `[store]` table, as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStore {
+    pub kind: StoreKind,
+    /// `sqlite`: the database file, relative to the config file.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// `postgres`: a libpq-style URL without the password,
+    /// e.g. `postgres://prealloc@db.internal:5432/prealloc`.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// `postgres`: the environment variable holding the password.
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// `postgres`: a file holding the password (its first line).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    Sqlite,
+    Postgres,
+}
+
+/// Where the state is kept: one SQLite file (the default), or a PostgreSQL
+/// database. Holds no secret: a `{:?}` of it is safe to log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreConfig {
+    Sqlite { path: PathBuf },
+    Postgres(PostgresConfig),
+}
+
+/// A PostgreSQL database: where, and where its password comes from (read
+/// at each connection, so a rotated password is picked up on reconnect).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostgresConfig {
+    /// The URL as configured; it never holds a password (refused at load).
+    pub url: String,
+    pub password: PasswordSource,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PasswordSource {
+    /// None needed (trust, peer or certificate authentication).
+    None,
+    Env(String),
+    File(PathBuf),
+}
+
+impl std::fmt::Display for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreConfig::Sqlite { path } => write!(f, "sqlite {}", path.display()),
+            StoreConfig::Postgres(pg) => write!(f, "postgres {}", pg.url),
+        }
+    }
+}
+
+impl StoreConfig {
+    /// The SQLite file, if that is the store.
+    pub fn sqlite_path(&self) -> Option<&Path> {
+        match self {
+            StoreConfig::Sqlite { path } => Some(path),
+            StoreConfig::Postgres(_) => None,
+        }
+    }
+
+    fn validate(
+        database: Option<&Path>,
+        store: Option<&RawStore>,
+        base: &Path,
+    ) -> Result<StoreConfig, String> {
+        let relative = |p: &Path| {
+            if p.is_absolute() {
+                p.to_owned()
+            } else {
+                base.join(p)
+            }
+        };
+        let store = match (database, store) {
+            (Some(_), Some(_)) => {
+                return Err("keys `database` and `[store]`: use one (`database = \"prealloc.db\"` is short for `[store]` with kind = \"sqlite\")".into())
+            }
+            (None, None) => {
+                return Err("key `database`: missing; name the SQLite file, e.g. database = \"prealloc.db\", or add a `[store]` table (kind = \"postgres\", url = …)".into())
+            }
+            (Some(path), None) => {
+                if path.as_os_str().is_empty() {
+                    return Err("key `database`: must name a file, e.g. \"prealloc.db\"".into());
+                }
+                return Ok(StoreConfig::Sqlite { path: relative(path) });
+            }
+            (None, Some(store)) => store,
+        };
+        let only = |key: &str, set: bool, kind: &str| {
+            if set {
+                Err(format!(
+                    "key `store.{key}`: not used with kind = \"{kind}\""
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        match store.kind {
+            StoreKind::Sqlite => {
+                only("url", store.url.is_some(), "sqlite")?;
+                only("password_env", store.password_env.is_some(), "sqlite")?;
+                only("password_file", store.password_file.is_some(), "sqlite")?;
+                match &store.path {
+                    Some(p) if !p.as_os_str().is_empty() => {
+                        Ok(StoreConfig::Sqlite { path: relative(p) })
+                    }
+                    _ => Err("key `store.path`: must name a file, e.g. \"prealloc.db\"".into()),
+                }
+            }
+            StoreKind::Postgres => {
+                only("path", store.path.is_some(), "postgres")?;
+                let url = store.url.clone().ok_or(
+                    "key `store.url`: missing; e.g. url = \"postgres://prealloc@db.internal:5432/prealloc\"",
+                )?;
+                // The parser's message never echoes the URL (it may hold a secret).
+                let parsed: tokio_postgres::Config = url.parse().map_err(|e| {
+                    format!("key `store.url`: not a PostgreSQL URL or key=value string ({e})")
+                })?;
+                if parsed.get_password().is_some() {
+                    return Err("key `store.url`: holds a password; the URL is logged, so put the password in an environment variable (`password_env`) or a file (`password_file`)".into());
+                }
+                if parsed.get_user().is_none() {
+                    return Err(
+                        "key `store.url`: names no user, e.g. postgres://prealloc@host/prealloc"
+                            .into(),
+                    );
+                }
+                let password = match (&store.password_env, &store.password_file) {
+                    (Some(_), Some(_)) => {
+                        return Err(
+                            "keys `store.password_env` and `store.password_file`: use one".into(),
+                        )
+                    }
+                    (Some(var), None) if var.is_empty() => {
+                        return Err(
+                            "key `store.password_env`: must name an environment variable".into(),
+                        )
+                    }
+                    (Some(var), None) => PasswordSource::Env(var.clone()),
+                    (None, Some(file)) => PasswordSource::File(relative(file)),
+                    (None, None) => PasswordSource::None,
+                };
+                Ok(StoreConfig::Postgres(PostgresConfig { url, password }))
+            }
+        }
+    }
 }
 
 #[derive(Clone, Deserialize)]
@@ -294,7 +456,7 @@ fn default_page_entries() -> usize {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
-    pub database: PathBuf,
+    pub store: StoreConfig,
     pub tokens: Tokens,
     pub managers: Vec<ManagerConfig>,
     pub pools: Vec<PoolConfig>,
@@ -361,14 +523,7 @@ impl Config {
                 raw.listen
             )
         })?;
-        if raw.database.as_os_str().is_empty() {
-            return Err("key `database`: must name a file, e.g. \"prealloc.db\"".into());
-        }
-        let database = if raw.database.is_absolute() {
-            raw.database.clone()
-        } else {
-            base.join(&raw.database)
-        };
+        let store = StoreConfig::validate(raw.database.as_deref(), raw.store.as_ref(), base)?;
         let status = raw.tokens.status.clone().unwrap_or_else(|| "x".repeat(16));
         for (key, tok) in [
             ("tokens.envoy", &raw.tokens.envoy),
@@ -505,7 +660,7 @@ impl Config {
         }
         Ok(Config {
             listen,
-            database,
+            store,
             tokens: raw.tokens,
             managers: raw.managers,
             pools: raw.pools,

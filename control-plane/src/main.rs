@@ -3,7 +3,7 @@
 use clap::{Parser, Subcommand};
 use prealloc_control_plane::config::Config;
 use prealloc_control_plane::registry::Registry;
-use prealloc_control_plane::store::{SqliteStore, Store, StoreRead};
+use prealloc_control_plane::store::{Store, StoreRead};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -84,9 +84,9 @@ fn init_logs(json: bool) {
 
 /// The state as a running control plane would hold it, and the database for
 /// what it leaves there (settled consumers).
-fn load_registry(config: &std::path::Path) -> anyhow::Result<(SqliteStore, Registry)> {
+fn load_registry(config: &std::path::Path) -> anyhow::Result<(Box<dyn Store>, Registry)> {
     let cfg = Config::load(config)?;
-    let mut store = SqliteStore::open_read_only(&cfg.database)?;
+    let mut store = prealloc_control_plane::store::open_read_only(&cfg.store)?;
     let snap = store.load(prealloc_control_plane::registry::load_window(
         &cfg,
         prealloc_control_plane::now_ms(),
@@ -122,11 +122,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::CheckConfig { config } => {
             let cfg = Config::load(&config)?;
-            println!(
-                "config ok: listen {} database {}",
-                cfg.listen,
-                cfg.database.display()
-            );
+            println!("config ok: listen {} store {}", cfg.listen, cfg.store);
             println!(
                 "{} managers, {} pools, replication {:?} target {:?}, grace {} ms",
                 cfg.managers.len(),

@@ -7,7 +7,7 @@ use crate::config::{Config, ReplicationMode};
 use crate::registry::Registry;
 use crate::routes::Routes;
 use crate::state::{Core, Plane};
-use crate::store::{Op, SqliteStore, Store};
+use crate::store::{Op, Store};
 use anyhow::Context;
 use prealloc_wire::Availability;
 use rand::RngCore;
@@ -29,10 +29,10 @@ fn random_epoch() -> String {
 }
 
 impl ControlPlane {
-    /// Opens the database named in the config and starts everything.
+    /// Opens the store named in the config and starts everything.
     pub async fn start(config: Config) -> anyhow::Result<ControlPlane> {
-        let store = SqliteStore::open(&config.database)?;
-        ControlPlane::start_with_store(config, Box::new(store)).await
+        let store = crate::store::open(&config.store)?;
+        ControlPlane::start_with_store(config, store).await
     }
 
     /// Starts on any store (the seam a server database plugs into).
@@ -160,7 +160,7 @@ impl ControlPlane {
             version = core.routes.version(),
             consumers = core.registry().consumer_count(),
             routes = core.routes.len(),
-            database = %core.config.database.display(),
+            store = %core.config.store,
             "control plane started"
         );
         Ok(ControlPlane {

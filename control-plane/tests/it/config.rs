@@ -24,14 +24,19 @@ fn example_config_parses_with_three_managers_in_one_location() {
         .iter()
         .all(|m| m.location == c.managers[0].location));
     assert!(c.listen.ip().is_loopback());
-    assert_eq!(c.database, path.parent().unwrap().join("prealloc.db"));
+    assert_eq!(
+        c.store,
+        prealloc_control_plane::config::StoreConfig::Sqlite {
+            path: path.parent().unwrap().join("prealloc.db")
+        }
+    );
 }
 
 #[test]
 fn defaults_are_reported_mode_target_all_and_loopback() {
     let db = Db::new();
     let text = Setup::default()
-        .toml(&db.path())
+        .toml(&db)
         .replace("mode = \"reported\"\ntarget = \"all\"\n", "")
         .replace("listen = \"127.0.0.1:0\"\n", "");
     let c = Config::parse(&text, Path::new("/")).unwrap();
@@ -52,7 +57,7 @@ fn defaults_are_reported_mode_target_all_and_loopback() {
 fn unknown_key_is_refused_with_its_name() {
     let db = Db::new();
     let text = Setup::default()
-        .toml(&db.path())
+        .toml(&db)
         .replace("grace_period_ms", "grace_period");
     let e = refuse(&text);
     assert!(e.contains("grace_period"), "{e}");
@@ -62,10 +67,9 @@ fn unknown_key_is_refused_with_its_name() {
 #[test]
 fn unknown_key_inside_a_manager_is_refused() {
     let db = Db::new();
-    let text =
-        Setup::default()
-            .toml(&db.path())
-            .replacen("provision = false", "provison = false", 1);
+    let text = Setup::default()
+        .toml(&db)
+        .replacen("provision = false", "provison = false", 1);
     let e = refuse(&text);
     assert!(e.contains("provison"), "{e}");
 }
@@ -73,7 +77,7 @@ fn unknown_key_inside_a_manager_is_refused() {
 #[test]
 fn bad_values_name_the_key_and_what_is_wrong() {
     let db = Db::new();
-    let base = Setup::default().toml(&db.path());
+    let base = Setup::default().toml(&db);
     let cases = [
         (
             base.replace("listen = \"127.0.0.1:0\"", "listen = \"localhost\""),
@@ -130,7 +134,7 @@ const ENVOY_LINE: &str = "envoy = \"envoy-test-token-0123456789\"";
 #[test]
 fn equal_envoy_and_admin_tokens_are_refused() {
     let db = Db::new();
-    let text = Setup::default().toml(&db.path()).replace(
+    let text = Setup::default().toml(&db).replace(
         "admin = \"admin-test-token-0123456789\"",
         "admin = \"envoy-test-token-0123456789\"",
     );
@@ -152,7 +156,7 @@ fn a_parse_error_names_the_line_but_never_quotes_it() {
     let db = Db::new();
     let secret = "do-not-print-this-token-0123456789";
     let text = Setup::default()
-        .toml(&db.path())
+        .toml(&db)
         .replace("[tokens]\n", &format!("[tokens]\nenvoyy = \"{secret}\"\n"));
     let line = text.lines().position(|l| l.starts_with("envoyy")).unwrap() + 1;
     let e = refuse(&text);
@@ -161,7 +165,7 @@ fn a_parse_error_names_the_line_but_never_quotes_it() {
     assert!(!e.contains(secret), "the secret was printed: {e}");
     // A syntax error on a token line too.
     let text = Setup::default()
-        .toml(&db.path())
+        .toml(&db)
         .replace("[tokens]\n", &format!("[tokens]\nenvoy = \"{secret}\n"));
     let e = refuse(&text);
     assert!(!e.contains(secret), "the secret was printed: {e}");
@@ -174,7 +178,7 @@ fn tokens_never_show_in_the_configs_debug_output_and_a_manager_token_is_its_own(
         manager_token: Some("manager-token-0123456789abcdef".into()),
         ..Setup::default()
     };
-    let c = Config::parse(&setup.toml(&db.path()), Path::new("/")).unwrap();
+    let c = Config::parse(&setup.toml(&db), Path::new("/")).unwrap();
     let dbg = format!("{c:?}");
     for secret in [
         crate::support::ENVOY,
@@ -188,7 +192,7 @@ fn tokens_never_show_in_the_configs_debug_output_and_a_manager_token_is_its_own(
             manager_token: Some(reused.into()),
             ..Setup::default()
         };
-        let e = refuse(&setup.toml(&db.path()));
+        let e = refuse(&setup.toml(&db));
         assert!(
             e.contains("managers[0].token") && e.contains("must differ"),
             "{e}"

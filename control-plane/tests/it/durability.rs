@@ -51,13 +51,13 @@ fn spawn(config: &Path) -> (Proc, SocketAddr) {
 
 #[tokio::test]
 async fn acknowledged_registrations_and_replicas_survive_kill_9() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("prealloc.toml");
+    let db = crate::support::Db::new();
+    let config = db.dir.path().join("prealloc.toml");
     let setup = Setup {
         target_depth: 200,
         ..Setup::default()
     };
-    std::fs::write(&config, setup.toml(&dir.path().join("prealloc.db"))).unwrap();
+    std::fs::write(&config, setup.toml(&db)).unwrap();
     let (mut proc, addr) = spawn(&config);
     let deadline = Instant::now() + Duration::from_secs(20);
     while http(addr, Method::GET, "/v1/pools", Some(ADMIN), None)

@@ -19,4 +19,5 @@ mod settled;
 mod socket;
 mod status;
 mod storage_faults;
+mod store_parity;
 mod support;

@@ -198,7 +198,7 @@ async fn a_manager_retired_in_the_config_settles_its_waiting_consumers_at_start(
     p.replica(&c, &rest[0]).await;
     let db = p.stop().await;
     // The operator retires rest[1] in the config (no availability in the database).
-    let mut config = Setup::default().config(&db.path());
+    let mut config = Setup::default().config(&db);
     config
         .managers
         .iter_mut()

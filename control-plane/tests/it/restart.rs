@@ -101,7 +101,7 @@ async fn a_database_naming_a_manager_missing_from_the_config_is_refused() {
     let db = p.stop().await;
     let mut fewer = Setup::default();
     fewer.managers.truncate(2);
-    let err = prealloc_control_plane::ControlPlane::start(fewer.config(&db.path()))
+    let err = prealloc_control_plane::ControlPlane::start(fewer.config(&db))
         .await
         .err()
         .expect("refused");

@@ -195,17 +195,17 @@ async fn settled_consumers_leave_memory_and_every_call_about_them_still_answers(
 /// the migration keeps them in a table of their own, and a settled consumer
 /// with such an id is still found.
 #[tokio::test]
-async fn an_older_databases_consumers_stay_findable_once_settled() {
+async fn an_older_sqlite_databases_consumers_stay_findable_once_settled() {
     use prealloc_control_plane::registry::{NewId, Registry};
     use prealloc_control_plane::store::{LoadWindow, SqliteStore, Store};
-    let p = Plane::start(&setup()).await;
+    let p = Plane::start_on(&setup(), crate::support::Db::sqlite()).await;
     p.wait_depth(40).await;
     let db = p.stop().await;
     // A consumer signed up a day ago under a random id, as releases before did.
     let old = prealloc_wire::ConsumerId::from_bytes(rand::random());
     {
-        let config = setup().config(&db.path());
-        let mut store = SqliteStore::open(&db.path()).unwrap();
+        let config = setup().config(&db);
+        let mut store = SqliteStore::open(&db.sqlite_path()).unwrap();
         let mut reg =
             Registry::from_snapshot(&config, &store.load(LoadWindow::ALL).unwrap()).unwrap();
         let day_ago = prealloc_control_plane::now_ms() - 86_400_000;
@@ -222,7 +222,7 @@ async fn an_older_databases_consumers_stay_findable_once_settled() {
         store.commit(&ops).unwrap();
     }
     // Back to the schema before the migration that keeps such ids.
-    let conn = rusqlite::Connection::open(db.path()).unwrap();
+    let conn = rusqlite::Connection::open(db.sqlite_path()).unwrap();
     conn.execute_batch(
         "DROP TABLE legacy_consumer_ids; DELETE FROM migrations WHERE name = '0003_legacy_consumer_ids';",
     )

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 #[tokio::test]
 async fn register_report_and_long_poll_over_http() {
     let db = Db::new();
-    let server = Server::start(Setup::default().config(&db.path()))
+    let server = Server::start(Setup::default().config(&db))
         .await
         .expect("server starts");
     let addr = server.addr();
@@ -66,7 +66,7 @@ async fn register_report_and_long_poll_over_http() {
 #[tokio::test]
 async fn shutdown_releases_held_long_polls_at_once() {
     let db = Db::new();
-    let server = Server::start(Setup::default().config(&db.path()))
+    let server = Server::start(Setup::default().config(&db))
         .await
         .expect("server starts");
     let addr = server.addr();
@@ -113,7 +113,7 @@ async fn shutdown_releases_held_long_polls_at_once() {
 async fn http2_prior_knowledge_is_served_too() {
     use http_body_util::{BodyExt, Full};
     let db = Db::new();
-    let server = Server::start(Setup::default().config(&db.path()))
+    let server = Server::start(Setup::default().config(&db))
         .await
         .expect("server starts");
     let client: hyper_util::client::legacy::Client<_, Full<bytes::Bytes>> =
@@ -142,7 +142,7 @@ async fn http2_prior_knowledge_is_served_too() {
 async fn protocol_level_refusals_are_the_documented_exception() {
     use std::io::{Read, Write};
     let db = Db::new();
-    let server = Server::start(Setup::default().config(&db.path()))
+    let server = Server::start(Setup::default().config(&db))
         .await
         .expect("server starts");
     let addr = server.addr();

@@ -79,7 +79,7 @@ async fn sign_in(p: &Plane, token: &str) -> Result<String, (StatusCode, String)>
 
 /// A control plane on `db` with a read-only status token configured.
 async fn start_on(db: crate::support::Db) -> Plane {
-    let text = Setup::default().toml(&db.path()).replace(
+    let text = Setup::default().toml(&db).replace(
         "[tokens]\n",
         &format!("[tokens]\nstatus = \"{STATUS_TOKEN}\"\n"),
     );

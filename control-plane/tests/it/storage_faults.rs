@@ -98,6 +98,70 @@ async fn a_failed_commit_answers_503_bumps_no_version_publishes_nothing_and_relo
     assert!(h["version"].as_u64().unwrap() > version);
 }
 
+/// The database gone (commits and reads fail, as when PostgreSQL restarts):
+/// memory holds what the failed batch did and cannot be read back, so every
+/// write is refused until a reload succeeds, and then nothing of it remains.
+#[tokio::test]
+async fn writes_are_refused_until_the_state_is_read_back_after_a_failed_commit() {
+    let (p, faults) = Plane::start_faulty(&Setup::default()).await;
+    p.wait_depth(10).await;
+    faults.set_fail_commits(true);
+    faults.set_fail_loads(true);
+    let signup = || {
+        p.call(
+            Method::POST,
+            "/v1/registrations",
+            Some(ENVOY),
+            Some(json!({"resource_type": "mailbox"})),
+        )
+    };
+    let (s, v) = signup().await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("storage_failed")),
+        "{v}"
+    );
+    // Commits work again but reads do not: the state cannot be trusted, so
+    // no write is applied (none reaches the store).
+    faults.set_fail_commits(false);
+    let commits = faults.commits.load(Ordering::SeqCst);
+    let (s, v) = signup().await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("storage_failed")),
+        "{v}"
+    );
+    assert!(
+        v["message"].as_str().unwrap().contains("cannot be read"),
+        "{v}"
+    );
+    assert_eq!(
+        faults.commits.load(Ordering::SeqCst),
+        commits,
+        "nothing was committed"
+    );
+    // Reads back: writes are taken, and the refused sign-ups left nothing.
+    faults.set_fail_loads(false);
+    let reg = p.register().await;
+    p.wait_depth(10).await;
+    // Memory lists the registering consumers: only the one accepted.
+    let (_, list) = p
+        .call(
+            Method::GET,
+            "/v1/consumers?state=registering",
+            Some(ADMIN),
+            None,
+        )
+        .await;
+    let ids: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["consumer"].as_str())
+        .collect();
+    assert_eq!(ids, [reg["consumer"].as_str().unwrap()], "{list}");
+}
+
 #[tokio::test]
 async fn a_panicking_writer_fails_healthz_and_every_later_write() {
     let (p, faults) = Plane::start_faulty(&Setup::default()).await;

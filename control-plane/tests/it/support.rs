@@ -1,12 +1,17 @@
 //! Test support: configs on fresh temp databases, in-process and socket calls, and
 //! small hyper managers that implement the manager contract.
+//!
+//! Every test runs on either store: SQLite by default, PostgreSQL when
+//! `PREALLOC_TEST_STORE=postgres` and `PREALLOC_TEST_PG_URL` names a server
+//! (`cargo xtask test` starts a throwaway one and runs the suite both ways);
+//! each [`Db`] is then a fresh database on that server.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use prealloc_control_plane::store::{Faults, FaultyStore, SqliteStore};
+use prealloc_control_plane::store::{Faults, FaultyStore};
 use prealloc_control_plane::{App, Config, ControlPlane};
 use serde_json::Value;
 use std::collections::HashMap;
@@ -65,14 +70,34 @@ impl Setup {
         }
     }
 
-    pub fn toml(&self, db: &Path) -> String {
+    /// The config text on `db` (its store comes last: a `[store]` table).
+    pub fn toml(&self, db: &Db) -> String {
+        match &db.postgres {
+            None => self.toml_at(&db.sqlite_path()),
+            Some(pg) => format!(
+                "{}[store]\nkind = \"postgres\"\nurl = \"{}\"\n",
+                self.toml_without_store(),
+                pg.url
+            ),
+        }
+    }
+
+    /// The config text on a SQLite file.
+    pub fn toml_at(&self, sqlite: &Path) -> String {
+        format!(
+            "database = {:?}\n{}",
+            sqlite.display().to_string(),
+            self.toml_without_store()
+        )
+    }
+
+    fn toml_without_store(&self) -> String {
         let mut s = format!(
-            "listen = \"127.0.0.1:0\"\ndatabase = {:?}\ngrace_period_ms = {}\n{}\n\
+            "listen = \"127.0.0.1:0\"\ngrace_period_ms = {}\n{}\n\
              [tokens]\nenvoy = \"{ENVOY}\"\nadmin = \"{ADMIN}\"\n\
              [replication]\nmode = \"{}\"\ntarget = {}\nretry_min_ms = 20\nretry_max_ms = 200\ntimeout_ms = 1000\n\
              [provisioning]\nretry_min_ms = 10\nretry_max_ms = 50\ntimeout_ms = 300\nattempts = 3\n\
              [push]\nchange_log = {}\npage_entries = {}\n",
-            db.display().to_string(),
             self.grace_ms,
             self.extra,
             self.mode,
@@ -96,25 +121,124 @@ impl Setup {
         s
     }
 
-    pub fn config(&self, db: &Path) -> Config {
+    pub fn config(&self, db: &Db) -> Config {
         Config::parse(&self.toml(db), Path::new("/")).expect("test config is valid")
     }
 }
 
-/// A fresh temp directory holding the database; removed on drop.
+/// A fresh database, and a temp directory for the test's files (the SQLite
+/// database, config files); removed on drop.
 pub struct Db {
     pub dir: tempfile::TempDir,
+    /// Set when the suite runs on PostgreSQL.
+    pub postgres: Option<PgDb>,
+}
+
+/// A database of its own on the suite's PostgreSQL server.
+pub struct PgDb {
+    /// The server's URL, as the runner gave it.
+    server: String,
+    pub name: String,
+    /// This database's URL.
+    pub url: String,
 }
 
 impl Db {
+    /// A database on the suite's store.
     pub fn new() -> Db {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let postgres = match std::env::var("PREALLOC_TEST_STORE").as_deref() {
+            Ok("postgres") => Some(PgDb::create()),
+            Ok("sqlite") | Err(_) => None,
+            Ok(other) => panic!("PREALLOC_TEST_STORE={other:?}: expected sqlite or postgres"),
+        };
+        Db { dir, postgres }
+    }
+
+    /// A SQLite database whatever the suite's store (tests of SQLite itself).
+    pub fn sqlite() -> Db {
         Db {
             dir: tempfile::tempdir().expect("temp dir"),
+            postgres: None,
         }
     }
-    pub fn path(&self) -> std::path::PathBuf {
+
+    /// The SQLite file (where it would be, on PostgreSQL).
+    pub fn sqlite_path(&self) -> std::path::PathBuf {
         self.dir.path().join("prealloc.db")
     }
+
+    /// The store as a config names it.
+    pub fn store_config(&self) -> prealloc_control_plane::config::StoreConfig {
+        Setup::default().config(self).store
+    }
+}
+
+impl PgDb {
+    /// A fresh database on the server `PREALLOC_TEST_PG_URL` names.
+    pub fn create() -> PgDb {
+        let server = std::env::var("PREALLOC_TEST_PG_URL").expect(
+            "PREALLOC_TEST_STORE=postgres needs PREALLOC_TEST_PG_URL (a server's URL); \
+             `cargo xtask test` starts one",
+        );
+        let name = format!("t_{:016x}", rand_u64());
+        pg_admin(&server, &format!("CREATE DATABASE {name}"));
+        // The server's URL with this database instead of its own.
+        let (scheme, rest) = server
+            .split_once("://")
+            .expect("PREALLOC_TEST_PG_URL is a postgres:// URL");
+        let authority = rest.split(['/', '?']).next().unwrap_or(rest);
+        let url = format!("{scheme}://{authority}/{name}");
+        PgDb { server, name, url }
+    }
+}
+
+impl Drop for PgDb {
+    fn drop(&mut self) {
+        // FORCE: a control plane a failed test left running holds connections.
+        let _ = std::panic::catch_unwind(|| {
+            pg_admin(
+                &self.server,
+                &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+            )
+        });
+    }
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos(),
+    );
+    h.finish()
+}
+
+/// Runs one statement on the server, from a thread of its own (tests call
+/// this from inside their runtime).
+pub fn pg_admin(server: &str, sql: &str) {
+    let (server, sql) = (server.to_owned(), sql.to_owned());
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (client, conn) = tokio_postgres::connect(&server, tokio_postgres::NoTls)
+                .await
+                .unwrap_or_else(|e| panic!("cannot reach the test PostgreSQL at {server}: {e}"));
+            tokio::spawn(conn);
+            client
+                .batch_execute(&sql)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        })
+    })
+    .join()
+    .expect("PostgreSQL admin statement");
 }
 
 /// A control plane started in-process on a fresh database.
@@ -131,7 +255,7 @@ impl Plane {
     }
 
     pub async fn start_on(setup: &Setup, db: Db) -> Plane {
-        let config = setup.config(&db.path());
+        let config = setup.config(&db);
         Plane::start_with(config, db).await
     }
 
@@ -148,12 +272,13 @@ impl Plane {
         }
     }
 
-    /// Starts on a real SQLite database behind fault toggles.
+    /// Starts on the suite's real database behind fault toggles.
     pub async fn start_faulty(setup: &Setup) -> (Plane, Arc<Faults>) {
         let db = Db::new();
-        let sqlite = SqliteStore::open(&db.path()).expect("database opens");
-        let (store, faults) = FaultyStore::new(sqlite);
-        let cp = ControlPlane::start_with_store(setup.config(&db.path()), Box::new(store))
+        let inner =
+            prealloc_control_plane::store::open(&db.store_config()).expect("database opens");
+        let (store, faults) = FaultyStore::new(inner);
+        let cp = ControlPlane::start_with_store(setup.config(&db), Box::new(store))
             .await
             .expect("control plane starts");
         let app = cp.app();

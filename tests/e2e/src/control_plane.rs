@@ -90,6 +90,9 @@ pub struct ControlPlaneConfig {
     pub extra_toml: String,
     /// `RUST_LOG` of the binary (`None`: `PREALLOC_CP_LOG`, else `info`).
     pub log_level: Option<String>,
+    /// A PostgreSQL URL: the state lives there (`[store] kind = "postgres"`)
+    /// instead of the SQLite file in the temp dir.
+    pub postgres_url: Option<String>,
 }
 
 impl ControlPlaneConfig {
@@ -107,16 +110,27 @@ impl ControlPlaneConfig {
             admin_token: TEST_ADMIN_TOKEN.to_owned(),
             extra_toml: String::new(),
             log_level: None,
+            postgres_url: None,
         }
     }
 
-    /// The TOML file for `listen` and `database`.
+    /// The TOML file for `listen` and `database` (unless on PostgreSQL).
     pub fn to_toml(&self, listen: &str, database: &Path) -> String {
         use toml::Value;
         let s = |v: &str| Value::String(v.to_owned());
         let mut root = toml::Table::new();
         root.insert("listen".into(), s(listen));
-        root.insert("database".into(), s(&database.display().to_string()));
+        match &self.postgres_url {
+            None => {
+                root.insert("database".into(), s(&database.display().to_string()));
+            }
+            Some(url) => {
+                let mut store = toml::Table::new();
+                store.insert("kind".into(), s("postgres"));
+                store.insert("url".into(), s(url));
+                root.insert("store".into(), Value::Table(store));
+            }
+        }
         root.insert(
             "grace_period_ms".into(),
             Value::Integer(self.grace_period_ms as i64),

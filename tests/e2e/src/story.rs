@@ -59,6 +59,8 @@ pub struct StackOptions {
     pub poller: serde_json::Map<String, Value>,
     /// Raw TOML appended to the control plane's configuration (e.g. a `[push]` table).
     pub control_plane_toml: String,
+    /// The control plane keeps its state in this PostgreSQL database (`None`: a SQLite file).
+    pub postgres_url: Option<String>,
     /// Managers `m1..mN` (3: [`MANAGER_IDS`]).
     pub managers: usize,
 }
@@ -84,6 +86,7 @@ impl StackOptions {
             node_ids: Vec::new(),
             poller: serde_json::Map::new(),
             control_plane_toml: String::new(),
+            postgres_url: None,
             managers: MANAGER_IDS.len(),
         }
     }
@@ -160,6 +163,7 @@ impl Stack {
         cfg.admin_token = opts.tokens.1.clone();
         cfg.log_level = opts.control_plane_log.clone();
         cfg.extra_toml = opts.control_plane_toml.clone();
+        cfg.postgres_url = opts.postgres_url.clone();
         let cp = ControlPlane::start_on(cfg, ([127, 0, 0, 1], opts.control_plane_port).into());
         let envoy_configs: Vec<EnvoyConfig> = (0..opts.envoys)
             .map(|i| {

@@ -21,6 +21,7 @@ mod observability;
 mod pinned;
 mod poller_faults;
 mod postgres_harness;
+mod postgres_store;
 mod propagation;
 mod robustness;
 mod round_robin;

@@ -1,0 +1,775 @@
+//! The PostgreSQL store (`[store] kind = "postgres"`): the same tables as the
+//! SQLite store, versioned migrations, one transaction per group commit with
+//! its statements pipelined (one round trip for all of them).
+//!
+//! The seam is synchronous ([`Store`] is called from the writer thread, and
+//! [`StoreRead`] from API handlers), the client async (`tokio-postgres`): each
+//! handle owns a thread running a current-thread runtime with its connection,
+//! and a call is a request to that thread and a blocking wait for its answer.
+//! A call never starts a runtime inside the caller's, so it is safe from a
+//! tokio worker, as a SQLite call is.
+//!
+//! A lost connection fails the call it was serving (the writer then refuses
+//! the batch, `503 storage_failed` with `Retry-After`) and is opened again
+//! by the next call: nothing to do when PostgreSQL restarts.
+//!
+//! One control plane writes a database at a time: the writer's connection
+//! holds a session advisory lock, and a second instance is refused at start
+//! with a clear error (several instances are not supported yet).
+
+use super::{
+    settled, ConsumerRow, LoadWindow, Op, ReplicaRow, ResourceRow, ResourceState, SettledCount,
+    Snapshot, Store, StoreRead, StoredConsumer,
+};
+use crate::config::{PasswordSource, PostgresConfig};
+use anyhow::{anyhow, bail, Context};
+use std::collections::HashMap;
+use std::time::Duration;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, NoTls, Row, Statement};
+
+/// Schema migrations, applied in order; `prealloc_migrations` records which ran.
+/// The tables mirror the SQLite store's (see `sqlite.rs` for why consumers
+/// live in their resource's row).
+const MIGRATIONS: &[(&str, &str)] = &[(
+    "0001_initial",
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+     CREATE TABLE manager_availability (
+         manager TEXT PRIMARY KEY, availability TEXT NOT NULL);
+     CREATE TABLE resources (
+         id BIGINT PRIMARY KEY,
+         resource_type TEXT NOT NULL,
+         name TEXT NOT NULL,
+         location TEXT NOT NULL,
+         manager TEXT NOT NULL,
+         state TEXT NOT NULL,
+         created_ms BIGINT NOT NULL,
+         consumer TEXT,
+         consumer_created_ms BIGINT,
+         registered_ms BIGINT,
+         confirmed_ms BIGINT);
+     CREATE TABLE replicas (
+         resource BIGINT NOT NULL,
+         manager TEXT NOT NULL,
+         at_ms BIGINT NOT NULL,
+         PRIMARY KEY (resource, manager));",
+)];
+
+/// The columns of a resource row, in the order [`read_row`] reads them.
+const RESOURCE_COLUMNS: &str = "id, resource_type, name, location, manager, state, consumer,
+    created_ms, consumer_created_ms, registered_ms, confirmed_ms";
+
+/// Advisory lock keys ("prealloc" and "prealloM" in ASCII).
+const WRITER_LOCK: i64 = 0x7072_6561_6c6c_6f63;
+const MIGRATION_LOCK: i64 = 0x7072_6561_6c6c_6f4d;
+
+/// How long opening a connection may take before the call fails.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a handle may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// Migrates the schema and holds the writer lock.
+    Writer,
+    /// Reads beside the writer (the API's lookups).
+    Reader,
+    /// Admin commands: reads only, in read-only transactions.
+    ReadOnly,
+}
+
+/// A store in one PostgreSQL database.
+pub struct PostgresStore {
+    config: PostgresConfig,
+    role: Role,
+    requests: Option<tokio::sync::mpsc::UnboundedSender<Request>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+type Reply<T> = std::sync::mpsc::SyncSender<anyhow::Result<T>>;
+
+enum Request {
+    Load(LoadWindow, Reply<Snapshot>),
+    Commit(Vec<Op>, Reply<()>),
+    Consumer(String, u64, Reply<Option<StoredConsumer>>),
+    ConsumerIds(bool, usize, Reply<Vec<String>>),
+    Migrations(Reply<Vec<String>>),
+}
+
+impl PostgresStore {
+    /// Connects, migrates the schema and takes the writer lock.
+    pub fn open(config: &PostgresConfig) -> anyhow::Result<PostgresStore> {
+        PostgresStore::start(config, Role::Writer)
+    }
+
+    /// Connects for reads only (admin commands beside a running server).
+    pub fn open_read_only(config: &PostgresConfig) -> anyhow::Result<PostgresStore> {
+        PostgresStore::start(config, Role::ReadOnly)
+    }
+
+    fn start(config: &PostgresConfig, role: Role) -> anyhow::Result<PostgresStore> {
+        let target: tokio_postgres::Config = config
+            .url
+            .parse()
+            .context("`store.url` is not a PostgreSQL URL")?;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut session = Session {
+            target,
+            password: config.password.clone(),
+            role,
+            client: None,
+            statements: HashMap::new(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("prealloc-postgres".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot start the PostgreSQL client's runtime");
+                        return;
+                    }
+                };
+                rt.block_on(session.serve(rx));
+            })
+            .context("cannot start the PostgreSQL client's thread")?;
+        let store = PostgresStore {
+            config: config.clone(),
+            role,
+            requests: Some(tx),
+            thread: Some(thread),
+        };
+        // Connect (and migrate) now, so a bad URL or password fails the start.
+        store.migrations()?;
+        Ok(store)
+    }
+
+    /// Names of the migrations applied, in order.
+    pub fn migrations(&self) -> anyhow::Result<Vec<String>> {
+        self.call(Request::Migrations)
+    }
+
+    fn call<T>(&self, request: impl FnOnce(Reply<T>) -> Request) -> anyhow::Result<T> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let sent = self.requests.as_ref().map(|r| r.send(request(tx)));
+        if !matches!(sent, Some(Ok(()))) {
+            bail!("the PostgreSQL client's thread has stopped");
+        }
+        rx.recv()
+            .map_err(|_| anyhow!("the PostgreSQL client's thread has stopped"))?
+    }
+}
+
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        // The thread ends when its queue closes; its connection (and the
+        // writer lock with it) goes.
+        self.requests.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl StoreRead for PostgresStore {
+    fn consumer(&mut self, id: &str, resource: u64) -> anyhow::Result<Option<StoredConsumer>> {
+        let id = id.to_owned();
+        self.call(|r| Request::Consumer(id, resource, r))
+    }
+
+    fn consumer_ids(&mut self, registered_only: bool, limit: usize) -> anyhow::Result<Vec<String>> {
+        self.call(|r| Request::ConsumerIds(registered_only, limit, r))
+    }
+}
+
+impl Store for PostgresStore {
+    fn load(&mut self, window: LoadWindow) -> anyhow::Result<Snapshot> {
+        self.call(|r| Request::Load(window, r))
+    }
+
+    fn commit(&mut self, ops: &[Op]) -> anyhow::Result<()> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        if self.role != Role::Writer {
+            bail!("this PostgreSQL handle is read-only");
+        }
+        let ops = ops.to_vec();
+        self.call(|r| Request::Commit(ops, r))
+    }
+
+    fn reader(&self) -> anyhow::Result<Box<dyn StoreRead>> {
+        let role = match self.role {
+            Role::ReadOnly => Role::ReadOnly,
+            Role::Writer | Role::Reader => Role::Reader,
+        };
+        Ok(Box::new(PostgresStore::start(&self.config, role)?))
+    }
+}
+
+/// The connection side, on the handle's own thread.
+struct Session {
+    target: tokio_postgres::Config,
+    password: PasswordSource,
+    role: Role,
+    client: Option<Client>,
+    /// Prepared statements of the current connection, by SQL text.
+    statements: HashMap<&'static str, Statement>,
+}
+
+impl Session {
+    async fn serve(&mut self, mut rx: tokio::sync::mpsc::UnboundedReceiver<Request>) {
+        // Waiting here lets the connection task run between requests too, so
+        // a connection the server closed is known closed before the next call.
+        while let Some(request) = rx.recv().await {
+            match request {
+                Request::Load(window, reply) => {
+                    let r = self.load(window).await;
+                    self.answer(reply, r);
+                }
+                Request::Commit(ops, reply) => {
+                    let r = self.commit(&ops).await;
+                    self.answer(reply, r);
+                }
+                Request::Consumer(id, resource, reply) => {
+                    let r = self.consumer(&id, resource).await;
+                    self.answer(reply, r);
+                }
+                Request::ConsumerIds(registered_only, limit, reply) => {
+                    let r = self.consumer_ids(registered_only, limit).await;
+                    self.answer(reply, r);
+                }
+                Request::Migrations(reply) => {
+                    let r = self.migrations().await;
+                    self.answer(reply, r);
+                }
+            }
+        }
+    }
+
+    /// Sends the answer; after a failure, drops a connection that is gone so
+    /// the next call opens a new one.
+    fn answer<T>(&mut self, reply: Reply<T>, result: anyhow::Result<T>) {
+        if result.is_err() && self.client.as_ref().is_some_and(|c| c.is_closed()) {
+            self.client = None;
+            self.statements.clear();
+        }
+        let _ = reply.send(result);
+    }
+
+    /// Where this session connects, for messages (never with a password).
+    fn target(&self) -> String {
+        let host = match self.target.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+            #[cfg(unix)]
+            Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+            None => "localhost".to_owned(),
+        };
+        let port = self.target.get_ports().first().copied().unwrap_or(5432);
+        let db = self
+            .target
+            .get_dbname()
+            .or(self.target.get_user())
+            .unwrap_or("");
+        format!("{host}:{port}/{db}")
+    }
+
+    /// The connection, opened (and set up for its role) if there is none.
+    async fn client(&mut self) -> anyhow::Result<&Client> {
+        if self.client.as_ref().is_some_and(|c| c.is_closed()) {
+            self.client = None;
+            self.statements.clear();
+        }
+        if self.client.is_none() {
+            let client = self.connect().await?;
+            self.client = Some(client);
+        }
+        self.client
+            .as_ref()
+            .ok_or_else(|| anyhow!("no PostgreSQL connection"))
+    }
+
+    async fn connect(&self) -> anyhow::Result<Client> {
+        let mut config = self.target.clone();
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("prealloc-control-plane");
+        }
+        match &self.password {
+            PasswordSource::None => {}
+            PasswordSource::Env(var) => {
+                let p = std::env::var(var).map_err(|_| {
+                    anyhow!("`store.password_env`: the environment variable {var} is not set")
+                })?;
+                config.password(p);
+            }
+            PasswordSource::File(path) => {
+                let text = std::fs::read_to_string(path).with_context(|| {
+                    format!("`store.password_file`: cannot read {}", path.display())
+                })?;
+                config.password(text.lines().next().unwrap_or(""));
+            }
+        }
+        let target = self.target();
+        let (client, connection) = config
+            .connect(NoTls)
+            .await
+            .with_context(|| format!("cannot connect to PostgreSQL at {target}"))?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::warn!(%target, error = %e, "PostgreSQL connection lost; the next call reconnects");
+            }
+        });
+        match self.role {
+            Role::Writer => {
+                migrate(&client).await?;
+                let locked: bool = client
+                    .query_one("SELECT pg_try_advisory_lock($1)", &[&WRITER_LOCK])
+                    .await?
+                    .get(0);
+                if !locked {
+                    bail!(
+                        "another session holds the writer lock of PostgreSQL database {}: \
+                         another control plane writes to it (one per database is supported \
+                         today), or this one's previous connection, which PostgreSQL has not \
+                         yet noticed is gone",
+                        self.target()
+                    );
+                }
+            }
+            Role::Reader => {}
+            Role::ReadOnly => {
+                client
+                    .batch_execute("SET default_transaction_read_only = on")
+                    .await?;
+                let exists: bool = client
+                    .query_one("SELECT to_regclass('prealloc_migrations') IS NOT NULL", &[])
+                    .await?
+                    .get(0);
+                if !exists {
+                    bail!(
+                        "PostgreSQL database {} holds no prealloc tables; has `serve` run with this config?",
+                        self.target()
+                    );
+                }
+            }
+        }
+        Ok(client)
+    }
+
+    /// The statement for this SQL on the current connection, prepared once.
+    async fn statement(&mut self, sql: &'static str) -> anyhow::Result<Statement> {
+        if let Some(s) = self.statements.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = self.client().await?.prepare(sql).await?;
+        self.statements.insert(sql, s.clone());
+        Ok(s)
+    }
+
+    async fn migrations(&mut self) -> anyhow::Result<Vec<String>> {
+        let rows = self
+            .client()
+            .await?
+            .query("SELECT name FROM prealloc_migrations ORDER BY name", &[])
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    async fn resource_row(
+        &mut self,
+        id: u64,
+    ) -> anyhow::Result<Option<(ResourceRow, Option<ConsumerRow>)>> {
+        const SQL: &str = "SELECT id, resource_type, name, location, manager, state, consumer,
+            created_ms, consumer_created_ms, registered_ms, confirmed_ms FROM resources WHERE id = $1";
+        let st = self.statement(SQL).await?;
+        let row = self.client().await?.query_opt(&st, &[&to_i64(id)]).await?;
+        row.as_ref().map(read_row).transpose()
+    }
+
+    async fn replicas_of(&mut self, resources: &[u64]) -> anyhow::Result<Vec<ReplicaRow>> {
+        const SQL: &str = "SELECT resource, manager, at_ms FROM replicas WHERE resource = ANY($1)
+            ORDER BY resource, at_ms, manager";
+        let ids: Vec<i64> = resources.iter().map(|&r| to_i64(r)).collect();
+        let st = self.statement(SQL).await?;
+        let rows = self.client().await?.query(&st, &[&ids]).await?;
+        Ok(rows
+            .iter()
+            .map(|r| ReplicaRow {
+                resource: r.get::<_, i64>(0) as u64,
+                manager: r.get(1),
+                at_ms: r.get::<_, i64>(2) as u64,
+            })
+            .collect())
+    }
+
+    async fn consumer(
+        &mut self,
+        id: &str,
+        resource: u64,
+    ) -> anyhow::Result<Option<StoredConsumer>> {
+        // The row must hold this consumer (not given back, not another's). A
+        // PostgreSQL database never held ids from before they named their
+        // resource, so there is no table of older ids to look in.
+        let Some((resource, Some(consumer))) = self.resource_row(resource).await? else {
+            return Ok(None);
+        };
+        if consumer.id != id {
+            return Ok(None);
+        }
+        let replicas = self.replicas_of(&[resource.id]).await?;
+        Ok(Some(StoredConsumer {
+            consumer,
+            resource,
+            replicas,
+        }))
+    }
+
+    async fn consumer_ids(
+        &mut self,
+        registered_only: bool,
+        limit: usize,
+    ) -> anyhow::Result<Vec<String>> {
+        let sql = if registered_only {
+            "SELECT consumer FROM resources WHERE consumer IS NOT NULL AND registered_ms IS NOT NULL
+             ORDER BY id LIMIT $1"
+        } else {
+            "SELECT consumer FROM resources WHERE consumer IS NOT NULL ORDER BY id LIMIT $1"
+        };
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let st = self.statement(sql).await?;
+        let rows = self.client().await?.query(&st, &[&limit]).await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    async fn load(&mut self, window: LoadWindow) -> anyhow::Result<Snapshot> {
+        let client = self.client().await?;
+        let pairs = |rows: Vec<Row>| -> Vec<(String, String)> {
+            rows.iter().map(|r| (r.get(0), r.get(1))).collect()
+        };
+        let mut snap = Snapshot {
+            meta: pairs(client.query("SELECT key, value FROM meta", &[]).await?),
+            availability: pairs(
+                client
+                    .query(
+                        "SELECT manager, availability FROM manager_availability",
+                        &[],
+                    )
+                    .await?,
+            ),
+            ..Snapshot::default()
+        };
+        // Settled: registered at or before this, and confirmed (`store::settled`).
+        let registered_by: i64 = match window.now_ms.checked_sub(window.grace_ms) {
+            Some(t) => i64::try_from(t).unwrap_or(i64::MAX),
+            None => -1,
+        };
+        const SETTLED: &str = "coalesce(consumer IS NOT NULL AND confirmed_ms IS NOT NULL
+            AND registered_ms <= $1, false)";
+        for row in client
+            .query(
+                &format!(
+                    "SELECT {RESOURCE_COLUMNS} FROM resources WHERE NOT {SETTLED} ORDER BY id"
+                ),
+                &[&registered_by],
+            )
+            .await?
+        {
+            let (resource, consumer) = read_row(&row)?;
+            snap.consumers.extend(consumer);
+            snap.resources.push(resource);
+        }
+        for row in client
+            .query(
+                &format!(
+                    "SELECT manager, resource_type, min(location), count(*) FROM resources
+                     WHERE {SETTLED} GROUP BY manager, resource_type ORDER BY manager, resource_type"
+                ),
+                &[&registered_by],
+            )
+            .await?
+        {
+            snap.settled.push(SettledCount {
+                manager: row.get(0),
+                resource_type: row.get(1),
+                location: row.get(2),
+                count: row.get::<_, i64>(3) as u64,
+            });
+        }
+        // The newest sign-ups are loaded even when settled (the status page
+        // follows them); the others among them are loaded already.
+        if window.recent > 0 {
+            let recent = i64::try_from(window.recent).unwrap_or(i64::MAX);
+            let newest = client
+                .query(
+                    &format!(
+                        "SELECT {RESOURCE_COLUMNS} FROM resources WHERE consumer IS NOT NULL
+                         ORDER BY coalesce(consumer_created_ms, 0) DESC, id DESC LIMIT $1"
+                    ),
+                    &[&recent],
+                )
+                .await?;
+            for row in &newest {
+                let (resource, consumer) = read_row(row)?;
+                let Some(c) = consumer else { continue };
+                if !settled(
+                    c.registered_ms,
+                    c.confirmed_ms,
+                    window.now_ms,
+                    window.grace_ms,
+                ) {
+                    continue;
+                }
+                if let Some(s) = snap.settled.iter_mut().find(|s| {
+                    s.manager == resource.manager && s.resource_type == resource.resource_type
+                }) {
+                    s.count = s.count.saturating_sub(1);
+                }
+                snap.consumers.push(c);
+                snap.resources.push(resource);
+            }
+        }
+        snap.resources.sort_by_key(|r| r.id);
+        snap.consumers.sort_by_key(|c| c.resource);
+        let loaded: Vec<u64> = snap.consumers.iter().map(|c| c.resource).collect();
+        snap.replicas = self.replicas_of(&loaded).await?;
+        Ok(snap)
+    }
+
+    async fn commit(&mut self, ops: &[Op]) -> anyhow::Result<()> {
+        let mut prepared = Vec::with_capacity(ops.len());
+        for op in ops {
+            let (sql, params, expect_one) = statement_of(op);
+            let st = self.statement(sql).await?;
+            prepared.push((st, params, expect_one, op));
+        }
+        let client = self
+            .client
+            .as_mut()
+            .ok_or_else(|| anyhow!("no PostgreSQL connection"))?;
+        let tx = client.transaction().await?;
+        // Sent together: the client pipelines them, one round trip for the batch.
+        let results = futures_util::future::join_all(prepared.iter().map(|(st, params, _, _)| {
+            tx.execute_raw(st, params.iter().map(|p| &**p as &(dyn ToSql + Sync)))
+        }))
+        .await;
+        for (result, (_, _, expect_one, op)) in results.into_iter().zip(&prepared) {
+            let n = result?;
+            if *expect_one && n != 1 {
+                bail!("{} is missing from the database", missing(op));
+            }
+        }
+        tx.commit().await.context("commit failed")?;
+        Ok(())
+    }
+}
+
+/// Applies the migrations not yet applied, one transaction each, under a lock
+/// (instances starting together migrate once).
+async fn migrate(client: &Client) -> anyhow::Result<()> {
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS prealloc_migrations (
+                 name TEXT PRIMARY KEY, applied_ms BIGINT NOT NULL)",
+        )
+        .await
+        .context("cannot create the migrations table")?;
+    for (name, sql) in MIGRATIONS {
+        client.batch_execute("BEGIN").await?;
+        let applied = async {
+            client
+                .execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+                .await?;
+            let done = client
+                .query_opt("SELECT 1 FROM prealloc_migrations WHERE name = $1", &[name])
+                .await?
+                .is_some();
+            if !done {
+                client
+                    .batch_execute(sql)
+                    .await
+                    .with_context(|| format!("migration {name} failed"))?;
+                client
+                    .execute(
+                        "INSERT INTO prealloc_migrations (name, applied_ms) VALUES ($1, $2)",
+                        &[name, &to_i64(crate::now_ms())],
+                    )
+                    .await?;
+            }
+            anyhow::Ok(())
+        }
+        .await;
+        match applied {
+            Ok(()) => client.batch_execute("COMMIT").await?,
+            Err(e) => {
+                let _ = client.batch_execute("ROLLBACK").await;
+                return Err(e);
+            }
+        }
+    }
+    Ok(())
+}
+
+type Params = Vec<Box<dyn ToSql + Sync + Send>>;
+
+/// The statement of one op, its parameters, and whether it must change one row.
+fn statement_of(op: &Op) -> (&'static str, Params, bool) {
+    fn p<T: ToSql + Sync + Send + 'static>(v: T) -> Box<dyn ToSql + Sync + Send> {
+        Box::new(v)
+    }
+    match op {
+        Op::SetMeta { key, value } => (
+            "INSERT INTO meta (key, value) VALUES ($1, $2)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            vec![p(key.clone()), p(value.clone())],
+            false,
+        ),
+        Op::SetAvailability {
+            manager,
+            availability,
+        } => (
+            "INSERT INTO manager_availability (manager, availability) VALUES ($1, $2)
+             ON CONFLICT (manager) DO UPDATE SET availability = excluded.availability",
+            vec![p(manager.clone()), p(availability.clone())],
+            false,
+        ),
+        // The whole row is replaced, as SQLite's INSERT OR REPLACE does.
+        Op::PutResource(r) => (
+            "INSERT INTO resources
+             (id, resource_type, name, location, manager, state, consumer, created_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+             ON CONFLICT (id) DO UPDATE SET resource_type = excluded.resource_type,
+                 name = excluded.name, location = excluded.location,
+                 manager = excluded.manager, state = excluded.state,
+                 consumer = excluded.consumer, created_ms = excluded.created_ms,
+                 consumer_created_ms = NULL, registered_ms = NULL, confirmed_ms = NULL",
+            vec![
+                p(to_i64(r.id)),
+                p(r.resource_type.clone()),
+                p(r.name.clone()),
+                p(r.location.clone()),
+                p(r.manager.clone()),
+                p(r.state.as_str()),
+                p(r.consumer.clone()),
+                p(to_i64(r.created_ms)),
+            ],
+            false,
+        ),
+        Op::SetResourceState {
+            id,
+            state,
+            consumer,
+        } => (
+            "UPDATE resources SET state = $2, consumer = $3 WHERE id = $1",
+            vec![p(to_i64(*id)), p(state.as_str()), p(consumer.clone())],
+            true,
+        ),
+        Op::DeleteResource { id } => (
+            "DELETE FROM resources WHERE id = $1",
+            vec![p(to_i64(*id))],
+            false,
+        ),
+        Op::Assign {
+            resource,
+            consumer,
+            created_ms,
+            registered_ms,
+        } => (
+            "UPDATE resources SET state = 'assigned', consumer = $2,
+             consumer_created_ms = $3, registered_ms = $4, confirmed_ms = NULL
+             WHERE id = $1",
+            vec![
+                p(to_i64(*resource)),
+                p(consumer.clone()),
+                p(to_i64(*created_ms)),
+                p(registered_ms.map(to_i64)),
+            ],
+            true,
+        ),
+        // Gives the resource back and drops its copies, in one statement.
+        Op::Unassign { resource } => (
+            "WITH copies AS (DELETE FROM replicas WHERE resource = $1)
+             UPDATE resources SET state = 'ready', consumer = NULL,
+             consumer_created_ms = NULL, registered_ms = NULL, confirmed_ms = NULL
+             WHERE id = $1",
+            vec![p(to_i64(*resource))],
+            false,
+        ),
+        Op::SetRegistered {
+            resource,
+            registered_ms,
+        } => (
+            "UPDATE resources SET registered_ms = $2 WHERE id = $1",
+            vec![p(to_i64(*resource)), p(to_i64(*registered_ms))],
+            false,
+        ),
+        Op::Confirm { resource, at_ms } => (
+            "UPDATE resources SET confirmed_ms = $2 WHERE id = $1",
+            vec![p(to_i64(*resource)), p(to_i64(*at_ms))],
+            false,
+        ),
+        Op::PutReplica(r) => (
+            "INSERT INTO replicas (resource, manager, at_ms) VALUES ($1, $2, $3)
+             ON CONFLICT DO NOTHING",
+            vec![
+                p(to_i64(r.resource)),
+                p(r.manager.clone()),
+                p(to_i64(r.at_ms)),
+            ],
+            false,
+        ),
+    }
+}
+
+/// What an op that must change one row names, for its error.
+fn missing(op: &Op) -> String {
+    match op {
+        Op::SetResourceState { id, .. } => format!("resource {id}"),
+        Op::Assign { resource, .. } => format!("resource {resource}"),
+        other => format!("the row of {other:?}"),
+    }
+}
+
+fn to_i64(v: u64) -> i64 {
+    v as i64
+}
+
+/// A resource row and, when it is assigned, its consumer.
+fn read_row(r: &Row) -> anyhow::Result<(ResourceRow, Option<ConsumerRow>)> {
+    let id = r.try_get::<_, i64>(0)? as u64;
+    let state: String = r.try_get(5)?;
+    let state = ResourceState::parse(&state)
+        .ok_or_else(|| anyhow!("resource {id} has unknown state {state:?}"))?;
+    let consumer: Option<String> = r.try_get(6)?;
+    let manager: String = r.try_get(4)?;
+    let consumer_row = match &consumer {
+        Some(cid) => {
+            let registered_ms = r.try_get::<_, Option<i64>>(9)?.map(|v| v as u64);
+            Some(ConsumerRow {
+                id: cid.clone(),
+                resource: id,
+                manager: manager.clone(),
+                registered: registered_ms.is_some(),
+                created_ms: r.try_get::<_, Option<i64>>(8)?.unwrap_or(0) as u64,
+                registered_ms,
+                confirmed_ms: r.try_get::<_, Option<i64>>(10)?.map(|v| v as u64),
+            })
+        }
+        None => None,
+    };
+    let resource = ResourceRow {
+        id,
+        resource_type: r.try_get(1)?,
+        name: r.try_get(2)?,
+        location: r.try_get(3)?,
+        manager,
+        state,
+        consumer,
+        created_ms: r.try_get::<_, i64>(7)? as u64,
+    };
+    Ok((resource, consumer_row))
+}

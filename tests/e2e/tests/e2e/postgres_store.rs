@@ -1,0 +1,120 @@
+//! The control plane on PostgreSQL (`[store] kind = "postgres"`), with real
+//! Envoy and a real PostgreSQL server: the story holds, and PostgreSQL
+//! restarted under sign-ups makes the control plane answer 503 with
+//! Retry-After meanwhile, reconnect by itself, and lose nothing it acknowledged.
+
+use prealloc_e2e::client::Client;
+use prealloc_e2e::control_plane::Replication;
+use prealloc_e2e::postgres::Postgres;
+use prealloc_e2e::story::{
+    consumer_cookie, post_signup, run_story, Stack, StackOptions, StoryOptions,
+};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Default)]
+struct Outcomes {
+    acknowledged: Vec<prealloc_wire::ConsumerId>,
+    refused: usize,
+    other: Vec<String>,
+}
+
+#[tokio::test]
+async fn on_postgres_the_story_holds_and_a_restart_under_signups_loses_nothing_acknowledged() {
+    let pg = Postgres::start().unwrap_or_else(|e| panic!("{e}"));
+    let mut opts = StackOptions::new(Replication::Reported);
+    opts.postgres_url = Some(pg.url());
+    let mut stack = Stack::start(&opts);
+    run_story(&stack, &StoryOptions::default(), &mut |l| {
+        println!("[postgres] {l}")
+    })
+    .await
+    .unwrap_or_else(|e| panic!("the story on PostgreSQL: {e}"));
+    stack.assert_no_violations();
+
+    // Sign-ups through Envoy, four at a time, while PostgreSQL stops and comes back.
+    let outcomes = Arc::new(Mutex::new(Outcomes::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let envoy = stack.envoys[0].addr();
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
+            let (outcomes, stop) = (outcomes.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut client = Client::new(envoy);
+                while !stop.load(Ordering::SeqCst) {
+                    let r = match post_signup(&mut client).await {
+                        Ok(r) => r,
+                        Err(e) => {
+                            outcomes.lock().unwrap().other.push(format!("request: {e}"));
+                            continue;
+                        }
+                    };
+                    {
+                        let mut o = outcomes.lock().unwrap();
+                        match r.status {
+                            200..=299 => match consumer_cookie(&r) {
+                                Ok(Some((_, claims))) => o.acknowledged.push(claims.consumer),
+                                other => o.other.push(format!("2xx without a cookie: {other:?}")),
+                            },
+                            503 if r.header("retry-after").is_some() => o.refused += 1,
+                            s => o.other.push(format!("{s}: {}", r.text())),
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+        })
+        .collect();
+    let acknowledged = || outcomes.lock().unwrap().acknowledged.len();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let before_outage = acknowledged();
+    assert!(
+        before_outage > 0,
+        "no sign-up went through before the outage"
+    );
+    pg.stop_immediately().unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let refused_in_outage = outcomes.lock().unwrap().refused;
+    pg.restart().unwrap();
+    let back = acknowledged();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while acknowledged() < back + 10 {
+        assert!(
+            Instant::now() < deadline,
+            "sign-ups did not resume after PostgreSQL came back:\n{}",
+            stack.cp.log_tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let o = std::mem::take(&mut *outcomes.lock().unwrap());
+    assert!(
+        refused_in_outage > 0,
+        "no sign-up was refused with 503 + Retry-After while PostgreSQL was down"
+    );
+    assert!(o.other.is_empty(), "unexpected answers: {:?}", o.other);
+    println!(
+        "[postgres] {} sign-ups acknowledged ({before_outage} before the outage), {} refused with 503",
+        o.acknowledged.len(),
+        o.refused
+    );
+
+    // Nothing acknowledged is lost: a control plane killed and started
+    // again reads every one back from PostgreSQL, each on its own resource.
+    stack.cp.restart();
+    for c in &o.acknowledged {
+        let v = stack.cp.consumer(c).await;
+        assert_eq!(v["consumer"], c.as_str(), "{v}");
+    }
+    let doubled = pg
+        .psql(
+            "SELECT count(*) - count(DISTINCT consumer) FROM resources WHERE consumer IS NOT NULL",
+        )
+        .unwrap();
+    assert_eq!(doubled, "0", "a consumer holds two resources");
+    stack.assert_no_violations();
+}
