@@ -15,7 +15,11 @@
 //! memory), the control plane is restarted on it (restart time and RSS are
 //! printed), and the rounds run from there until P + N.
 //!
-//! `bench/signups.sh [--consumers N] [--prefill P] [--round S] [--connections C] [--depth D] [--stacks]`
+//! With `--store postgres`, the control plane keeps its state in a throwaway
+//! PostgreSQL server (`prealloc_e2e::postgres`, fsync on, same disk) instead
+//! of a SQLite file; `bench/signups-stores.sh` runs both, interleaved.
+//!
+//! `bench/signups.sh [--consumers N] [--prefill P] [--round S] [--connections C] [--depth D] [--store sqlite|postgres] [--stacks]`
 
 use prealloc_bench::probe::Probe;
 use prealloc_bench::procs::{self, WrkOptions};
@@ -35,6 +39,7 @@ struct Args {
     /// Settled consumers written into the database before the rounds.
     prefill: u64,
     stacks: bool,
+    postgres: bool,
 }
 
 fn args() -> Args {
@@ -46,11 +51,20 @@ fn args() -> Args {
         managers: 3,
         prefill: 0,
         stacks: false,
+        postgres: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         if flag == "--stacks" {
             a.stacks = true;
+            continue;
+        }
+        if flag == "--store" {
+            a.postgres = match it.next().as_deref() {
+                Some("sqlite") => false,
+                Some("postgres") => true,
+                other => panic!("--store {other:?}: expected sqlite or postgres"),
+            };
             continue;
         }
         let v: u64 = it
@@ -181,6 +195,20 @@ fn main() {
     // wrk never confirms: keep the registrations (leases) for the whole run.
     cfg.registration_lease_ms = Some(86_400_000);
     cfg.log_level = Some("warn".into());
+    assert!(
+        !(a.postgres && a.prefill > 0),
+        "--prefill writes a SQLite file: not with --store postgres"
+    );
+    let postgres = a
+        .postgres
+        .then(|| prealloc_e2e::postgres::Postgres::start().unwrap_or_else(|e| panic!("{e}")));
+    cfg.postgres_url = postgres.as_ref().map(|pg| pg.url());
+    eprintln!(
+        "store: {}",
+        cfg.postgres_url
+            .as_deref()
+            .unwrap_or("sqlite (a temp file)")
+    );
     let mut cp = ControlPlane::start(cfg);
     if a.prefill > 0 {
         cp.kill9();

@@ -200,3 +200,121 @@ fn tokens_never_show_in_the_configs_debug_output_and_a_manager_token_is_its_own(
         assert!(!e.contains(reused), "{e}");
     }
 }
+
+/// The config without its store (`database` or `[store]`), to add one.
+fn without_store() -> String {
+    let db = Db::sqlite();
+    let text = Setup::default().toml(&db);
+    let first = text.lines().next().unwrap();
+    assert!(first.starts_with("database = "), "{first}");
+    text.lines().skip(1).collect::<Vec<_>>().join("\n") + "\n"
+}
+
+#[test]
+fn a_postgres_store_is_chosen_in_a_store_table_with_its_password_from_the_environment_or_a_file() {
+    use prealloc_control_plane::config::{PasswordSource, PostgresConfig, StoreConfig};
+    let url = "postgres://prealloc@db.internal:5432/prealloc";
+    let c = Config::parse(
+        &format!(
+            "{}[store]\nkind = \"postgres\"\nurl = \"{url}\"\npassword_env = \"PREALLOC_PG_PASSWORD\"\n",
+            without_store()
+        ),
+        Path::new("/etc/prealloc"),
+    )
+    .unwrap();
+    assert_eq!(
+        c.store,
+        StoreConfig::Postgres(PostgresConfig {
+            url: url.into(),
+            password: PasswordSource::Env("PREALLOC_PG_PASSWORD".into()),
+        })
+    );
+    assert_eq!(c.store.to_string(), format!("postgres {url}"));
+    let c = Config::parse(
+        &format!(
+            "{}[store]\nkind = \"postgres\"\nurl = \"{url}\"\npassword_file = \"secrets/pg\"\n",
+            without_store()
+        ),
+        Path::new("/etc/prealloc"),
+    )
+    .unwrap();
+    assert_eq!(
+        c.store,
+        StoreConfig::Postgres(PostgresConfig {
+            url: url.into(),
+            password: PasswordSource::File("/etc/prealloc/secrets/pg".into()),
+        })
+    );
+    // `[store]` with kind = "sqlite" is the long form of `database`.
+    let c = Config::parse(
+        &format!(
+            "{}[store]\nkind = \"sqlite\"\npath = \"state.db\"\n",
+            without_store()
+        ),
+        Path::new("/var/lib/prealloc"),
+    )
+    .unwrap();
+    assert_eq!(
+        c.store,
+        StoreConfig::Sqlite {
+            path: "/var/lib/prealloc/state.db".into()
+        }
+    );
+}
+
+#[test]
+fn a_password_in_the_store_url_is_refused_without_being_repeated() {
+    let e = refuse(&format!(
+        "{}[store]\nkind = \"postgres\"\nurl = \"postgres://prealloc:hunter2-secret@db/prealloc\"\n",
+        without_store()
+    ));
+    assert!(e.contains("store.url") && e.contains("password_env"), "{e}");
+    assert!(
+        !e.contains("hunter2"),
+        "the error repeats the password: {e}"
+    );
+    // Nor is an unparsable URL repeated (it may hold one too).
+    let e = refuse(&format!(
+        "{}[store]\nkind = \"postgres\"\nurl = \"postgres://prealloc:hunter2@db:notaport/x\"\n",
+        without_store()
+    ));
+    assert!(e.contains("store.url"), "{e}");
+    assert!(!e.contains("hunter2"), "the error repeats the URL: {e}");
+}
+
+#[test]
+fn store_tables_that_cannot_work_are_refused_naming_the_key() {
+    let base = without_store();
+    for (store, key) in [
+        ("", "`database`: missing"),
+        (
+            "[store]\nkind = \"postgres\"\n",
+            "`store.url`: missing",
+        ),
+        (
+            "[store]\nkind = \"postgres\"\nurl = \"postgres://db/prealloc\"\n",
+            "names no user",
+        ),
+        (
+            "[store]\nkind = \"postgres\"\nurl = \"postgres://p@db/p\"\npassword_env = \"A\"\npassword_file = \"b\"\n",
+            "use one",
+        ),
+        (
+            "[store]\nkind = \"postgres\"\nurl = \"postgres://p@db/p\"\npath = \"x.db\"\n",
+            "`store.path`: not used",
+        ),
+        (
+            "[store]\nkind = \"sqlite\"\nurl = \"postgres://p@db/p\"\n",
+            "`store.url`: not used",
+        ),
+        ("[store]\nkind = \"sqlite\"\n", "`store.path`"),
+        ("[store]\nkind = \"mysql\"\n", "unknown variant"),
+    ] {
+        let e = refuse(&format!("{base}{store}"));
+        assert!(e.contains(key), "{store:?}: {e}");
+    }
+    let e = refuse(&format!(
+        "database = \"x.db\"\n{base}[store]\nkind = \"sqlite\"\npath = \"y.db\"\n"
+    ));
+    assert!(e.contains("use one"), "{e}");
+}

@@ -133,7 +133,7 @@ fn postgres_and_sqlite_stores_agree_on_every_read_after_the_same_batches() {
         ..ProptestConfig::default()
     };
     proptest!(config, |(
-        batches in proptest::collection::vec(proptest::collection::vec(op(), 1..5), 1..25),
+        batches in proptest::collection::vec(proptest::collection::vec(op(), 1..12), 1..25),
         windows in proptest::collection::vec(window(), 1..4),
     )| {
         let mut pg = pg.borrow_mut();
