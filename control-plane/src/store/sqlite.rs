@@ -63,6 +63,9 @@ pub struct SqliteStore {
     conn: Connection,
     path: PathBuf,
     checkpointer: Option<Checkpointer>,
+    /// The writer's exclusive lock on the file (`flock`, beside SQLite's own
+    /// locks): one control plane writes a database at a time.
+    _writer_lock: Option<std::fs::File>,
 }
 
 /// Checkpoints the WAL from its own connection, so the writer's commits only ever
@@ -130,6 +133,21 @@ impl SqliteStore {
         }
         let conn = Connection::open(path)
             .with_context(|| format!("cannot open database {}", path.display()))?;
+        let writer_lock = std::fs::File::open(path)
+            .with_context(|| format!("cannot open database {}", path.display()))?;
+        match writer_lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(anyhow!(
+                    "database {} is open for writing by another control plane; \
+                     one control plane writes a database at a time",
+                    path.display()
+                ))
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(anyhow!("cannot lock database {}: {e}", path.display()))
+            }
+        }
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         // WAL keeps readers (admin CLI) off the writer's back; FULL syncs the WAL on
         // every commit so an acknowledged write survives power loss and kill -9.
@@ -148,6 +166,7 @@ impl SqliteStore {
             conn,
             path: path.to_owned(),
             checkpointer: None,
+            _writer_lock: Some(writer_lock),
         };
         store.migrate()?;
         store.checkpointer = Some(Checkpointer::start(path)?);
@@ -172,6 +191,7 @@ impl SqliteStore {
             conn,
             path: path.to_owned(),
             checkpointer: None,
+            _writer_lock: None,
         })
     }
 

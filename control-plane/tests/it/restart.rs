@@ -111,3 +111,24 @@ async fn a_database_naming_a_manager_missing_from_the_config_is_refused() {
         "{msg}"
     );
 }
+
+/// One control plane writes a database at a time: a second one on the same
+/// database is refused at start (SQLite: a lock on the file; PostgreSQL: an
+/// advisory lock held by the writer's connection), and the first goes on.
+#[tokio::test]
+async fn a_second_control_plane_on_the_same_database_is_refused_while_the_first_runs() {
+    let setup = Setup::default();
+    let p = Plane::start(&setup).await;
+    p.wait_depth(10).await;
+    let err = prealloc_control_plane::ControlPlane::start(setup.config(&p.db))
+        .await
+        .err()
+        .expect("a second control plane was started on the same database");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("another control plane"), "{msg}");
+    p.register().await;
+    // Once the first has stopped, the database is free.
+    let db = p.stop().await;
+    let p = Plane::start_on(&setup, db).await;
+    p.register().await;
+}

@@ -152,6 +152,23 @@ impl Postgres {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
     }
 
+    /// Adds a role that must give `password` (SCRAM) from 127.0.0.1, owning
+    /// a database of its name; the test role keeps trust authentication.
+    pub fn add_password_role(&self, role: &str, password: &str) -> Result<(), String> {
+        self.psql(&format!("CREATE ROLE {role} LOGIN PASSWORD '{password}'"))?;
+        self.psql(&format!("CREATE DATABASE {role} OWNER {role}"))?;
+        let hba = self.data_dir().join("pg_hba.conf");
+        let old = std::fs::read_to_string(&hba).map_err(|e| format!("pg_hba.conf: {e}"))?;
+        // The first matching line wins: this one before the trust lines.
+        std::fs::write(
+            &hba,
+            format!("host all {role} 127.0.0.1/32 scram-sha-256\n{old}"),
+        )
+        .map_err(|e| format!("pg_hba.conf: {e}"))?;
+        self.psql("SELECT pg_reload_conf()")?;
+        Ok(())
+    }
+
     fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
     }

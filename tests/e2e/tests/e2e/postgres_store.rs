@@ -118,3 +118,63 @@ async fn on_postgres_the_story_holds_and_a_restart_under_signups_loses_nothing_a
     assert_eq!(doubled, "0", "a consumer holds two resources");
     stack.assert_no_violations();
 }
+
+/// `store.password_env` and `store.password_file` give the password (SCRAM
+/// authentication); a wrong one fails with PostgreSQL's reason, and the
+/// password is never printed.
+#[test]
+fn the_store_password_comes_from_the_environment_or_a_file_and_is_never_printed() {
+    let pg = Postgres::start().unwrap_or_else(|e| panic!("{e}"));
+    let secret = "s3cret-Pa55word-for-the-test";
+    pg.add_password_role("app", secret).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("postgres://app@127.0.0.1:{}/app", pg.port());
+    let tokens = "[tokens]\nenvoy = \"envoy-test-token-0123456789\"\nadmin = \"admin-test-token-0123456789\"\n";
+    let config = |password: &str| {
+        let path = dir.path().join("prealloc.toml");
+        std::fs::write(
+            &path,
+            format!("{tokens}[store]\nkind = \"postgres\"\nurl = \"{url}\"\n{password}\n"),
+        )
+        .unwrap();
+        path
+    };
+    // `pools` reads the database: it gets as far as finding no tables when
+    // the password was right, and is refused when it was not.
+    let pools = |config: &std::path::Path, env: Option<&str>| {
+        let mut cmd =
+            std::process::Command::new(prealloc_e2e::control_plane::control_plane_binary());
+        cmd.args(["pools", "--config"]).arg(config);
+        cmd.env_remove("PREALLOC_PG_PASSWORD");
+        if let Some(p) = env {
+            cmd.env("PREALLOC_PG_PASSWORD", p);
+        }
+        let out = cmd.output().unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let by_env = config("password_env = \"PREALLOC_PG_PASSWORD\"");
+    let e = pools(&by_env, Some(secret));
+    assert!(e.contains("holds no prealloc tables"), "{e}");
+    let wrong = "wrong-Pa55word-given";
+    let e = pools(&by_env, Some(wrong));
+    assert!(e.contains("password authentication failed"), "{e}");
+    assert!(
+        !e.contains(wrong) && !e.contains(secret),
+        "a password was printed: {e}"
+    );
+    let e = pools(&by_env, None);
+    assert!(e.contains("PREALLOC_PG_PASSWORD is not set"), "{e}");
+
+    std::fs::write(dir.path().join("pg-password"), format!("{secret}\n")).unwrap();
+    let by_file = config("password_file = \"pg-password\"");
+    let e = pools(&by_file, None);
+    assert!(e.contains("holds no prealloc tables"), "{e}");
+    std::fs::write(dir.path().join("pg-password"), format!("{wrong}\n")).unwrap();
+    let e = pools(&by_file, None);
+    assert!(e.contains("password authentication failed"), "{e}");
+    assert!(
+        !e.contains(wrong) && !e.contains(secret),
+        "a password was printed: {e}"
+    );
+}
