@@ -1358,6 +1358,292 @@ impl Registry {
             ready_by_manager: self.ready_by_manager(pool).into_iter().collect(),
         }
     }
+    /// Replays ops another writer committed (another control plane on the
+    /// same database): afterwards this registry holds what a load of the
+    /// database would give for the rows they touched (`from_snapshot`), so
+    /// the next write here starts from the fleet's state. Ops on rows that
+    /// are not in memory (settled consumers) only count where they must.
+    /// An op that cannot apply (a resource or manager unknown here) is an
+    /// error: the caller reloads from the store.
+    pub fn apply(&mut self, ops: &[Op], now_ms: u64) -> anyhow::Result<()> {
+        for op in ops {
+            self.apply_one(op, now_ms)?;
+        }
+        Ok(())
+    }
+
+    fn apply_one(&mut self, op: &Op, now_ms: u64) -> anyhow::Result<()> {
+        match op {
+            Op::SetMeta { key, value } => {
+                if key == "next_resource_id" {
+                    let n: u64 = value
+                        .parse()
+                        .map_err(|_| anyhow!("meta next_resource_id {value:?} is not a number"))?;
+                    self.next_resource_id = self.next_resource_id.max(n);
+                }
+            }
+            Op::SetAvailability {
+                manager,
+                availability,
+            } => {
+                let &m = self
+                    .manager_idx
+                    .get(manager)
+                    .ok_or_else(|| anyhow!("manager {manager:?} is not in the config"))?;
+                self.managers[m].availability = availability
+                    .parse()
+                    .map_err(|e: String| anyhow!("manager {manager}: {e}"))?;
+            }
+            Op::PutResource(row) => {
+                if let Some(old) = self.detach(row.id) {
+                    if old.consumer.is_some() {
+                        return Err(anyhow!("resource {} replaced while assigned", row.id));
+                    }
+                }
+                let m = self.stored_manager(&row.manager, &row.location)?;
+                let pool = self.pool_for(&row.resource_type, &row.location);
+                let member = self.pools[pool]
+                    .members
+                    .iter()
+                    .position(|&x| x == m)
+                    .unwrap_or(0);
+                let consumer = match &row.consumer {
+                    Some(c) => Some(
+                        ConsumerId::parse(c).map_err(|e| anyhow!("resource {}: {e}", row.id))?,
+                    ),
+                    None => None,
+                };
+                if row.state == ResourceState::Ready {
+                    self.pools[pool].preallocated_total += 1;
+                }
+                self.attach(Resource {
+                    id: row.id,
+                    pool,
+                    member,
+                    state: row.state,
+                    consumer,
+                    created_ms: row.created_ms,
+                });
+                self.next_resource_id = self.next_resource_id.max(row.id + 1);
+            }
+            Op::SetResourceState {
+                id,
+                state,
+                consumer,
+            } => {
+                let mut r = self
+                    .detach(*id)
+                    .ok_or_else(|| anyhow!("resource {id} is not in memory"))?;
+                if r.state == ResourceState::Provisioning && *state == ResourceState::Ready {
+                    self.pools[r.pool].preallocated_total += 1;
+                }
+                r.state = *state;
+                r.consumer = match consumer {
+                    Some(c) => {
+                        Some(ConsumerId::parse(c).map_err(|e| anyhow!("resource {id}: {e}"))?)
+                    }
+                    None => None,
+                };
+                self.attach(r);
+            }
+            Op::DeleteResource { id } => {
+                self.detach(*id);
+            }
+            Op::Assign {
+                resource,
+                consumer,
+                created_ms,
+                registered_ms,
+            } => {
+                let id =
+                    ConsumerId::parse(consumer).map_err(|e| anyhow!("resource {resource}: {e}"))?;
+                let mut r = self
+                    .detach(*resource)
+                    .ok_or_else(|| anyhow!("resource {resource} is not in memory"))?;
+                if let Some(old) = r.consumer.take() {
+                    self.forget_consumer(&old);
+                }
+                r.state = ResourceState::Assigned;
+                r.consumer = Some(id.clone());
+                self.attach(r);
+                if registered_ms.is_none() {
+                    self.registering += 1;
+                }
+                self.consumers.insert(
+                    id.clone(),
+                    Consumer {
+                        resource: *resource,
+                        replicas: Vec::new(),
+                        created_ms: *created_ms,
+                        registered_ms: *registered_ms,
+                        confirmed_ms: None,
+                    },
+                );
+                if self.recent.len() == RECENT {
+                    if let Some(old) = self.recent.pop_front() {
+                        self.evict_if_settled(&old, now_ms);
+                    }
+                }
+                self.recent.push_back(id);
+            }
+            Op::Unassign { resource } => {
+                let mut r = self
+                    .detach(*resource)
+                    .ok_or_else(|| anyhow!("resource {resource} is not in memory"))?;
+                if let Some(old) = r.consumer.take() {
+                    self.forget_consumer(&old);
+                }
+                r.state = ResourceState::Ready;
+                self.attach(r);
+            }
+            Op::SetRegistered {
+                resource,
+                registered_ms,
+            } => {
+                if let Some(c) = self.consumer_of_mut(*resource) {
+                    let was = c.registered_ms.replace(*registered_ms);
+                    if was.is_none() {
+                        self.registering -= 1;
+                    }
+                }
+            }
+            Op::Confirm { resource, at_ms } => {
+                if let Some(c) = self.consumer_of_mut(*resource) {
+                    c.confirmed_ms = Some(*at_ms);
+                }
+            }
+            Op::PutReplica(row) => {
+                let &m = self
+                    .manager_idx
+                    .get(&row.manager)
+                    .ok_or_else(|| anyhow!("manager {:?} is not in the config", row.manager))?;
+                let first = self
+                    .resources
+                    .contains_key(&row.resource)
+                    .then(|| self.manager_of_resource(row.resource));
+                if let Some(c) = self.consumer_of_mut(row.resource) {
+                    if !c.replicas.iter().any(|&(r, _)| r == m) {
+                        // The first manager first, as a load puts it.
+                        if Some(m) == first {
+                            c.replicas.insert(0, (m, row.at_ms));
+                        } else {
+                            c.replicas.push((m, row.at_ms));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The consumer held in this resource's row, if in memory.
+    fn consumer_of_mut(&mut self, resource: u64) -> Option<&mut Consumer> {
+        let id = self.resources.get(&resource)?.consumer.clone()?;
+        self.consumers.get_mut(&id)
+    }
+
+    /// Forgets a consumer (its resource went back or to another).
+    fn forget_consumer(&mut self, id: &ConsumerId) {
+        if let Some(c) = self.consumers.remove(id) {
+            if c.registered_ms.is_none() {
+                self.registering -= 1;
+            }
+        }
+        self.recent.retain(|r| r != id);
+    }
+
+    /// Takes a resource out of memory with everything counted for it (its
+    /// capacity, its place in the pool); [`Registry::attach`] puts one back.
+    fn detach(&mut self, id: u64) -> Option<Resource> {
+        let r = self.resources.remove(&id)?;
+        let m = self.pools[r.pool].members[r.member];
+        let rt = self.pools[r.pool].resource_type.clone();
+        if let Some(u) = self.managers[m].used.get_mut(&rt) {
+            *u = u.saturating_sub(1);
+        }
+        let p = &mut self.pools[r.pool];
+        match r.state {
+            ResourceState::Provisioning => p.provisioning = p.provisioning.saturating_sub(1),
+            ResourceState::Ready => {
+                // Another writer takes from the front of its queue, as this one does.
+                let q = &mut p.ready[r.member];
+                if let Some(pos) = q.iter().position(|&x| x == id) {
+                    q.remove(pos);
+                }
+            }
+            ResourceState::Assigned => {}
+        }
+        Some(r)
+    }
+
+    fn attach(&mut self, r: Resource) {
+        let m = self.pools[r.pool].members[r.member];
+        let rt = self.pools[r.pool].resource_type.clone();
+        *self.managers[m].used.entry(rt).or_insert(0) += 1;
+        let p = &mut self.pools[r.pool];
+        match r.state {
+            ResourceState::Provisioning => p.provisioning += 1,
+            ResourceState::Ready => p.ready[r.member].push_back(r.id),
+            ResourceState::Assigned => {}
+        }
+        self.resources.insert(r.id, r);
+    }
+
+    /// A canonical description of the state (orders that do not matter
+    /// removed), to compare two registries in tests.
+    #[doc(hidden)]
+    pub fn digest(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        for m in &self.managers {
+            let mut used: Vec<_> = m.used.iter().filter(|(_, &n)| n > 0).collect();
+            used.sort();
+            let _ = writeln!(out, "manager {} {:?} used {used:?}", m.id, m.availability);
+        }
+        for p in &self.pools {
+            let ready: Vec<Vec<u64>> = p
+                .ready
+                .iter()
+                .map(|q| {
+                    let mut v: Vec<u64> = q.iter().copied().collect();
+                    v.sort_unstable();
+                    v
+                })
+                .collect();
+            let _ = writeln!(
+                out,
+                "pool {}/{} ready {ready:?} provisioning {}",
+                p.resource_type, p.location, p.provisioning
+            );
+        }
+        for r in self.resources.values() {
+            let _ = writeln!(
+                out,
+                "resource {} pool {} member {} {:?} {:?} at {}",
+                r.id,
+                r.pool,
+                r.member,
+                r.state,
+                r.consumer.as_ref().map(|c| c.to_string()),
+                r.created_ms
+            );
+        }
+        for (id, c) in &self.consumers {
+            let mut replicas = c.replicas.clone();
+            replicas.sort_unstable();
+            let _ = writeln!(
+                out,
+                "consumer {id} resource {} replicas {replicas:?} created {} registered {:?} confirmed {:?}",
+                c.resource, c.created_ms, c.registered_ms, c.confirmed_ms
+            );
+        }
+        let _ = writeln!(
+            out,
+            "registering {} settled {} next_resource_id {}",
+            self.registering, self.settled_total, self.next_resource_id
+        );
+        out
+    }
 
     /// Checks the invariants the allocator promises (used by property tests).
     pub fn check_invariants(&self) -> Result<(), String> {

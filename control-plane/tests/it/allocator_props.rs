@@ -1,5 +1,6 @@
 //! Allocator properties: capacity never exceeded, round-robin spread within ±1
-//! among eligible managers, no resource handed out twice.
+//! among eligible managers, no resource handed out twice; and a registry that
+//! replays another's committed ops (`Registry::apply`) holds what it holds.
 
 use prealloc_control_plane::config::Config;
 use prealloc_control_plane::registry::{NewId, Registry};
@@ -196,5 +197,86 @@ proptest! {
             prop_assert!(max - min <= 1, "registrations spread {:?}", counts);
         }
         prop_assert!(reg.register("mailbox", Some("l"), NewId::Given(ConsumerId::from_bytes([9; 16])), 1, &mut ops).is_err());
+    }
+
+    /// Another control plane's writes, replayed from its ops, leave this one
+    /// with its state, step by step; and both equal a load of the database
+    /// those ops were committed to.
+    #[test]
+    fn a_registry_replaying_anothers_ops_holds_its_state_and_the_databases(
+        caps in prop::collection::vec((0u64..8, any::<bool>()), 1..5),
+        steps in prop::collection::vec(step(), 1..120),
+    ) {
+        use prealloc_control_plane::store::{LoadWindow, SqliteStore, Store};
+        let cfg = config(&caps, "\"all\"");
+        let mut a = Registry::new(&cfg);
+        let mut b = Registry::new(&cfg);
+        let mut all_ops = Vec::new();
+        let mut next_id = a.next_resource_id;
+        let mut provisioning: Vec<u64> = Vec::new();
+        let mut consumers: Vec<ConsumerId> = Vec::new();
+        let mut next = 0u8;
+        let n = caps.len();
+        for s in steps {
+            let mut ops = Vec::new();
+            match s {
+                Step::Reserve => {
+                    if let Some(r) = a.reserve(0, 1, &mut ops) {
+                        if r.needs_provisioning { provisioning.push(r.id); }
+                    }
+                }
+                Step::Provisioned(i) if !provisioning.is_empty() => {
+                    let id = provisioning.swap_remove(i % provisioning.len());
+                    a.provisioned(id, &mut ops);
+                }
+                Step::Abandon(i) if !provisioning.is_empty() => {
+                    let id = provisioning.swap_remove(i % provisioning.len());
+                    a.abandon(id, &mut ops);
+                }
+                Step::Register => {
+                    next = next.wrapping_add(1);
+                    let id = ConsumerId::from_bytes([next; 16]);
+                    if a.contains(&id) { continue; }
+                    if a.register("mailbox", None, NewId::Given(id.clone()), 1, &mut ops).is_ok() {
+                        consumers.push(id);
+                    }
+                }
+                Step::Release(i) if !consumers.is_empty() => {
+                    let k = i % consumers.len();
+                    if a.release(&consumers[k], &mut ops).is_ok() {
+                        consumers.swap_remove(k);
+                    }
+                }
+                Step::Availability(m, av) => {
+                    let av = [Availability::Available, Availability::Draining, Availability::Down][av as usize];
+                    a.set_availability(&format!("m{}", m % n), av, &mut ops);
+                }
+                Step::Replica(c, m) if !consumers.is_empty() => {
+                    let c = &consumers[c % consumers.len()];
+                    a.add_replica(c, &format!("m{}", m % n), 2, &mut ops).unwrap();
+                }
+                // Eviction is this process's memory, not a write: not replayed.
+                _ => {}
+            }
+            // As the writer does for every batch (`writer.rs`).
+            if a.next_resource_id != next_id {
+                next_id = a.next_resource_id;
+                ops.push(prealloc_control_plane::store::Op::SetMeta {
+                    key: "next_resource_id".into(),
+                    value: next_id.to_string(),
+                });
+            }
+            b.apply(&ops, 3).map_err(|e| TestCaseError::fail(format!("{e:#}")))?;
+            if let Err(e) = b.check_invariants() {
+                return Err(TestCaseError::fail(format!("after replaying {ops:?}: {e}")));
+            }
+            prop_assert_eq!(a.digest(), b.digest(), "after replaying {:?}", ops);
+            all_ops.extend(ops);
+        }
+        let db = crate::support::Db::sqlite();
+        let mut store = SqliteStore::open(&db.sqlite_path()).unwrap();
+        store.commit(&all_ops).unwrap();
+        let c = Registry::from_snapshot(&cfg, &store.load(LoadWindow::ALL).unwrap()).unwrap();
+        prop_assert_eq!(a.digest(), c.digest());
     }
 }
