@@ -349,7 +349,12 @@ impl Write for Reserve {
         b: &mut Batch,
         _db: &mut dyn StoreRead,
     ) -> Result<Vec<Reserved>, Refusal> {
-        Ok((0..self.count)
+        // The deficit as of this batch: with other control planes on a shared
+        // database, they may have filled the pool since the allocator looked.
+        let count = self
+            .count
+            .min(usize::try_from(reg.deficit(self.pool)).unwrap_or(usize::MAX));
+        Ok((0..count)
             .map_while(|_| reg.reserve(self.pool, b.now_ms, &mut b.ops))
             .collect())
     }
@@ -466,6 +471,9 @@ impl<W: Write> Queued for Pending<W> {
 /// What the writer's queue carries.
 pub enum Msg {
     Write(Box<dyn Queued>),
+    /// Another control plane committed to the shared database: a round, to
+    /// read its batches (and publish their routing changes) now.
+    CatchUp,
     /// Finish what is queued before this, then stop.
     Stop,
 }
@@ -496,6 +504,12 @@ impl Writer {
     /// Asks the writer to stop after what is already queued.
     pub async fn stop(&self) {
         let _ = self.tx.send(Msg::Stop).await;
+    }
+
+    /// Wakes the writer for a round (a shared database changed). A full
+    /// queue means a round is coming anyway.
+    pub fn catch_up(&self) {
+        let _ = self.tx.try_send(Msg::CatchUp);
     }
 
     /// [`Writer::stop`] without waiting for room in the queue.

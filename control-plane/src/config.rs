@@ -78,6 +78,11 @@ pub struct RawStore {
     /// `postgres`: a file holding the password (its first line).
     #[serde(default)]
     pub password_file: Option<PathBuf>,
+    /// `postgres`: several control planes share this database (experimental:
+    /// each one's writer takes the database's commit lock per batch and
+    /// replays the others' batches; see control-plane/README.md).
+    #[serde(default)]
+    pub shared: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -102,6 +107,8 @@ pub struct PostgresConfig {
     /// The URL as configured; it never holds a password (refused at load).
     pub url: String,
     pub password: PasswordSource,
+    /// Several control planes write this database (`store.shared`).
+    pub shared: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -171,6 +178,7 @@ impl StoreConfig {
                 only("url", store.url.is_some(), "sqlite")?;
                 only("password_env", store.password_env.is_some(), "sqlite")?;
                 only("password_file", store.password_file.is_some(), "sqlite")?;
+                only("shared", store.shared, "sqlite")?;
                 match &store.path {
                     Some(p) if !p.as_os_str().is_empty() => {
                         Ok(StoreConfig::Sqlite { path: relative(p) })
@@ -211,7 +219,11 @@ impl StoreConfig {
                     (None, Some(file)) => PasswordSource::File(relative(file)),
                     (None, None) => PasswordSource::None,
                 };
-                Ok(StoreConfig::Postgres(PostgresConfig { url, password }))
+                Ok(StoreConfig::Postgres(PostgresConfig {
+                    url,
+                    password,
+                    shared: store.shared,
+                }))
             }
         }
     }

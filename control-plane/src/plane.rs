@@ -104,6 +104,8 @@ impl ControlPlane {
         let core = Arc::new(core);
         core.expiry.push(leaving);
         core.leases.push(leases);
+        // A shared database: woken when another control plane commits.
+        let foreign_commits = store.foreign_commits();
         let (tx, rx) = mpsc::channel(65_536);
         let writer = Writer::new(tx, core.writer_failure.subscribe());
         let writer_core = core.clone();
@@ -116,6 +118,14 @@ impl ControlPlane {
             writer,
         };
         let mut tasks = JoinSet::new();
+        if let Some(mut woken) = foreign_commits {
+            let writer = plane.writer.clone();
+            tasks.spawn(async move {
+                while woken.recv().await.is_some() {
+                    writer.catch_up();
+                }
+            });
+        }
         for pool in 0..pools {
             tasks.spawn(crate::allocator::run_pool(plane.clone(), pool));
         }

@@ -1512,6 +1512,8 @@ impl Registry {
                     c.confirmed_ms = Some(*at_ms);
                 }
             }
+            // The writer publishes these (`writer.rs`); nothing in here.
+            Op::Published(_) => {}
             Op::PutReplica(row) => {
                 let &m = self
                     .manager_idx

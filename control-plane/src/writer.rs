@@ -10,7 +10,7 @@ use crate::batch::Batch;
 use crate::command::{Msg, Queued, Refusal};
 use crate::registry::Registry;
 use crate::state::Core;
-use crate::store::{Op, Store};
+use crate::store::{Foreign, Op, Published, Store};
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
@@ -58,6 +58,7 @@ pub fn run(core: Arc<Core>, store: Box<dyn Store>, mut rx: mpsc::Receiver<Msg>) 
         for msg in std::iter::once(first).chain(std::iter::from_fn(|| rx.try_recv().ok())) {
             match msg {
                 Msg::Write(q) => w.queued.push_back(q),
+                Msg::CatchUp => {}
                 Msg::Stop => stop = true,
             }
             if stop || w.queued.len() >= max_batch {
@@ -107,6 +108,34 @@ impl WriterLoop {
             }
             return;
         }
+        // A shared database: the commit lock for this round, and what the
+        // other control planes committed since the last one, applied first.
+        let foreign = match self.store.begin() {
+            Ok(f) => f,
+            Err(e) => {
+                let refusal = Refusal::Storage(format!(
+                    "the database cannot be read ({e:#}); nothing was changed, retry later"
+                ));
+                for q in self.queued.drain(..) {
+                    q.refuse(refusal.clone());
+                }
+                return;
+            }
+        };
+        if !foreign.is_empty() {
+            if let Err(why) = self.apply_foreign(foreign) {
+                tracing::error!(error = %why, "another control plane's batch does not apply here; reloading state from the store");
+                self.stale = Some(why);
+                let _ = self.store.commit(&[]);
+                let refusal = Refusal::Storage(
+                    "this control plane is reloading its state; nothing was changed, retry".into(),
+                );
+                for q in self.queued.drain(..) {
+                    q.refuse(refusal.clone());
+                }
+                return;
+            }
+        }
         self.batch.begin(crate::now_ms());
         self.batch.counts.commands = self.queued.len() as u64;
         {
@@ -130,6 +159,16 @@ impl WriterLoop {
                 key: "version".into(),
                 value: version.to_string(),
             });
+            // For other control planes on a shared database (the others ignore it).
+            let managers = self
+                .batch
+                .managers_changed
+                .then(|| self.core.registry().manager_routes());
+            self.batch.ops.push(Op::Published(Published {
+                version,
+                changes: self.batch.changes.clone(),
+                managers,
+            }));
         }
         let started = std::time::Instant::now();
         match self.store.commit(&self.batch.ops) {
@@ -154,6 +193,34 @@ impl WriterLoop {
                 ))));
             }
         }
+    }
+
+    /// Another control plane's batches: their routing changes are published
+    /// here at their versions, their ops replayed on the registry.
+    fn apply_foreign(&mut self, foreign: Vec<Foreign>) -> Result<(), String> {
+        for f in &foreign {
+            if let Some(p) = f.published() {
+                // A reload keeps its place in the log: what it already
+                // published is skipped.
+                if p.version > self.version {
+                    self.core
+                        .routes
+                        .publish(p.version, p.changes.clone(), p.managers.clone());
+                    self.version = p.version;
+                }
+            }
+        }
+        {
+            let now = crate::now_ms();
+            let mut reg = self.core.registry();
+            for f in &foreign {
+                reg.apply(&f.ops, now).map_err(|e| format!("{e:#}"))?;
+            }
+            self.persisted_next_id = reg.next_resource_id;
+        }
+        // Their sign-ups took from the pools.
+        self.core.pool_notify.iter().for_each(|n| n.notify_one());
+        Ok(())
     }
 
     /// Makes a committed batch visible: routes, pool wake-ups, expiry, copies.

@@ -483,11 +483,15 @@ fn test(extra: &[String]) -> Result<(), String> {
     let mut tests = run(runner(&["--workspace"]).args(extra).envs(envs.clone()));
     if extra.is_empty() {
         // The control plane's suite again, every test on the PostgreSQL store
-        // (but those about SQLite itself).
+        // (but those about SQLite itself, and those that use the server
+        // directly and ran in the first pass).
         eprintln!("xtask: the control plane's suite on PostgreSQL");
         let mut args = vec!["--package", "prealloc-control-plane", "--test", "it"];
         if nextest {
-            args.extend(["-E", "not test(/sqlite/)"]);
+            args.extend([
+                "-E",
+                "not (test(/sqlite/) or test(/^shared::/) or test(/^store_parity::/))",
+            ]);
         }
         let pg = run(runner(&args)
             .envs(envs.clone())

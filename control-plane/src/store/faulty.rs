@@ -79,6 +79,14 @@ impl<S: Store> Store for FaultyStore<S> {
         self.inner.reader()
     }
 
+    fn begin(&mut self) -> anyhow::Result<Vec<super::Foreign>> {
+        self.inner.begin()
+    }
+
+    fn foreign_commits(&mut self) -> Option<tokio::sync::mpsc::UnboundedReceiver<()>> {
+        self.inner.foreign_commits()
+    }
+
     fn commit(&mut self, ops: &[Op]) -> anyhow::Result<()> {
         if self.faults.panic_on_commit.load(Ordering::SeqCst) {
             panic!("injected panic in commit ({} ops)", ops.len());

@@ -15,6 +15,8 @@ pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 use crate::config::StoreConfig;
+use prealloc_wire::{ConsumerId, ManagerRoute, RouteEntry};
+use serde::{Deserialize, Serialize};
 
 /// Opens the configured store for the server: created and migrated if needed.
 pub fn open(config: &StoreConfig) -> anyhow::Result<Box<dyn Store>> {
@@ -33,7 +35,8 @@ pub fn open_read_only(config: &StoreConfig) -> anyhow::Result<Box<dyn Store>> {
 }
 
 /// Where a resource is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ResourceState {
     /// Capacity reserved on its manager; the manager is being asked to provision it.
     Provisioning,
@@ -63,7 +66,7 @@ impl ResourceState {
 }
 
 /// A resource row.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResourceRow {
     pub id: u64,
     pub resource_type: String,
@@ -90,15 +93,16 @@ pub struct ConsumerRow {
 }
 
 /// One confirmed copy of a consumer's data, keyed by the consumer's resource.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplicaRow {
     pub resource: u64,
     pub manager: String,
     pub at_ms: u64,
 }
 
-/// One durable change. A batch of them is committed atomically.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One durable change. A batch of them is committed atomically. (Serialized
+/// in the batch log of a database several control planes share.)
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
     SetMeta {
         key: String,
@@ -138,6 +142,36 @@ pub enum Op {
         at_ms: u64,
     },
     PutReplica(ReplicaRow),
+    /// The routing-table changes the batch publishes, at its version: kept
+    /// only where several control planes share the database (the others
+    /// publish them as they are); a store one control plane writes ignores it.
+    Published(Published),
+}
+
+/// Routing-table changes as one batch published them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Published {
+    pub version: u64,
+    /// In order; `None` removes the consumer.
+    pub changes: Vec<(ConsumerId, Option<RouteEntry>)>,
+    /// The whole manager list, when it changed.
+    pub managers: Option<Vec<ManagerRoute>>,
+}
+
+/// A batch another control plane committed to a shared database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Foreign {
+    pub ops: Vec<Op>,
+}
+
+impl Foreign {
+    /// The routing-table changes it published, if any.
+    pub fn published(&self) -> Option<&Published> {
+        self.ops.iter().find_map(|op| match op {
+            Op::Published(p) => Some(p),
+            _ => None,
+        })
+    }
 }
 
 /// Whether a consumer is settled: registered, confirmed, and out of the route
@@ -233,6 +267,18 @@ pub trait Store: StoreRead + 'static {
     fn commit(&mut self, ops: &[Op]) -> anyhow::Result<()>;
     /// A second handle for reads beside the writer (the API's lookups).
     fn reader(&self) -> anyhow::Result<Box<dyn StoreRead>>;
+    /// Starts a writer round on a database several control planes share:
+    /// takes its commit lock (held until the next `commit`) and returns the
+    /// batches the others committed since this store last looked, in order.
+    /// A store one control plane writes returns nothing.
+    fn begin(&mut self) -> anyhow::Result<Vec<Foreign>> {
+        Ok(Vec::new())
+    }
+    /// Wakes the writer when another control plane committed (a shared
+    /// database); `None` where no one else writes.
+    fn foreign_commits(&mut self) -> Option<tokio::sync::mpsc::UnboundedReceiver<()>> {
+        None
+    }
 }
 
 impl StoreRead for Box<dyn Store> {
@@ -256,5 +302,13 @@ impl Store for Box<dyn Store> {
 
     fn reader(&self) -> anyhow::Result<Box<dyn StoreRead>> {
         (**self).reader()
+    }
+
+    fn begin(&mut self) -> anyhow::Result<Vec<Foreign>> {
+        (**self).begin()
+    }
+
+    fn foreign_commits(&mut self) -> Option<tokio::sync::mpsc::UnboundedReceiver<()>> {
+        (**self).foreign_commits()
     }
 }

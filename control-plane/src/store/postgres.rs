@@ -14,13 +14,22 @@
 //! the batch, `503 storage_failed` with `Retry-After`) and is opened again
 //! by the next call: nothing to do when PostgreSQL restarts.
 //!
-//! One control plane writes a database at a time: the writer's connection
-//! holds a session advisory lock, and a second instance is refused at start
-//! with a clear error (several instances are not supported yet).
+//! One control plane writes a database at a time, unless `store.shared`: the
+//! writer's connection holds a session advisory lock, and a second instance
+//! is refused at start with a clear error.
+//!
+//! Shared (several control planes on one database, experimental): each
+//! writer round takes the database's commit lock (a transaction advisory
+//! lock, so rounds of every instance run one after the other), reads the
+//! batches the others committed since its last (`batches`, in `seq` order,
+//! each with its ops and the routing changes it published), and commits its
+//! own batch with the next `seq` and a `NOTIFY`. Route versions thus come
+//! from one ordered sequence, and a listener connection wakes the writer
+//! when another instance committed, so idle instances catch up at once.
 
 use super::{
-    settled, ConsumerRow, LoadWindow, Op, ReplicaRow, ResourceRow, ResourceState, SettledCount,
-    Snapshot, Store, StoreRead, StoredConsumer,
+    settled, ConsumerRow, Foreign, LoadWindow, Op, ReplicaRow, ResourceRow, ResourceState,
+    SettledCount, Snapshot, Store, StoreRead, StoredConsumer,
 };
 use crate::config::{PasswordSource, PostgresConfig};
 use anyhow::{anyhow, bail, Context};
@@ -32,9 +41,10 @@ use tokio_postgres::{Client, NoTls, Row, Statement};
 /// Schema migrations, applied in order; `prealloc_migrations` records which ran.
 /// The tables mirror the SQLite store's (see `sqlite.rs` for why consumers
 /// live in their resource's row).
-const MIGRATIONS: &[(&str, &str)] = &[(
-    "0001_initial",
-    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+const MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "0001_initial",
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
      CREATE TABLE manager_availability (
          manager TEXT PRIMARY KEY, availability TEXT NOT NULL);
      CREATE TABLE resources (
@@ -54,15 +64,31 @@ const MIGRATIONS: &[(&str, &str)] = &[(
          manager TEXT NOT NULL,
          at_ms BIGINT NOT NULL,
          PRIMARY KEY (resource, manager));",
-)];
+    ),
+    (
+        "0002_batch_log",
+        // Shared databases: every batch, in commit order (`seq` is taken
+        // under the commit lock), with its ops as JSON.
+        "CREATE TABLE batches (
+             seq BIGINT PRIMARY KEY,
+             instance TEXT NOT NULL,
+             at_ms BIGINT NOT NULL,
+             ops TEXT NOT NULL);",
+    ),
+];
 
 /// The columns of a resource row, in the order [`read_row`] reads them.
 const RESOURCE_COLUMNS: &str = "id, resource_type, name, location, manager, state, consumer,
     created_ms, consumer_created_ms, registered_ms, confirmed_ms";
 
-/// Advisory lock keys ("prealloc" and "prealloM" in ASCII).
+/// Advisory lock keys ("prealloc", "prealloM" and "prealloC" in ASCII).
 const WRITER_LOCK: i64 = 0x7072_6561_6c6c_6f63;
 const MIGRATION_LOCK: i64 = 0x7072_6561_6c6c_6f4d;
+const COMMIT_LOCK: i64 = 0x7072_6561_6c6c_6f43;
+
+/// The channel a shared database's commits are announced on (payload: the
+/// committing instance).
+const CHANNEL: &str = "prealloc_batches";
 
 /// How long opening a connection may take before the call fails.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -94,6 +120,8 @@ enum Request {
     Consumer(String, u64, Reply<Option<StoredConsumer>>),
     ConsumerIds(bool, usize, Reply<Vec<String>>),
     Migrations(Reply<Vec<String>>),
+    Begin(Reply<Vec<Foreign>>),
+    ForeignCommits(Reply<tokio::sync::mpsc::UnboundedReceiver<()>>),
 }
 
 impl PostgresStore {
@@ -117,6 +145,10 @@ impl PostgresStore {
             target,
             password: config.password.clone(),
             role,
+            shared: config.shared,
+            instance: format!("{:016x}", rand::random::<u64>()),
+            seq: None,
+            in_txn: false,
             client: None,
             statements: HashMap::new(),
         };
@@ -191,7 +223,8 @@ impl Store for PostgresStore {
     }
 
     fn commit(&mut self, ops: &[Op]) -> anyhow::Result<()> {
-        if ops.is_empty() {
+        // Shared: an empty round still ends its transaction (the commit lock).
+        if ops.is_empty() && !self.config.shared {
             return Ok(());
         }
         if self.role != Role::Writer {
@@ -208,6 +241,26 @@ impl Store for PostgresStore {
         };
         Ok(Box::new(PostgresStore::start(&self.config, role)?))
     }
+
+    fn begin(&mut self) -> anyhow::Result<Vec<Foreign>> {
+        if !self.config.shared {
+            return Ok(Vec::new());
+        }
+        self.call(Request::Begin)
+    }
+
+    fn foreign_commits(&mut self) -> Option<tokio::sync::mpsc::UnboundedReceiver<()>> {
+        if !self.config.shared || self.role != Role::Writer {
+            return None;
+        }
+        match self.call(Request::ForeignCommits) {
+            Ok(rx) => Some(rx),
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "cannot listen for other control planes' commits");
+                None
+            }
+        }
+    }
 }
 
 /// The connection side, on the handle's own thread.
@@ -215,6 +268,14 @@ struct Session {
     target: tokio_postgres::Config,
     password: PasswordSource,
     role: Role,
+    /// Several control planes write this database.
+    shared: bool,
+    /// This process, in the batch log and its notifications.
+    instance: String,
+    /// Shared: the last batch this store's state includes (`None` before the first load).
+    seq: Option<u64>,
+    /// Shared: a round's transaction (and the commit lock) is open.
+    in_txn: bool,
     client: Option<Client>,
     /// Prepared statements of the current connection, by SQL text.
     statements: HashMap<&'static str, Statement>,
@@ -246,6 +307,14 @@ impl Session {
                     let r = self.migrations().await;
                     self.answer(reply, r);
                 }
+                Request::Begin(reply) => {
+                    let r = self.begin().await;
+                    self.answer(reply, r);
+                }
+                Request::ForeignCommits(reply) => {
+                    let r = self.foreign_commits();
+                    self.answer(reply, r);
+                }
             }
         }
     }
@@ -256,6 +325,7 @@ impl Session {
         if result.is_err() && self.client.as_ref().is_some_and(|c| c.is_closed()) {
             self.client = None;
             self.statements.clear();
+            self.in_txn = false;
         }
         let _ = reply.send(result);
     }
@@ -282,6 +352,7 @@ impl Session {
         if self.client.as_ref().is_some_and(|c| c.is_closed()) {
             self.client = None;
             self.statements.clear();
+            self.in_txn = false;
         }
         if self.client.is_none() {
             let client = self.connect().await?;
@@ -292,7 +363,8 @@ impl Session {
             .ok_or_else(|| anyhow!("no PostgreSQL connection"))
     }
 
-    async fn connect(&self) -> anyhow::Result<Client> {
+    /// The connection settings with the password, read now.
+    fn connect_config(&self) -> anyhow::Result<tokio_postgres::Config> {
         let mut config = self.target.clone();
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
@@ -315,6 +387,11 @@ impl Session {
                 config.password(text.lines().next().unwrap_or(""));
             }
         }
+        Ok(config)
+    }
+
+    async fn connect(&self) -> anyhow::Result<Client> {
+        let config = self.connect_config()?;
         let target = self.target();
         let (client, connection) = config
             .connect(NoTls)
@@ -326,6 +403,7 @@ impl Session {
             }
         });
         match self.role {
+            Role::Writer if self.shared => migrate(&client).await?,
             Role::Writer => {
                 migrate(&client).await?;
                 let locked: bool = client
@@ -370,6 +448,70 @@ impl Session {
         let s = self.client().await?.prepare(sql).await?;
         self.statements.insert(sql, s.clone());
         Ok(s)
+    }
+
+    /// Shared: ends a round's transaction left open (a failed round).
+    async fn end_open_round(&mut self) {
+        if self.in_txn {
+            self.in_txn = false;
+            if let Some(c) = &self.client {
+                let _ = c.batch_execute("ROLLBACK").await;
+            }
+        }
+    }
+
+    /// Shared: opens the round's transaction, takes the commit lock, and
+    /// reads the batches committed since this store's last.
+    async fn begin(&mut self) -> anyhow::Result<Vec<Foreign>> {
+        self.end_open_round().await;
+        let after = i64::try_from(self.seq.unwrap_or(0)).unwrap_or(i64::MAX);
+        let client = self.client().await?;
+        client.batch_execute("BEGIN").await?;
+        let read = async {
+            client
+                .execute("SELECT pg_advisory_xact_lock($1)", &[&COMMIT_LOCK])
+                .await?;
+            let rows = client
+                .query(
+                    "SELECT seq, ops FROM batches WHERE seq > $1 ORDER BY seq",
+                    &[&after],
+                )
+                .await?;
+            let mut out = Vec::with_capacity(rows.len());
+            let mut last = None;
+            for r in &rows {
+                let seq: i64 = r.try_get(0)?;
+                let text: String = r.try_get(1)?;
+                let ops: Vec<Op> = serde_json::from_str(&text)
+                    .with_context(|| format!("batch {seq} in the database is not readable"))?;
+                out.push(Foreign { ops });
+                last = Some(seq as u64);
+            }
+            anyhow::Ok((out, last))
+        }
+        .await;
+        match read {
+            Ok((out, last)) => {
+                self.in_txn = true;
+                if let Some(last) = last {
+                    self.seq = Some(last);
+                }
+                Ok(out)
+            }
+            Err(e) => {
+                let _ = client.batch_execute("ROLLBACK").await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Shared: a receiver woken whenever another instance commits (and once
+    /// after each (re)connection of the listener, for what it may have missed).
+    fn foreign_commits(&mut self) -> anyhow::Result<tokio::sync::mpsc::UnboundedReceiver<()>> {
+        let config = self.connect_config()?;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(listen(config, self.instance.clone(), self.target(), tx));
+        Ok(rx)
     }
 
     async fn migrations(&mut self) -> anyhow::Result<Vec<String>> {
@@ -448,7 +590,34 @@ impl Session {
     }
 
     async fn load(&mut self, window: LoadWindow) -> anyhow::Result<Snapshot> {
+        self.end_open_round().await;
+        // One snapshot of the database, the batch log's end included.
+        self.client()
+            .await?
+            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await?;
+        let loaded = self.load_in_transaction(window).await;
+        let end = match &self.client {
+            Some(c) => c.batch_execute("COMMIT").await,
+            None => Ok(()),
+        };
+        let (snap, last) = loaded?;
+        end?;
+        // The first load starts the catch-up at the log's end; a reload keeps
+        // its place, so the batches since are replayed (`Registry::apply` is
+        // idempotent) and their routing changes published.
+        if self.seq.is_none() {
+            self.seq = Some(last);
+        }
+        Ok(snap)
+    }
+
+    async fn load_in_transaction(&mut self, window: LoadWindow) -> anyhow::Result<(Snapshot, u64)> {
         let client = self.client().await?;
+        let last: i64 = client
+            .query_one("SELECT coalesce(max(seq), 0) FROM batches", &[])
+            .await?
+            .try_get(0)?;
         let pairs = |rows: Vec<Row>| -> Vec<(String, String)> {
             rows.iter().map(|r| (r.get(0), r.get(1))).collect()
         };
@@ -538,10 +707,13 @@ impl Session {
         snap.consumers.sort_by_key(|c| c.resource);
         let loaded: Vec<u64> = snap.consumers.iter().map(|c| c.resource).collect();
         snap.replicas = self.replicas_of(&loaded).await?;
-        Ok(snap)
+        Ok((snap, last as u64))
     }
 
     async fn commit(&mut self, ops: &[Op]) -> anyhow::Result<()> {
+        if self.shared {
+            return self.commit_shared(ops).await;
+        }
         let statements = batched(ops);
         let mut prepared = Vec::with_capacity(statements.len());
         for st in statements {
@@ -561,15 +733,139 @@ impl Session {
             let n = result?;
             if let Some((rows, what)) = &s.expect {
                 if n != *rows {
-                    bail!(
-                        "{} of {rows} resources of this batch's {what} are missing from the database",
-                        rows - n.min(*rows)
-                    );
+                    bail!("{} of the batch's {rows} {what}", rows - n.min(*rows));
                 }
             }
         }
         tx.commit().await.context("commit failed")?;
         Ok(())
+    }
+}
+
+impl Session {
+    /// Shared: the round's batch, its log row and its notification, in the
+    /// transaction `begin` opened (which holds the commit lock).
+    async fn commit_shared(&mut self, ops: &[Op]) -> anyhow::Result<()> {
+        if !self.in_txn {
+            let unseen = self.begin().await?;
+            if !unseen.is_empty() {
+                self.end_open_round().await;
+                bail!("other control planes committed since this one read the database; retry");
+            }
+        }
+        let result = self.commit_in_round(ops).await;
+        if result.is_err() {
+            self.end_open_round().await;
+        }
+        result
+    }
+
+    async fn commit_in_round(&mut self, ops: &[Op]) -> anyhow::Result<()> {
+        let client_closed = || anyhow!("no PostgreSQL connection");
+        if ops.is_empty() {
+            self.in_txn = false;
+            self.client
+                .as_ref()
+                .ok_or_else(client_closed)?
+                .batch_execute("COMMIT")
+                .await?;
+            return Ok(());
+        }
+        let seq = self.seq.unwrap_or(0) + 1;
+        let mut statements = batched(ops);
+        statements.push(Stmt {
+            sql: "INSERT INTO batches (seq, instance, at_ms, ops) VALUES ($1, $2, $3, $4)",
+            params: vec![
+                p(to_i64(seq)),
+                p(self.instance.clone()),
+                p(to_i64(crate::now_ms())),
+                p(serde_json::to_string(ops)?),
+            ],
+            expect: None,
+        });
+        statements.push(Stmt {
+            sql: "SELECT pg_notify($1, $2)",
+            params: vec![p(CHANNEL), p(self.instance.clone())],
+            expect: None,
+        });
+        let mut prepared = Vec::with_capacity(statements.len());
+        for st in statements {
+            prepared.push((self.statement(st.sql).await?, st));
+        }
+        let client = self.client.as_ref().ok_or_else(client_closed)?;
+        let results = futures_util::future::join_all(prepared.iter().map(|(st, s)| {
+            client.execute_raw(st, s.params.iter().map(|p| &**p as &(dyn ToSql + Sync)))
+        }))
+        .await;
+        for (result, (_, s)) in results.into_iter().zip(&prepared) {
+            let n = result?;
+            if let Some((rows, what)) = &s.expect {
+                if n != *rows {
+                    bail!("{} of the batch's {rows} {what}", rows - n.min(*rows));
+                }
+            }
+        }
+        client
+            .batch_execute("COMMIT")
+            .await
+            .context("commit failed")?;
+        self.in_txn = false;
+        self.seq = Some(seq);
+        Ok(())
+    }
+}
+
+/// Shared: listens for other instances' commits on its own connection and
+/// wakes the writer; reconnects (and wakes it, for what it may have missed)
+/// when the connection is lost. Ends when the writer is gone.
+async fn listen(
+    config: tokio_postgres::Config,
+    instance: String,
+    target: String,
+    wake: tokio::sync::mpsc::UnboundedSender<()>,
+) {
+    use futures_util::StreamExt;
+    loop {
+        match config.connect(NoTls).await {
+            Ok((client, mut connection)) => {
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+                let driver = tokio::spawn(async move {
+                    let mut messages =
+                        futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+                    while let Some(Ok(m)) = messages.next().await {
+                        if let tokio_postgres::AsyncMessage::Notification(n) = m {
+                            if tx.send(n.payload().to_owned()).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                });
+                match client.batch_execute(&format!("LISTEN {CHANNEL}")).await {
+                    Ok(()) => {
+                        if wake.send(()).is_err() {
+                            return;
+                        }
+                        while let Some(from) = rx.recv().await {
+                            if from != instance && wake.send(()).is_err() {
+                                driver.abort();
+                                return;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(%target, error = %e, "cannot LISTEN for other control planes' commits; retrying")
+                    }
+                }
+                driver.abort();
+            }
+            Err(e) => {
+                tracing::warn!(%target, error = %e, "cannot connect to listen for other control planes' commits; retrying")
+            }
+        }
+        if wake.is_closed() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -601,6 +897,7 @@ fn keys(op: &Op) -> Vec<Key> {
         | Op::Confirm { resource, .. } => vec![Key::Resource(*resource)],
         Op::Unassign { resource } => vec![Key::Resource(*resource), Key::Replicas(*resource)],
         Op::PutReplica(r) => vec![Key::Replicas(r.resource)],
+        Op::Published(_) => Vec::new(),
     }
 }
 
@@ -681,6 +978,8 @@ impl Segment {
                 p.6.push(r.consumer.clone());
                 p.7.push(to_i64(r.created_ms));
             }
+            // In the batch log row (`Session::commit`), not a table of its own.
+            Op::Published(_) => {}
             Op::SetMeta { key, value } => self.single(
                 "INSERT INTO meta (key, value) VALUES ($1, $2)
                  ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -751,7 +1050,10 @@ impl Segment {
                 sql: "UPDATE resources SET state = v.state, consumer = v.consumer
                       FROM unnest($1::bigint[], $2::text[], $3::text[]) AS v(id, state, consumer)
                       WHERE resources.id = v.id",
-                expect: Some((n(&s.0), "state changes")),
+                expect: Some((
+                    n(&s.0),
+                    "state changes name a resource missing from the database",
+                )),
                 params: vec![p(s.0), p(s.1), p(s.2)],
             });
         }
@@ -763,8 +1065,13 @@ impl Segment {
                           confirmed_ms = NULL
                       FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bigint[])
                           AS v(id, consumer, created_ms, registered_ms)
-                      WHERE resources.id = v.id",
-                expect: Some((n(&a.0), "registrations")),
+                      WHERE resources.id = v.id AND resources.state = 'ready'",
+                // A resource is handed out only if it is ready in the
+                // database, whatever this process believes.
+                expect: Some((
+                    n(&a.0),
+                    "registrations take a resource that is not ready in the database (missing, or handed out already)",
+                )),
                 params: vec![p(a.0), p(a.1), p(a.2), p(a.3)],
             });
         }

@@ -501,7 +501,7 @@ impl Store for SqliteStore {
                         .prepare_cached(
                             "UPDATE resources SET state = 'assigned', consumer = ?2,
                              consumer_created_ms = ?3, registered_ms = ?4, confirmed_ms = NULL
-                             WHERE id = ?1",
+                             WHERE id = ?1 AND state = 'ready'",
                         )?
                         .execute(params![
                             to_i64(*resource),
@@ -510,7 +510,9 @@ impl Store for SqliteStore {
                             registered_ms.map(to_i64)
                         ])?;
                     if n != 1 {
-                        return Err(anyhow!("resource {resource} is missing from the database"));
+                        return Err(anyhow!(
+                            "resource {resource} is not ready in the database (missing, or handed out already)"
+                        ));
                     }
                 }
                 Op::Unassign { resource } => {
@@ -534,6 +536,8 @@ impl Store for SqliteStore {
                     tx.prepare_cached("UPDATE resources SET confirmed_ms = ?2 WHERE id = ?1")?
                         .execute(params![to_i64(*resource), to_i64(*at_ms)])?;
                 }
+                // One control plane writes a SQLite file: nobody reads a log.
+                Op::Published(_) => {}
                 Op::PutReplica(r) => {
                     tx.prepare_cached(
                         "INSERT OR IGNORE INTO replicas (resource, manager, at_ms) VALUES (?1, ?2, ?3)",

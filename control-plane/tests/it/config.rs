@@ -227,6 +227,7 @@ fn a_postgres_store_is_chosen_in_a_store_table_with_its_password_from_the_enviro
         StoreConfig::Postgres(PostgresConfig {
             url: url.into(),
             password: PasswordSource::Env("PREALLOC_PG_PASSWORD".into()),
+            shared: false,
         })
     );
     assert_eq!(c.store.to_string(), format!("postgres {url}"));
@@ -243,6 +244,7 @@ fn a_postgres_store_is_chosen_in_a_store_table_with_its_password_from_the_enviro
         StoreConfig::Postgres(PostgresConfig {
             url: url.into(),
             password: PasswordSource::File("/etc/prealloc/secrets/pg".into()),
+            shared: false,
         })
     );
     // `[store]` with kind = "sqlite" is the long form of `database`.

@@ -16,6 +16,7 @@ mod route_window;
 mod routes;
 mod routes_props;
 mod settled;
+mod shared;
 mod socket;
 mod status;
 mod storage_faults;

@@ -3,8 +3,7 @@
 //! leave both with the same state, as every read of the seam sees it.
 //!
 //! Runs in the default (SQLite) pass, against the run's PostgreSQL server
-//! (`PREALLOC_TEST_PG_URL`); the name says `sqlite`, so the PostgreSQL pass
-//! does not run it twice.
+//! (`PREALLOC_TEST_PG_URL`); the PostgreSQL pass leaves it out.
 
 use crate::support::{pg_admin, PgDb};
 use prealloc_control_plane::config::{PasswordSource, PostgresConfig};
@@ -124,6 +123,7 @@ fn postgres_and_sqlite_stores_agree_on_every_read_after_the_same_batches() {
         PostgresStore::open(&PostgresConfig {
             url: db.url.clone(),
             password: PasswordSource::None,
+            shared: false,
         })
         .expect("the PostgreSQL store opens"),
     );

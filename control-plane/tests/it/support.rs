@@ -91,7 +91,8 @@ impl Setup {
         )
     }
 
-    fn toml_without_store(&self) -> String {
+    /// The config text without its store (`database` or `[store]`).
+    pub fn toml_without_store(&self) -> String {
         let mut s = format!(
             "listen = \"127.0.0.1:0\"\ngrace_period_ms = {}\n{}\n\
              [tokens]\nenvoy = \"{ENVOY}\"\nadmin = \"{ADMIN}\"\n\
