@@ -93,6 +93,8 @@ pub struct ControlPlaneConfig {
     /// A PostgreSQL URL: the state lives there (`[store] kind = "postgres"`)
     /// instead of the SQLite file in the temp dir.
     pub postgres_url: Option<String>,
+    /// With `postgres_url`: several control planes share the database (`store.shared`).
+    pub postgres_shared: bool,
 }
 
 impl ControlPlaneConfig {
@@ -111,6 +113,7 @@ impl ControlPlaneConfig {
             extra_toml: String::new(),
             log_level: None,
             postgres_url: None,
+            postgres_shared: false,
         }
     }
 
@@ -128,6 +131,9 @@ impl ControlPlaneConfig {
                 let mut store = toml::Table::new();
                 store.insert("kind".into(), s("postgres"));
                 store.insert("url".into(), s(url));
+                if self.postgres_shared {
+                    store.insert("shared".into(), Value::Boolean(true));
+                }
                 root.insert("store".into(), Value::Table(store));
             }
         }
