@@ -21,6 +21,15 @@ pub async fn run_pool(plane: Plane, pool: usize) {
         if *stop.borrow() {
             return;
         }
+        if !core.on_duty() {
+            // Another control plane on the shared database fills the pools.
+            let mut duties = core.duties.subscribe();
+            tokio::select! {
+                _ = duties.wait_for(|on| *on) => {}
+                _ = stop.changed() => return,
+            }
+            continue;
+        }
         let notified = core.pool_notify[pool].notified();
         let deficit = core.registry().deficit(pool);
         if deficit > 0 {

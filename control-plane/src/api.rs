@@ -340,7 +340,7 @@ impl App {
         match self.plane.writer.failure() {
             None => json(
                 StatusCode::OK,
-                &serde_json::json!({"status": "ok", "epoch": core.routes.epoch(), "version": core.routes.version()}),
+                &serde_json::json!({"status": "ok", "epoch": core.routes.epoch(), "version": core.routes.version(), "duties": core.on_duty()}),
             ),
             Some(why) => json(
                 StatusCode::SERVICE_UNAVAILABLE,

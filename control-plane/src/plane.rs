@@ -101,11 +101,18 @@ impl ControlPlane {
             core.replicate_tx = Some(tx);
             rx
         });
-        let core = Arc::new(core);
-        core.expiry.push(leaving);
-        core.leases.push(leases);
-        // A shared database: woken when another control plane commits.
+        // A shared database: woken when another control plane commits, and
+        // the background duties only while this one holds their lease.
         let foreign_commits = store.foreign_commits();
+        let duty_lease = store.duties();
+        if duty_lease.is_some() {
+            core.duties.send_replace(false);
+        }
+        let core = Arc::new(core);
+        if duty_lease.is_none() {
+            core.expiry.push(leaving);
+            core.leases.push(leases);
+        }
         let (tx, rx) = mpsc::channel(65_536);
         let writer = Writer::new(tx, core.writer_failure.subscribe());
         let writer_core = core.clone();
@@ -129,8 +136,12 @@ impl ControlPlane {
         for pool in 0..pools {
             tasks.spawn(crate::allocator::run_pool(plane.clone(), pool));
         }
-        for (id, manager) in provisioning {
-            tasks.spawn(crate::allocator::provision(plane.clone(), id, manager));
+        if let Some(lease) = duty_lease {
+            tasks.spawn(follow_duties(plane.clone(), lease));
+        } else {
+            for (id, manager) in provisioning {
+                tasks.spawn(crate::allocator::provision(plane.clone(), id, manager));
+            }
         }
         // Consumers that were only waiting for a manager that is down now
         // (retired in the config, or marked down before a restart) settle.
@@ -158,7 +169,7 @@ impl ControlPlane {
         tasks.spawn(crate::expiry::run(plane.clone()));
         tasks.spawn(crate::expiry::run_leases(plane.clone()));
         if let Some(rx) = replicate_rx {
-            if let Some(tx) = &core.replicate_tx {
+            if let (Some(tx), true) = (&core.replicate_tx, core.on_duty()) {
                 for c in registering {
                     let _ = tx.send(c);
                 }
@@ -203,6 +214,47 @@ impl ControlPlane {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
         }
         tracing::info!("control plane stopped");
+    }
+}
+
+/// A shared database: takes the background duties up when this control plane
+/// gets their lease (everything pending, from the state it holds, as a start
+/// does), and drops its deadlines when it loses it (the new holder has them).
+async fn follow_duties(plane: Plane, mut lease: tokio::sync::watch::Receiver<bool>) {
+    let core = plane.core.clone();
+    loop {
+        let held = *lease.borrow_and_update();
+        if held != core.on_duty() {
+            core.duties.send_replace(held);
+            if held {
+                let now = crate::now_ms();
+                let (leaving, leases, registering, provisioning) = {
+                    let reg = core.registry();
+                    let (_, leaving) = reg.route_window(now);
+                    (leaving, reg.leases(), reg.registering(), reg.provisioning())
+                };
+                core.expiry.push(leaving);
+                core.leases.push(leases);
+                if let Some(tx) = &core.replicate_tx {
+                    for c in registering {
+                        let _ = tx.send(c);
+                    }
+                }
+                // Provisioning is idempotent on the id (the manager contract):
+                // what the last holder left in flight is asked for again.
+                for (id, manager) in provisioning {
+                    tokio::spawn(crate::allocator::provision(plane.clone(), id, manager));
+                }
+                core.pool_notify.iter().for_each(|n| n.notify_one());
+            } else {
+                core.expiry.clear();
+                core.leases.clear();
+            }
+        }
+        if lease.changed().await.is_err() {
+            core.duties.send_replace(false);
+            return;
+        }
     }
 }
 

@@ -1538,6 +1538,11 @@ impl Registry {
         Ok(())
     }
 
+    /// The consumer holding this resource, if in memory.
+    pub fn consumer_of(&self, resource: u64) -> Option<ConsumerId> {
+        self.resources.get(&resource)?.consumer.clone()
+    }
+
     /// The consumer held in this resource's row, if in memory.
     fn consumer_of_mut(&mut self, resource: u64) -> Option<&mut Consumer> {
         let id = self.resources.get(&resource)?.consumer.clone()?;

@@ -33,6 +33,11 @@ impl Deadlines {
         self.notify.notify_one();
     }
 
+    /// Forgets every deadline (another control plane keeps them now).
+    pub fn clear(&self) {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
     /// Takes the consumers due at `now_ms`; also says when the next one is due.
     pub fn take_due(&self, now_ms: u64) -> (Vec<ConsumerId>, Option<u64>) {
         let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
@@ -74,6 +79,10 @@ pub struct Core {
     pub stop: watch::Sender<bool>,
     /// Set, with the reason, if the writer thread dies.
     pub writer_failure: watch::Sender<Option<String>>,
+    /// Whether this control plane runs the background duties (pre-allocation,
+    /// expiry, reclaiming, active replication): always, unless several share
+    /// the database, where one holds the duty lease at a time.
+    pub duties: watch::Sender<bool>,
 }
 
 impl Core {
@@ -96,6 +105,7 @@ impl Core {
             provision_permits: tokio::sync::Semaphore::new(permits),
             stop: watch::channel(false).0,
             writer_failure: watch::channel(None).0,
+            duties: watch::channel(true).0,
         }
     }
 
@@ -118,6 +128,11 @@ impl Core {
     ) -> anyhow::Result<Vec<String>> {
         let mut db = self.db.lock().unwrap_or_else(|p| p.into_inner());
         db.consumer_ids(registered_only, limit)
+    }
+
+    /// Whether this control plane runs the background duties now.
+    pub fn on_duty(&self) -> bool {
+        *self.duties.borrow()
     }
 
     /// Replaces the in-memory state (after a failed commit, from the store).

@@ -210,13 +210,42 @@ impl WriterLoop {
                 }
             }
         }
-        {
-            let now = crate::now_ms();
-            let mut reg = self.core.registry();
-            for f in &foreign {
-                reg.apply(&f.ops, now).map_err(|e| format!("{e:#}"))?;
+        let now = crate::now_ms();
+        let mut reg = self.core.registry();
+        for f in &foreign {
+            reg.apply(&f.ops, now).map_err(|e| format!("{e:#}"))?;
+        }
+        self.persisted_next_id = reg.next_resource_id;
+        // The duty holder keeps the deadlines and copies of every consumer,
+        // whoever signed it up.
+        if self.core.on_duty() {
+            let (mut leases, mut leaving, mut copies) = (Vec::new(), Vec::new(), Vec::new());
+            for op in foreign.iter().flat_map(|f| &f.ops) {
+                let resource = match op {
+                    Op::Assign { resource, .. } | Op::SetRegistered { resource, .. } => *resource,
+                    _ => continue,
+                };
+                let Some(c) = reg.consumer_of(resource) else {
+                    continue;
+                };
+                if let Op::Assign { .. } = op {
+                    leases.extend(reg.lease_end(&c).map(|end| (end, c.clone())));
+                }
+                match reg.route_window_end(&c) {
+                    Some(end) => leaving.push((end, c)),
+                    None => copies.push(c),
+                }
             }
-            self.persisted_next_id = reg.next_resource_id;
+            drop(reg);
+            self.core.leases.push(leases);
+            self.core.expiry.push(leaving);
+            if let Some(tx) = &self.core.replicate_tx {
+                for c in copies {
+                    let _ = tx.send(c);
+                }
+            }
+        } else {
+            drop(reg);
         }
         // Their sign-ups took from the pools.
         self.core.pool_notify.iter().for_each(|n| n.notify_one());
@@ -242,6 +271,11 @@ impl WriterLoop {
                     n.notify_one();
                 }
             }
+        }
+        // Deadlines and copies are the duty holder's (always this control
+        // plane, unless several share the database).
+        if !core.on_duty() {
+            return;
         }
         if !b.leaving.is_empty() {
             core.expiry.push(b.leaving.drain(..));

@@ -87,6 +87,10 @@ impl<S: Store> Store for FaultyStore<S> {
         self.inner.foreign_commits()
     }
 
+    fn duties(&mut self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        self.inner.duties()
+    }
+
     fn commit(&mut self, ops: &[Op]) -> anyhow::Result<()> {
         if self.faults.panic_on_commit.load(Ordering::SeqCst) {
             panic!("injected panic in commit ({} ops)", ops.len());

@@ -279,6 +279,13 @@ pub trait Store: StoreRead + 'static {
     fn foreign_commits(&mut self) -> Option<tokio::sync::mpsc::UnboundedReceiver<()>> {
         None
     }
+    /// Whether this control plane runs the fleet's background duties
+    /// (pre-allocation, expiry, reclaiming, active replication) on a shared
+    /// database: true while it holds the database's duty lease, which passes
+    /// to another when it dies. `None`: it always does (nobody else writes).
+    fn duties(&mut self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        None
+    }
 }
 
 impl StoreRead for Box<dyn Store> {
@@ -310,5 +317,9 @@ impl Store for Box<dyn Store> {
 
     fn foreign_commits(&mut self) -> Option<tokio::sync::mpsc::UnboundedReceiver<()>> {
         (**self).foreign_commits()
+    }
+
+    fn duties(&mut self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        (**self).duties()
     }
 }

@@ -85,6 +85,9 @@ const RESOURCE_COLUMNS: &str = "id, resource_type, name, location, manager, stat
 const WRITER_LOCK: i64 = 0x7072_6561_6c6c_6f63;
 const MIGRATION_LOCK: i64 = 0x7072_6561_6c6c_6f4d;
 const COMMIT_LOCK: i64 = 0x7072_6561_6c6c_6f43;
+/// The duty lease of a shared database ("prealloD"): a session lock, so it
+/// passes to another instance when its holder's connection ends.
+const DUTIES_LOCK: i64 = 0x7072_6561_6c6c_6f44;
 
 /// The channel a shared database's commits are announced on (payload: the
 /// committing instance).
@@ -122,6 +125,7 @@ enum Request {
     Migrations(Reply<Vec<String>>),
     Begin(Reply<Vec<Foreign>>),
     ForeignCommits(Reply<tokio::sync::mpsc::UnboundedReceiver<()>>),
+    Duties(Reply<tokio::sync::watch::Receiver<bool>>),
 }
 
 impl PostgresStore {
@@ -261,6 +265,20 @@ impl Store for PostgresStore {
             }
         }
     }
+
+    fn duties(&mut self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        if !self.config.shared || self.role != Role::Writer {
+            return None;
+        }
+        match self.call(Request::Duties) {
+            Ok(rx) => Some(rx),
+            Err(e) => {
+                // Never holding them is safe: another instance does.
+                tracing::error!(error = %format!("{e:#}"), "cannot ask for the duty lease");
+                Some(tokio::sync::watch::channel(false).1)
+            }
+        }
+    }
 }
 
 /// The connection side, on the handle's own thread.
@@ -313,6 +331,10 @@ impl Session {
                 }
                 Request::ForeignCommits(reply) => {
                     let r = self.foreign_commits();
+                    self.answer(reply, r);
+                }
+                Request::Duties(reply) => {
+                    let r = self.duties();
                     self.answer(reply, r);
                 }
             }
@@ -511,6 +533,15 @@ impl Session {
         let config = self.connect_config()?;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(listen(config, self.instance.clone(), self.target(), tx));
+        Ok(rx)
+    }
+
+    /// Shared: whether this instance holds the duty lease, kept by a
+    /// connection of its own that waits for the lock and then holds it.
+    fn duties(&mut self) -> anyhow::Result<tokio::sync::watch::Receiver<bool>> {
+        let config = self.connect_config()?;
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(hold_duties(config, self.target(), tx));
         Ok(rx)
     }
 
@@ -812,6 +843,48 @@ impl Session {
         self.in_txn = false;
         self.seq = Some(seq);
         Ok(())
+    }
+}
+
+/// Shared: waits for the duty lease on a connection of its own (the lock is
+/// granted when the holder's session ends), says so, and holds it until that
+/// connection ends; then tries again. Ends when nobody asks any more.
+async fn hold_duties(
+    config: tokio_postgres::Config,
+    target: String,
+    holding: tokio::sync::watch::Sender<bool>,
+) {
+    loop {
+        match config.connect(NoTls).await {
+            Ok((client, connection)) => {
+                let mut connection = tokio::spawn(connection);
+                let locked = tokio::select! {
+                    r = client.query_one("SELECT pg_advisory_lock($1)", &[&DUTIES_LOCK]) => r.map(|_| ()),
+                    _ = &mut connection => Ok(()),
+                };
+                match locked {
+                    Ok(()) if !connection.is_finished() => {
+                        tracing::info!(%target, "this control plane runs the fleet's background duties now");
+                        holding.send_replace(true);
+                        let _ = connection.await;
+                        holding.send_replace(false);
+                        tracing::warn!(%target, "the duty lease's connection ended; another control plane may take the duties over");
+                    }
+                    Ok(()) => {}
+                    Err(e) => {
+                        tracing::warn!(%target, error = %e, "waiting for the duty lease failed; retrying")
+                    }
+                }
+                drop(client);
+            }
+            Err(e) => {
+                tracing::warn!(%target, error = %e, "cannot connect to wait for the duty lease; retrying")
+            }
+        }
+        if holding.is_closed() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 

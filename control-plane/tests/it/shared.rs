@@ -179,3 +179,72 @@ async fn two_control_planes_on_a_shared_database_hand_each_resource_out_once_and
     drop(b);
     drop(db);
 }
+
+async fn on_duty(p: &Plane) -> bool {
+    let (_, h) = p.call(Method::GET, "/healthz", None, None).await;
+    h["duties"].as_bool().unwrap()
+}
+
+/// One control plane at a time runs the background duties (pre-allocation,
+/// reclaiming unconfirmed registrations, expiry, active copies) for every
+/// consumer, whoever signed it up; when it stops, another takes them over.
+#[tokio::test]
+async fn the_background_duties_run_on_one_control_plane_and_pass_to_another_when_it_stops() {
+    let db = PgDb::create();
+    let setup = Setup {
+        target_depth: 10,
+        extra: "registration_lease_ms = 300".into(),
+        ..Setup::default()
+    };
+    let a = start(shared_config(&setup, &db)).await;
+    a.wait_depth(10).await;
+    let b = start(shared_config(&setup, &db)).await;
+    b.wait_depth(10).await;
+    assert!(
+        on_duty(&a).await,
+        "the first control plane holds the duty lease"
+    );
+    assert!(!on_duty(&b).await);
+
+    // Sign-ups on b, never confirmed: a, on duty, reclaims them and refills.
+    let mut taken = Vec::new();
+    for _ in 0..4 {
+        taken.push(b.register().await["consumer"].as_str().unwrap().to_owned());
+    }
+    for c in &taken {
+        eventually(&format!("{c} reclaimed by the duty holder"), async || {
+            (b.consumer(c).await.0 == StatusCode::NOT_FOUND).then_some(())
+        })
+        .await;
+    }
+    // Their resources are back, beside the ones a refilled the pool with.
+    b.wait_depth(14).await;
+
+    // a stops: b takes the duties over, and does them.
+    let a_db = a.stop().await;
+    drop(a_db);
+    eventually("the duties passed to b", async || {
+        on_duty(&b).await.then_some(())
+    })
+    .await;
+    let c = b.register().await["consumer"].as_str().unwrap().to_owned();
+    eventually("b reclaims its own unconfirmed sign-up", async || {
+        (b.consumer(&c).await.0 == StatusCode::NOT_FOUND).then_some(())
+    })
+    .await;
+    // Confirmed sign-ups keep their resources: b refills the pool.
+    let depth = b.pools().await[0]["depth"].as_u64().unwrap();
+    for _ in 0..depth - 5 {
+        let c = b.register().await["consumer"].as_str().unwrap().to_owned();
+        let (s, v) = b
+            .call(
+                Method::POST,
+                &format!("/v1/registrations/{c}/confirm"),
+                Some(ENVOY),
+                None,
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+    }
+    b.wait_depth(10).await;
+}
