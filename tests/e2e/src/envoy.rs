@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 pub const TEMPLATE: &str = include_str!("../../../envoy/prealloc.yaml.tmpl");
 const MANAGER_BEGIN: &str = "    # BEGIN manager cluster\n";
 const MANAGER_END: &str = "    # END manager cluster\n";
+const CONTROL_PLANE_BEGIN: &str = "              # BEGIN control plane endpoint\n";
+const CONTROL_PLANE_END: &str = "              # END control plane endpoint\n";
 
 /// The workspace root (two levels above this crate).
 pub fn workspace_root() -> PathBuf {
@@ -164,6 +166,9 @@ pub struct EnvoyConfig {
     pub managers: Vec<(String, Endpoint)>,
     pub default_backend: Endpoint,
     pub control_plane: Endpoint,
+    /// More control planes on the same shared database: more endpoints of
+    /// the `prealloc_control_plane` cluster.
+    pub more_control_planes: Vec<Endpoint>,
     /// The filter's plugin configuration, without the `{"filter": ...}` wrapper.
     pub filter: Value,
     /// The poller's plugin configuration, without the `{"poller": ...}` wrapper.
@@ -196,6 +201,7 @@ impl EnvoyConfig {
             managers,
             default_backend,
             control_plane,
+            more_control_planes: Vec::new(),
             filter: json!({
                 "cookie": { "keys": [TEST_COOKIE_KEY], "secure": false },
                 "availability_refresh_ms": 20,
@@ -244,6 +250,23 @@ pub fn render_template(template: &str, cfg: &EnvoyConfig) -> String {
                 .replace("{{MANAGER_PORT}}", &ep.port.to_string()),
         );
     }
+    let tail = match tail.split_once(CONTROL_PLANE_BEGIN) {
+        Some((before, rest)) => {
+            let (endpoint, after) = rest
+                .split_once(CONTROL_PLANE_END)
+                .expect("template has a '# END control plane endpoint' line");
+            let mut endpoints = endpoint.to_owned();
+            for ep in &cfg.more_control_planes {
+                endpoints.push_str(
+                    &endpoint
+                        .replace("{{CONTROL_PLANE_HOST}}", &ep.host)
+                        .replace("{{CONTROL_PLANE_PORT}}", &ep.port.to_string()),
+                );
+            }
+            format!("{before}{endpoints}{after}")
+        }
+        None => panic!("template has no '# BEGIN control plane endpoint' line"),
+    };
     let filter = json!({ "filter": cfg.filter }).to_string();
     let poller = json!({ "poller": cfg.poller }).to_string();
     let out = format!("{head}{clusters}{tail}")

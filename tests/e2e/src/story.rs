@@ -61,6 +61,8 @@ pub struct StackOptions {
     pub control_plane_toml: String,
     /// The control plane keeps its state in this PostgreSQL database (`None`: a SQLite file).
     pub postgres_url: Option<String>,
+    /// Control planes sharing that database (`store.shared` when more than 1).
+    pub control_planes: usize,
     /// Managers `m1..mN` (3: [`MANAGER_IDS`]).
     pub managers: usize,
 }
@@ -87,6 +89,7 @@ impl StackOptions {
             poller: serde_json::Map::new(),
             control_plane_toml: String::new(),
             postgres_url: None,
+            control_planes: 1,
             managers: MANAGER_IDS.len(),
         }
     }
@@ -106,6 +109,10 @@ pub struct Stack {
     envoy_configs: Vec<EnvoyConfig>,
     envoy_options: EnvoyOptions,
     pub cp: ControlPlane,
+    /// More control planes on the same shared PostgreSQL database
+    /// (`StackOptions::control_planes`), also endpoints of every Envoy's
+    /// `prealloc_control_plane` cluster.
+    pub more_cps: Vec<ControlPlane>,
     pub managers: Vec<TestManager>,
     pub default: DefaultBackend,
     pub replication: Replication,
@@ -164,6 +171,16 @@ impl Stack {
         cfg.log_level = opts.control_plane_log.clone();
         cfg.extra_toml = opts.control_plane_toml.clone();
         cfg.postgres_url = opts.postgres_url.clone();
+        if opts.control_planes > 1 {
+            assert!(
+                cfg.postgres_url.is_some(),
+                "several control planes share a PostgreSQL database"
+            );
+            cfg.postgres_shared = true;
+        }
+        let more_cps: Vec<ControlPlane> = (1..opts.control_planes.max(1))
+            .map(|_| ControlPlane::start(cfg.clone()))
+            .collect();
         let cp = ControlPlane::start_on(cfg, ([127, 0, 0, 1], opts.control_plane_port).into());
         let envoy_configs: Vec<EnvoyConfig> = (0..opts.envoys)
             .map(|i| {
@@ -176,6 +193,7 @@ impl Stack {
                     cp.addr().into(),
                 );
                 ec.build = opts.build;
+                ec.more_control_planes = more_cps.iter().map(|c| c.addr().into()).collect();
                 ec.filter["signup"] = json!({
                     "path": SIGNUP_PATH,
                     "token": cp.config().envoy_token,
@@ -203,6 +221,7 @@ impl Stack {
             envoy_configs,
             envoy_options: opts.envoy.clone(),
             cp,
+            more_cps,
             managers,
             default,
             replication: opts.replication,

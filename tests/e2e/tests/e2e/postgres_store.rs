@@ -7,7 +7,7 @@ use prealloc_e2e::client::Client;
 use prealloc_e2e::control_plane::Replication;
 use prealloc_e2e::postgres::Postgres;
 use prealloc_e2e::story::{
-    consumer_cookie, post_signup, run_story, Stack, StackOptions, StoryOptions,
+    consumer_cookie, post_signup, run_story, send_requests, Stack, StackOptions, StoryOptions,
 };
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -177,4 +177,168 @@ fn the_store_password_comes_from_the_environment_or_a_file_and_is_never_printed(
         !e.contains(wrong) && !e.contains(secret),
         "a password was printed: {e}"
     );
+}
+
+/// Three control planes on one shared PostgreSQL database behind one Envoy
+/// (its `prealloc_control_plane` cluster lists all three): sign-ups through
+/// Envoy and replica reports to any instance, the one holding the duty lease
+/// killed with -9 mid-load. Nothing acknowledged is lost, no resource is
+/// handed out twice, sign-ups carry on through the others, and no request
+/// reaches a manager without the consumer's data.
+#[tokio::test]
+async fn three_shared_control_planes_one_killed_mid_load_lose_nothing_acknowledged() {
+    let pg = Postgres::start().unwrap_or_else(|e| panic!("{e}"));
+    let mut opts = StackOptions::new(Replication::Reported);
+    opts.postgres_url = Some(pg.url());
+    opts.control_planes = 3;
+    let mut stack = Stack::start(&opts);
+    let envoy = stack.envoys[0].addr();
+    let urls: Vec<String> = std::iter::once(stack.cp.url())
+        .chain(stack.more_cps.iter().map(|c| c.url()))
+        .collect();
+    let holder = stack.more_cps[0].url();
+    let token = stack.cp.config().admin_token.clone();
+
+    #[derive(Default)]
+    struct Acked {
+        consumers: Vec<(prealloc_wire::ConsumerId, String)>,
+        replicas: Vec<(prealloc_wire::ConsumerId, String)>,
+        after_kill: usize,
+        other: Vec<String>,
+    }
+    let acked = Arc::new(Mutex::new(Acked::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let killed = Arc::new(AtomicBool::new(false));
+    let m2 = stack.manager("m2").holder();
+    let tasks: Vec<_> = (0..4)
+        .map(|k| {
+            let (acked, stop, killed, m2) =
+                (acked.clone(), stop.clone(), killed.clone(), m2.clone());
+            let (urls, token, holder) = (urls.clone(), token.clone(), holder.clone());
+            tokio::spawn(async move {
+                let mut client = Client::new(envoy);
+                let mut n = k;
+                while !stop.load(Ordering::SeqCst) {
+                    let r = match post_signup(&mut client).await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            client = Client::new(envoy);
+                            continue;
+                        }
+                    };
+                    if r.status == 503 {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                    let Ok(Some((value, claims))) = consumer_cookie(&r) else {
+                        acked
+                            .lock()
+                            .unwrap()
+                            .other
+                            .push(format!("{}: {}", r.status, r.text()));
+                        continue;
+                    };
+                    let c = claims.consumer;
+                    {
+                        let mut a = acked.lock().unwrap();
+                        a.consumers.push((c.clone(), format!("prealloc={value}")));
+                        if killed.load(Ordering::SeqCst) {
+                            a.after_kill += 1;
+                        }
+                    }
+                    // m2 gets a copy, reported to any instance but the one to be killed.
+                    m2.hold(c.as_str());
+                    n += 1;
+                    let url = urls.iter().filter(|u| **u != holder).nth(n % 2).unwrap();
+                    let addr: std::net::SocketAddr =
+                        url.trim_start_matches("http://").parse().unwrap();
+                    let auth = format!("Bearer {token}");
+                    let body = r#"{"manager":"m2"}"#;
+                    let rep = Client::new(addr)
+                        .send(
+                            "POST",
+                            &format!("/v1/consumers/{c}/replicas"),
+                            &[
+                                ("authorization", auth.as_str()),
+                                ("content-type", "application/json"),
+                            ],
+                            body.as_bytes(),
+                        )
+                        .await;
+                    if let Ok(rep) = rep {
+                        if rep.status == 200 {
+                            acked.lock().unwrap().replicas.push((c, "m2".into()));
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    let count = || acked.lock().unwrap().consumers.len();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while count() < 40 {
+        assert!(
+            Instant::now() < deadline,
+            "sign-ups through Envoy did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stack.more_cps[0].kill9();
+    killed.store(true, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while acked.lock().unwrap().after_kill < 40 {
+        assert!(
+            Instant::now() < deadline,
+            "sign-ups did not carry on through the other control planes:\n{}",
+            stack.cp.log_tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let a = std::mem::take(&mut *acked.lock().unwrap());
+    assert!(a.other.is_empty(), "unexpected answers: {:?}", a.other);
+    println!(
+        "[shared] {} sign-ups acknowledged ({} after the kill), {} replica reports",
+        a.consumers.len(),
+        a.after_kill,
+        a.replicas.len()
+    );
+    // Every acknowledged sign-up and copy is on the survivors.
+    let survivor = &stack.more_cps[1];
+    for (c, _) in &a.consumers {
+        let v = survivor.consumer(c).await;
+        assert_eq!(v["consumer"], c.as_str(), "{v}");
+    }
+    for (c, m) in &a.replicas {
+        let v = survivor.consumer(c).await;
+        let held: Vec<&str> = v["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|r| r["manager"].as_str())
+            .collect();
+        assert!(
+            held.contains(&m.as_str()),
+            "{c}: acknowledged copy on {m} lost: {v}"
+        );
+    }
+    let doubled = pg
+        .psql(
+            "SELECT count(*) - count(DISTINCT consumer) FROM resources WHERE consumer IS NOT NULL",
+        )
+        .unwrap();
+    assert_eq!(doubled, "0", "a consumer holds two resources");
+    let twice = pg
+        .psql("SELECT count(*) FROM (SELECT consumer FROM resources WHERE consumer IS NOT NULL GROUP BY consumer HAVING count(*) > 1) d")
+        .unwrap();
+    assert_eq!(twice, "0");
+    // Requests with the consumers' cookies reach only managers holding their data.
+    let mut client = Client::new(envoy);
+    for (_, cookie) in a.consumers.iter().step_by(5) {
+        let _ = send_requests(&mut client, cookie, 3).await;
+    }
+    stack.assert_no_violations();
 }
