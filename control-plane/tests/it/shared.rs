@@ -143,6 +143,14 @@ async fn two_control_planes_on_a_shared_database_hand_each_resource_out_once_and
             "{c} missing from the table at version {va}"
         );
     }
+    // A poller moving between them reads the same delta from either.
+    let epoch = a.routes("").await["epoch"].as_str().unwrap().to_owned();
+    assert_eq!(b.routes("").await["epoch"], epoch.as_str(), "one epoch");
+    for since in [va.saturating_sub(7), va.saturating_sub(3), va - 1] {
+        let q = format!("since={since}&epoch={epoch}&wait_ms=0");
+        let (da, db) = (a.routes(&q).await, b.routes(&q).await);
+        assert_eq!(da, db, "delta since {since}");
+    }
     assert_eq!(
         ta[c.as_str()].as_array().unwrap().len(),
         2,

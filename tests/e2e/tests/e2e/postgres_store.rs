@@ -342,3 +342,87 @@ async fn three_shared_control_planes_one_killed_mid_load_lose_nothing_acknowledg
     }
     stack.assert_no_violations();
 }
+
+/// PostgreSQL restarted under two shared control planes: both refuse writes
+/// meanwhile (503 with Retry-After), reconnect by themselves, catch up with
+/// each other, and exactly one of them holds the duties again.
+#[tokio::test]
+async fn shared_control_planes_ride_out_a_postgres_restart() {
+    use prealloc_e2e::control_plane::{ControlPlane, ControlPlaneConfig, ManagerSpec};
+    let pg = Postgres::start().unwrap_or_else(|e| panic!("{e}"));
+    let mut cfg = ControlPlaneConfig::new(vec![
+        ManagerSpec::new("m1", "http://127.0.0.1:9"),
+        ManagerSpec::new("m2", "http://127.0.0.1:9"),
+    ]);
+    cfg.postgres_url = Some(pg.url());
+    cfg.postgres_shared = true;
+    let cps = [ControlPlane::start(cfg.clone()), ControlPlane::start(cfg)];
+    let body = serde_json::json!({"resource_type": "mailbox"});
+    let signup = async |cp: &ControlPlane| cp.admin("POST", "/v1/registrations", Some(&body)).await;
+    let on_duty =
+        async |cp: &ControlPlane| cp.admin("GET", "/healthz", None).await.json()["duties"] == true;
+    let eventually = async |what: &str, cp: &ControlPlane| -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let r = signup(cp).await;
+            if r.status == 201 {
+                return r.json()["consumer"].as_str().unwrap().to_owned();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: still {} {}",
+                r.status,
+                r.text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let mut acked = vec![
+        eventually("the first sign-up", &cps[0]).await,
+        eventually("the first sign-up", &cps[1]).await,
+    ];
+
+    pg.stop_immediately().unwrap();
+    for cp in &cps {
+        let r = signup(cp).await;
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert!(r.header("retry-after").is_some(), "{:?}", r.headers);
+    }
+    pg.restart().unwrap();
+    acked.push(eventually("sign-ups again after the restart", &cps[0]).await);
+    acked.push(eventually("sign-ups again after the restart", &cps[1]).await);
+
+    // Each knows every consumer acknowledged by either, before and after.
+    for c in &acked {
+        let c = prealloc_wire::ConsumerId::parse(c).unwrap();
+        for cp in &cps {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let r = cp.admin("GET", &format!("/v1/consumers/{c}"), None).await;
+                if r.status == 200 {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{c} unknown: {} {}",
+                    r.status,
+                    r.text()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (x, y) = (on_duty(&cps[0]).await, on_duty(&cps[1]).await);
+        assert!(!(x && y), "both hold the duties");
+        if x || y {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nobody holds the duties after the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
