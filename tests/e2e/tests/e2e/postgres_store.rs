@@ -426,3 +426,57 @@ async fn shared_control_planes_ride_out_a_postgres_restart() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Active replication on two shared control planes: the one holding the
+/// duties copies; killed with -9 before the copies could land, the other
+/// takes the duties over and finishes them.
+#[tokio::test]
+async fn active_copies_resume_on_another_control_plane_when_the_duty_holder_dies() {
+    let pg = Postgres::start().unwrap_or_else(|e| panic!("{e}"));
+    let mut opts = StackOptions::new(Replication::Active);
+    opts.postgres_url = Some(pg.url());
+    opts.control_planes = 2;
+    let mut stack = Stack::start(&opts);
+    for m in &stack.managers {
+        m.set_accept_copies(false);
+    }
+    let mut client = Client::new(stack.envoys[0].addr());
+    let su = stack
+        .sign_up(&mut client, Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    // The duty holder (the first started) tries, and is refused.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let v = stack.consumer(&su.consumer).await.unwrap();
+    assert_eq!(v.state, "registering", "{v:?}");
+    let duties = |cp: &prealloc_e2e::control_plane::ControlPlane| {
+        let (_, body) =
+            prealloc_e2e::client::blocking_get(cp.addr(), "/healthz", Duration::from_secs(2))
+                .unwrap();
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["duties"] == true
+    };
+    assert!(
+        duties(&stack.more_cps[0]) && !duties(&stack.cp),
+        "the first started holds the duties"
+    );
+    stack.more_cps[0].kill9();
+    for m in &stack.managers {
+        m.set_accept_copies(true);
+    }
+    let v = stack
+        .wait_consumer(
+            &su.consumer,
+            "copied by the other control plane",
+            Duration::from_secs(20),
+            |v| v.state == "registered",
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", stack.cp.log_tail(30)));
+    assert_eq!(v.replicas.len(), 3, "{v:?}");
+    for m in &stack.managers {
+        assert!(m.holds(su.consumer.as_str()), "{} holds no copy", m.name());
+    }
+    let mut client = Client::new(stack.envoys[0].addr());
+    send_requests(&mut client, &su.cookie, 6).await.unwrap();
+    stack.assert_no_violations();
+}
