@@ -15,7 +15,12 @@
 //! (written into the database through the registry, the control plane
 //! restarted on it, every Envoy loading it before the changes start).
 //!
-//! `bench/propagation.sh [--envoys E] [--changes C] [--build wasm|native] [--window N] [--managers M]`
+//! With `--shared`, two control planes share a throwaway PostgreSQL database:
+//! the Envoys poll the first, the copies are reported to the second, so each
+//! change crosses instances (the batch log, `NOTIFY`, the catch-up) before
+//! it reaches an Envoy.
+//!
+//! `bench/propagation.sh [--envoys E] [--changes C] [--build wasm|native] [--window N] [--managers M] [--shared]`
 
 use prealloc_bench::db::{now_ms, Filler};
 use prealloc_bench::stats::quantile;
@@ -52,8 +57,13 @@ async fn main() {
     let mut build = Build::Native;
     let mut window = 0u64;
     let mut managers = 3usize;
+    let mut shared = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
+        if a == "--shared" {
+            shared = true;
+            continue;
+        }
         let v = args.next().unwrap_or_else(|| panic!("{a} needs a value"));
         match a.as_str() {
             "--envoys" => envoys = v.parse().expect("--envoys N"),
@@ -68,7 +78,7 @@ async fn main() {
                 }
             }
             _ => panic!(
-                "usage: propagation [--envoys E] [--changes C] [--build wasm|native] [--window N] [--managers M]"
+                "usage: propagation [--envoys E] [--changes C] [--build wasm|native] [--window N] [--managers M] [--shared]"
             ),
         }
     }
@@ -79,6 +89,17 @@ async fn main() {
     o.pool_depth = 200;
     o.manager_capacity = window + changes as u64 + 1000;
     o.control_plane_log = Some("warn".into());
+    assert!(
+        !(shared && window > 0),
+        "--window fills a SQLite file: not with --shared"
+    );
+    let pg =
+        shared.then(|| prealloc_e2e::postgres::Postgres::start().unwrap_or_else(|e| panic!("{e}")));
+    if let Some(pg) = &pg {
+        o.postgres_url = Some(pg.url());
+        o.control_planes = 2;
+        o.envoys_poll_first_only = true;
+    }
     let mut stack = Stack::start(&o);
     if window > 0 {
         let t = Instant::now();
@@ -126,7 +147,9 @@ async fn main() {
             .collect();
         let second = others[k % others.len()].to_owned();
         stack.manager(&second).hold(s.consumer.as_str());
-        let r = stack.cp.report_replica(&s.consumer, &second).await;
+        // Shared: to the instance the Envoys do not poll.
+        let to = stack.more_cps.first().unwrap_or(&stack.cp);
+        let r = to.report_replica(&s.consumer, &second).await;
         assert_eq!(r.status, 200, "{}", r.text());
         let acked = Instant::now();
         // One probe per Envoy at once, each on its own kept connection.
@@ -153,8 +176,9 @@ async fn main() {
     every.sort_by(|a, b| a.total_cmp(b));
     let violations = stack.violations().len();
     println!(
-        "| {} | {envoys} | {window} | {changes} | {:.2} / {:.2} / **{:.2}** / {:.2} | {:.2} / **{:.2}** / {:.2} | {violations} |",
+        "| {}{} | {envoys} | {window} | {changes} | {:.2} / {:.2} / **{:.2}** / {:.2} | {:.2} / **{:.2}** / {:.2} | {violations} |",
         build.name(),
+        if shared { ", across 2 shared instances" } else { "" },
         quantile(&each, 0.5),
         quantile(&each, 0.9),
         quantile(&each, 0.99),

@@ -63,6 +63,9 @@ pub struct StackOptions {
     pub postgres_url: Option<String>,
     /// Control planes sharing that database (`store.shared` when more than 1).
     pub control_planes: usize,
+    /// With several control planes: the Envoys' cluster lists only the first
+    /// (`Stack::cp`), so changes made on the others reach them across instances.
+    pub envoys_poll_first_only: bool,
     /// Managers `m1..mN` (3: [`MANAGER_IDS`]).
     pub managers: usize,
 }
@@ -90,6 +93,7 @@ impl StackOptions {
             control_plane_toml: String::new(),
             postgres_url: None,
             control_planes: 1,
+            envoys_poll_first_only: false,
             managers: MANAGER_IDS.len(),
         }
     }
@@ -193,7 +197,9 @@ impl Stack {
                     cp.addr().into(),
                 );
                 ec.build = opts.build;
-                ec.more_control_planes = more_cps.iter().map(|c| c.addr().into()).collect();
+                if !opts.envoys_poll_first_only {
+                    ec.more_control_planes = more_cps.iter().map(|c| c.addr().into()).collect();
+                }
                 ec.filter["signup"] = json!({
                     "path": SIGNUP_PATH,
                     "token": cp.config().envoy_token,
