@@ -78,9 +78,9 @@ pub struct RawStore {
     /// `postgres`: a file holding the password (its first line).
     #[serde(default)]
     pub password_file: Option<PathBuf>,
-    /// `postgres`: several control planes share this database (experimental:
-    /// each one's writer takes the database's commit lock per batch and
-    /// replays the others' batches; see control-plane/README.md).
+    /// `postgres`: several control planes share this database: each one's
+    /// writer takes the database's commit lock per batch and replays the
+    /// others' batches (control-plane/README.md, "Several control planes").
     #[serde(default)]
     pub shared: bool,
 }

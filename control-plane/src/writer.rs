@@ -112,6 +112,20 @@ impl WriterLoop {
         // other control planes committed since the last one, applied first.
         let foreign = match self.store.begin() {
             Ok(f) => f,
+            Err(e)
+                if e.downcast_ref::<crate::store::postgres::FellBehind>()
+                    .is_some() =>
+            {
+                // Nothing here can catch up: fail like a dead writer, so
+                // `/healthz` says so and the instance is restarted.
+                let why = format!("{e:#}");
+                tracing::error!(error = %why, "no more writes are taken");
+                self.core.writer_failure.send_replace(Some(why.clone()));
+                for q in self.queued.drain(..) {
+                    q.refuse(Refusal::WriterFailed(why.clone()));
+                }
+                return;
+            }
             Err(e) => {
                 let refusal = Refusal::Storage(format!(
                     "the database cannot be read ({e:#}); nothing was changed, retry later"

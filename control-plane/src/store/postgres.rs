@@ -18,7 +18,7 @@
 //! writer's connection holds a session advisory lock, and a second instance
 //! is refused at start with a clear error.
 //!
-//! Shared (several control planes on one database, experimental): each
+//! Shared (several control planes on one database): each
 //! writer round takes the database's commit lock (a transaction advisory
 //! lock, so rounds of every instance run one after the other), reads the
 //! batches the others committed since its last (`batches`, in `seq` order,
@@ -88,6 +88,35 @@ const COMMIT_LOCK: i64 = 0x7072_6561_6c6c_6f43;
 /// The duty lease of a shared database ("prealloD"): a session lock, so it
 /// passes to another instance when its holder's connection ends.
 const DUTIES_LOCK: i64 = 0x7072_6561_6c6c_6f44;
+
+/// How long a shared database keeps its batch log: an instance that could
+/// not read it for longer has fallen behind and must be restarted.
+pub const BATCH_LOG_KEPT_MS: u64 = 5 * 60 * 1000;
+/// Old batches are dropped by every this-many-th commit.
+const PRUNE_EVERY: u64 = 1000;
+
+/// A shared database's batch log no longer holds the batches this control
+/// plane has yet to replay: only a restart (a fresh load) catches it up.
+#[derive(Debug)]
+pub struct FellBehind {
+    pub next: u64,
+    pub oldest: u64,
+}
+
+impl std::fmt::Display for FellBehind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "this control plane fell behind the shared database: it needs batch {} but the log \
+             starts at {} (it keeps {} minutes); restart it",
+            self.next,
+            self.oldest,
+            BATCH_LOG_KEPT_MS / 60_000
+        )
+    }
+}
+
+impl std::error::Error for FellBehind {}
 
 /// The channel a shared database's commits are announced on (payload: the
 /// committing instance).
@@ -425,7 +454,22 @@ impl Session {
             }
         });
         match self.role {
-            Role::Writer if self.shared => migrate(&client).await?,
+            Role::Writer if self.shared => {
+                migrate(&client).await?;
+                // Shared instances hold the writer lock together; one
+                // without `shared` holds it alone: the two never mix.
+                let locked: bool = client
+                    .query_one("SELECT pg_try_advisory_lock_shared($1)", &[&WRITER_LOCK])
+                    .await?
+                    .get(0);
+                if !locked {
+                    bail!(
+                        "a control plane without `store.shared` writes PostgreSQL database {}; \
+                         set `shared = true` on every control plane of that database",
+                        self.target()
+                    );
+                }
+            }
             Role::Writer => {
                 migrate(&client).await?;
                 let locked: bool = client
@@ -435,9 +479,9 @@ impl Session {
                 if !locked {
                     bail!(
                         "another session holds the writer lock of PostgreSQL database {}: \
-                         another control plane writes to it (one per database is supported \
-                         today), or this one's previous connection, which PostgreSQL has not \
-                         yet noticed is gone",
+                         another control plane writes to it (several need `shared = true` \
+                         on every one), or this one's previous connection, which PostgreSQL \
+                         has not yet noticed is gone",
                         self.target()
                     );
                 }
@@ -501,6 +545,15 @@ impl Session {
                 .await?;
             let mut out = Vec::with_capacity(rows.len());
             let mut last = None;
+            if let Some(first) = rows.first() {
+                let first: i64 = first.try_get(0)?;
+                if first != after + 1 {
+                    return Err(anyhow::Error::new(FellBehind {
+                        next: after as u64 + 1,
+                        oldest: first as u64,
+                    }));
+                }
+            }
             for r in &rows {
                 let seq: i64 = r.try_get(0)?;
                 let text: String = r.try_get(1)?;
@@ -804,6 +857,14 @@ impl Session {
         }
         let seq = self.seq.unwrap_or(0) + 1;
         let mut statements = batched(ops);
+        if seq % PRUNE_EVERY == 0 {
+            // The log is for instances catching up, not history.
+            statements.push(Stmt {
+                sql: "DELETE FROM batches WHERE at_ms < $1",
+                params: vec![p(to_i64(crate::now_ms().saturating_sub(BATCH_LOG_KEPT_MS)))],
+                expect: None,
+            });
+        }
         statements.push(Stmt {
             sql: "INSERT INTO batches (seq, instance, at_ms, ops) VALUES ($1, $2, $3, $4)",
             params: vec![

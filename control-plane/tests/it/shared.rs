@@ -256,3 +256,64 @@ async fn the_background_duties_run_on_one_control_plane_and_pass_to_another_when
     }
     b.wait_depth(10).await;
 }
+
+fn unshared_config(setup: &Setup, db: &PgDb) -> Config {
+    let text = format!(
+        "{}[store]\nkind = \"postgres\"\nurl = \"{}\"\n",
+        setup.toml_without_store(),
+        db.url
+    );
+    Config::parse(&text, Path::new("/")).expect("config is valid")
+}
+
+/// A control plane with `shared` and one without never write one database
+/// together, whichever starts first.
+#[tokio::test]
+async fn shared_and_unshared_control_planes_never_write_one_database_together() {
+    let db = PgDb::create();
+    let setup = Setup::default();
+    let alone = start(unshared_config(&setup, &db)).await;
+    let err = ControlPlane::start(shared_config(&setup, &db))
+        .await
+        .err()
+        .expect("a shared control plane started beside an unshared one");
+    assert!(
+        format!("{err:#}").contains("without `store.shared`"),
+        "{err:#}"
+    );
+    drop(alone.stop().await);
+    let shared = start(shared_config(&setup, &db)).await;
+    let err = ControlPlane::start(unshared_config(&setup, &db))
+        .await
+        .err()
+        .expect("an unshared control plane started beside a shared one");
+    assert!(format!("{err:#}").contains("writer lock"), "{err:#}");
+    shared.wait_depth(10).await;
+    shared.register().await;
+}
+
+/// An instance whose next batch is gone from the log (pruned while it could
+/// not read it) cannot catch up: it stops taking writes and fails `/healthz`,
+/// so it gets restarted, instead of writing from a state that is behind.
+#[tokio::test]
+async fn a_control_plane_that_fell_behind_the_batch_log_stops_taking_writes() {
+    let db = PgDb::create();
+    let setup = Setup::default();
+    let p = start(shared_config(&setup, &db)).await;
+    p.wait_depth(10).await;
+    // Another instance's batch, with the ones before it pruned.
+    crate::support::pg_admin(
+        &db.url,
+        "INSERT INTO batches (seq, instance, at_ms, ops)
+         SELECT max(seq) + 5, 'gone', 0, '[]' FROM batches",
+    );
+    let (s, v) = signup(&p).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert_eq!(v["error"], "writer_failed", "{v}");
+    assert!(
+        v["message"].as_str().unwrap().contains("fell behind"),
+        "{v}"
+    );
+    let (s, h) = p.call(Method::GET, "/healthz", None, None).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{h}");
+}
