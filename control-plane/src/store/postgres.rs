@@ -857,7 +857,7 @@ impl Session {
         }
         let seq = self.seq.unwrap_or(0) + 1;
         let mut statements = batched(ops);
-        if seq % PRUNE_EVERY == 0 {
+        if seq.is_multiple_of(PRUNE_EVERY) {
             // The log is for instances catching up, not history.
             statements.push(Stmt {
                 sql: "DELETE FROM batches WHERE at_ms < $1",
