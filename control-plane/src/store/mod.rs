@@ -238,6 +238,54 @@ impl Snapshot {
     }
 }
 
+/// A resource row's columns as both stores read them (`RESOURCE_COLUMNS`
+/// in each): [`StoredRow::split`] makes the resource and, when it is
+/// assigned, its consumer.
+pub(crate) struct StoredRow {
+    pub id: i64,
+    pub resource_type: String,
+    pub name: String,
+    pub location: String,
+    pub manager: String,
+    pub state: String,
+    pub consumer: Option<String>,
+    pub created_ms: i64,
+    pub consumer_created_ms: Option<i64>,
+    pub registered_ms: Option<i64>,
+    pub confirmed_ms: Option<i64>,
+}
+
+impl StoredRow {
+    pub fn split(self) -> anyhow::Result<(ResourceRow, Option<ConsumerRow>)> {
+        let id = self.id as u64;
+        let state = ResourceState::parse(&self.state)
+            .ok_or_else(|| anyhow::anyhow!("resource {id} has unknown state {:?}", self.state))?;
+        let consumer = self.consumer.as_ref().map(|cid| {
+            let registered_ms = self.registered_ms.map(|v| v as u64);
+            ConsumerRow {
+                id: cid.clone(),
+                resource: id,
+                manager: self.manager.clone(),
+                registered: registered_ms.is_some(),
+                created_ms: self.consumer_created_ms.unwrap_or(0) as u64,
+                registered_ms,
+                confirmed_ms: self.confirmed_ms.map(|v| v as u64),
+            }
+        });
+        let resource = ResourceRow {
+            id,
+            resource_type: self.resource_type,
+            name: self.name,
+            location: self.location,
+            manager: self.manager,
+            state,
+            consumer: self.consumer,
+            created_ms: self.created_ms as u64,
+        };
+        Ok((resource, consumer))
+    }
+}
+
 /// One consumer as the database holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredConsumer {

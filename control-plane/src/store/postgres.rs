@@ -28,8 +28,8 @@
 //! when another instance committed, so idle instances catch up at once.
 
 use super::{
-    settled, ConsumerRow, Foreign, LoadWindow, Op, ReplicaRow, ResourceRow, ResourceState,
-    SettledCount, Snapshot, Store, StoreRead, StoredConsumer,
+    settled, ConsumerRow, Foreign, LoadWindow, Op, ReplicaRow, ResourceRow, SettledCount, Snapshot,
+    Store, StoreRead, StoredConsumer,
 };
 use crate::config::{PasswordSource, PostgresConfig};
 use anyhow::{anyhow, bail, Context};
@@ -1319,36 +1319,18 @@ fn to_i64(v: u64) -> i64 {
 
 /// A resource row and, when it is assigned, its consumer.
 fn read_row(r: &Row) -> anyhow::Result<(ResourceRow, Option<ConsumerRow>)> {
-    let id = r.try_get::<_, i64>(0)? as u64;
-    let state: String = r.try_get(5)?;
-    let state = ResourceState::parse(&state)
-        .ok_or_else(|| anyhow!("resource {id} has unknown state {state:?}"))?;
-    let consumer: Option<String> = r.try_get(6)?;
-    let manager: String = r.try_get(4)?;
-    let consumer_row = match &consumer {
-        Some(cid) => {
-            let registered_ms = r.try_get::<_, Option<i64>>(9)?.map(|v| v as u64);
-            Some(ConsumerRow {
-                id: cid.clone(),
-                resource: id,
-                manager: manager.clone(),
-                registered: registered_ms.is_some(),
-                created_ms: r.try_get::<_, Option<i64>>(8)?.unwrap_or(0) as u64,
-                registered_ms,
-                confirmed_ms: r.try_get::<_, Option<i64>>(10)?.map(|v| v as u64),
-            })
-        }
-        None => None,
-    };
-    let resource = ResourceRow {
-        id,
+    super::StoredRow {
+        id: r.try_get(0)?,
         resource_type: r.try_get(1)?,
         name: r.try_get(2)?,
         location: r.try_get(3)?,
-        manager,
-        state,
-        consumer,
-        created_ms: r.try_get::<_, i64>(7)? as u64,
-    };
-    Ok((resource, consumer_row))
+        manager: r.try_get(4)?,
+        state: r.try_get(5)?,
+        consumer: r.try_get(6)?,
+        created_ms: r.try_get(7)?,
+        consumer_created_ms: r.try_get(8)?,
+        registered_ms: r.try_get(9)?,
+        confirmed_ms: r.try_get(10)?,
+    }
+    .split()
 }

@@ -1,8 +1,8 @@
 //! The SQLite store: WAL, `synchronous=FULL`, versioned migrations, prepared statements.
 
 use super::{
-    settled, ConsumerRow, LoadWindow, Op, ReplicaRow, ResourceRow, ResourceState, SettledCount,
-    Snapshot, Store, StoreRead, StoredConsumer,
+    settled, ConsumerRow, LoadWindow, Op, ReplicaRow, ResourceRow, SettledCount, Snapshot, Store,
+    StoreRead, StoredConsumer,
 };
 use anyhow::{anyhow, Context};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row};
@@ -241,38 +241,20 @@ fn to_i64(v: u64) -> i64 {
 
 /// A resource row and, when it is assigned, its consumer.
 fn read_row(r: &Row<'_>) -> anyhow::Result<(ResourceRow, Option<ConsumerRow>)> {
-    let id = r.get::<_, i64>(0)? as u64;
-    let state: String = r.get(5)?;
-    let state = ResourceState::parse(&state)
-        .ok_or_else(|| anyhow!("resource {id} has unknown state {state:?}"))?;
-    let consumer: Option<String> = r.get(6)?;
-    let manager: String = r.get(4)?;
-    let consumer_row = match &consumer {
-        Some(cid) => {
-            let registered_ms = r.get::<_, Option<i64>>(9)?.map(|v| v as u64);
-            Some(ConsumerRow {
-                id: cid.clone(),
-                resource: id,
-                manager: manager.clone(),
-                registered: registered_ms.is_some(),
-                created_ms: r.get::<_, Option<i64>>(8)?.unwrap_or(0) as u64,
-                registered_ms,
-                confirmed_ms: r.get::<_, Option<i64>>(10)?.map(|v| v as u64),
-            })
-        }
-        None => None,
-    };
-    let resource = ResourceRow {
-        id,
+    super::StoredRow {
+        id: r.get(0)?,
         resource_type: r.get(1)?,
         name: r.get(2)?,
         location: r.get(3)?,
-        manager,
-        state,
-        consumer,
-        created_ms: r.get::<_, i64>(7)? as u64,
-    };
-    Ok((resource, consumer_row))
+        manager: r.get(4)?,
+        state: r.get(5)?,
+        consumer: r.get(6)?,
+        created_ms: r.get(7)?,
+        consumer_created_ms: r.get(8)?,
+        registered_ms: r.get(9)?,
+        confirmed_ms: r.get(10)?,
+    }
+    .split()
 }
 
 impl SqliteStore {
