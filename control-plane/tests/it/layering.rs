@@ -12,11 +12,18 @@ fn imports() -> BTreeMap<String, BTreeSet<String>> {
     for entry in std::fs::read_dir(&src).unwrap() {
         let path = entry.unwrap().path();
         if path.is_dir() {
-            for e in std::fs::read_dir(&path).unwrap() {
-                files.push((
-                    path.file_name().unwrap().to_str().unwrap().to_owned(),
-                    e.unwrap().path(),
-                ));
+            // Every file below a directory belongs to its module (`store/…`).
+            let module = path.file_name().unwrap().to_str().unwrap().to_owned();
+            let mut dirs = vec![path];
+            while let Some(dir) = dirs.pop() {
+                for e in std::fs::read_dir(&dir).unwrap() {
+                    let p = e.unwrap().path();
+                    if p.is_dir() {
+                        dirs.push(p);
+                    } else {
+                        files.push((module.clone(), p));
+                    }
+                }
             }
         } else {
             let stem = path.file_stem().unwrap().to_str().unwrap().to_owned();
