@@ -100,39 +100,29 @@ impl WriterLoop {
             self.reload();
         }
         if let Some(why) = &self.stale {
-            let refusal = Refusal::Storage(format!(
+            let why = Refusal::Storage(format!(
                 "the database cannot be read ({why}); nothing was changed, retry later"
             ));
-            for q in self.queued.drain(..) {
-                q.refuse(refusal.clone());
-            }
+            self.refuse_queued(why);
             return;
         }
         // A shared database: the commit lock for this round, and what the
         // other control planes committed since the last one, applied first.
         let foreign = match self.store.begin() {
             Ok(f) => f,
-            Err(e)
-                if e.downcast_ref::<crate::store::postgres::FellBehind>()
-                    .is_some() =>
-            {
+            Err(e) if e.downcast_ref::<crate::store::FellBehind>().is_some() => {
                 // Nothing here can catch up: fail like a dead writer, so
                 // `/healthz` says so and the instance is restarted.
                 let why = format!("{e:#}");
                 tracing::error!(error = %why, "no more writes are taken");
                 self.core.writer_failure.send_replace(Some(why.clone()));
-                for q in self.queued.drain(..) {
-                    q.refuse(Refusal::WriterFailed(why.clone()));
-                }
+                self.refuse_queued(Refusal::WriterFailed(why));
                 return;
             }
             Err(e) => {
-                let refusal = Refusal::Storage(format!(
+                self.refuse_queued(Refusal::Storage(format!(
                     "the database cannot be read ({e:#}); nothing was changed, retry later"
-                ));
-                for q in self.queued.drain(..) {
-                    q.refuse(refusal.clone());
-                }
+                )));
                 return;
             }
         };
@@ -141,12 +131,9 @@ impl WriterLoop {
                 tracing::error!(error = %why, "another control plane's batch does not apply here; reloading state from the store");
                 self.stale = Some(why);
                 let _ = self.store.commit(&[]);
-                let refusal = Refusal::Storage(
+                self.refuse_queued(Refusal::Storage(
                     "this control plane is reloading its state; nothing was changed, retry".into(),
-                );
-                for q in self.queued.drain(..) {
-                    q.refuse(refusal.clone());
-                }
+                ));
                 return;
             }
         }
@@ -173,16 +160,18 @@ impl WriterLoop {
                 key: "version".into(),
                 value: version.to_string(),
             });
-            // For other control planes on a shared database (the others ignore it).
-            let managers = self
-                .batch
-                .managers_changed
-                .then(|| self.core.registry().manager_routes());
-            self.batch.ops.push(Op::Published(Published {
-                version,
-                changes: self.batch.changes.clone(),
-                managers,
-            }));
+            if self.store.shared() {
+                // For the other control planes on the database.
+                let managers = self
+                    .batch
+                    .managers_changed
+                    .then(|| self.core.registry().manager_routes());
+                self.batch.ops.push(Op::Published(Published {
+                    version,
+                    changes: self.batch.changes.clone(),
+                    managers,
+                }));
+            }
         }
         let started = std::time::Instant::now();
         match self.store.commit(&self.batch.ops) {
@@ -206,6 +195,13 @@ impl WriterLoop {
                     "the database refused the write ({msg}); nothing was changed, retry later"
                 ))));
             }
+        }
+    }
+
+    /// Answers every queued write of the round with `why`, applying none.
+    fn refuse_queued(&mut self, why: Refusal) {
+        for q in self.queued.drain(..) {
+            q.refuse(why.clone());
         }
     }
 

@@ -79,6 +79,10 @@ impl<S: Store> Store for FaultyStore<S> {
         self.inner.reader()
     }
 
+    fn shared(&self) -> bool {
+        self.inner.shared()
+    }
+
     fn begin(&mut self) -> anyhow::Result<Vec<super::Foreign>> {
         self.inner.begin()
     }

@@ -142,9 +142,9 @@ pub enum Op {
         at_ms: u64,
     },
     PutReplica(ReplicaRow),
-    /// The routing-table changes the batch publishes, at its version: kept
-    /// only where several control planes share the database (the others
-    /// publish them as they are); a store one control plane writes ignores it.
+    /// The routing-table changes the batch publishes, at its version, on a
+    /// database several control planes share (`Store::shared`): kept in its
+    /// log for the others to publish as they are.
     Published(Published),
 }
 
@@ -157,6 +157,32 @@ pub struct Published {
     /// The whole manager list, when it changed.
     pub managers: Option<Vec<ManagerRoute>>,
 }
+
+/// A shared database's batch log no longer holds the batches this control
+/// plane has yet to replay (`Store::begin`): only a restart, a fresh load,
+/// catches it up.
+#[derive(Debug)]
+pub struct FellBehind {
+    pub next: u64,
+    pub oldest: u64,
+    /// How long the log keeps batches.
+    pub kept_ms: u64,
+}
+
+impl std::fmt::Display for FellBehind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "this control plane fell behind the shared database: it needs batch {} but the log \
+             starts at {} (it keeps {} minutes); restart it",
+            self.next,
+            self.oldest,
+            self.kept_ms / 60_000
+        )
+    }
+}
+
+impl std::error::Error for FellBehind {}
 
 /// A batch another control plane committed to a shared database.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -315,6 +341,11 @@ pub trait Store: StoreRead + 'static {
     fn commit(&mut self, ops: &[Op]) -> anyhow::Result<()>;
     /// A second handle for reads beside the writer (the API's lookups).
     fn reader(&self) -> anyhow::Result<Box<dyn StoreRead>>;
+    /// Whether several control planes share this database: batches then
+    /// carry their routing changes (`Op::Published`) for the others.
+    fn shared(&self) -> bool {
+        false
+    }
     /// Starts a writer round on a database several control planes share:
     /// takes its commit lock (held until the next `commit`) and returns the
     /// batches the others committed since this store last looked, in order.
@@ -357,6 +388,10 @@ impl Store for Box<dyn Store> {
 
     fn reader(&self) -> anyhow::Result<Box<dyn StoreRead>> {
         (**self).reader()
+    }
+
+    fn shared(&self) -> bool {
+        (**self).shared()
     }
 
     fn begin(&mut self) -> anyhow::Result<Vec<Foreign>> {

@@ -42,7 +42,7 @@ mod batch;
 mod shared;
 
 use batch::batched;
-pub use shared::{FellBehind, BATCH_LOG_KEPT_MS};
+pub use shared::BATCH_LOG_KEPT_MS;
 
 /// Schema migrations, applied in order; `prealloc_migrations` records which ran.
 /// The tables mirror the SQLite store's (see `sqlite.rs` for why consumers
@@ -250,6 +250,10 @@ impl Store for PostgresStore {
             Role::Writer | Role::Reader => Role::Reader,
         };
         Ok(Box::new(PostgresStore::start(&self.config, role)?))
+    }
+
+    fn shared(&self) -> bool {
+        self.config.shared
     }
 
     fn begin(&mut self) -> anyhow::Result<Vec<Foreign>> {
@@ -693,19 +697,50 @@ impl Session {
         if self.shared {
             return self.commit_shared(ops).await;
         }
-        let statements = batched(ops);
-        let mut prepared = Vec::with_capacity(statements.len());
-        for st in statements {
-            prepared.push((self.statement(st.sql).await?, st));
-        }
+        self.client().await?.batch_execute("BEGIN").await?;
+        let done = self.execute_in_transaction(batched(ops)).await;
         let client = self
             .client
-            .as_mut()
+            .as_ref()
             .ok_or_else(|| anyhow!("no PostgreSQL connection"))?;
-        let tx = client.transaction().await?;
-        // Sent together: the client pipelines them, one round trip for the batch.
+        match done {
+            Ok(()) => client
+                .batch_execute("COMMIT")
+                .await
+                .context("commit failed"),
+            Err(e) => {
+                let _ = client.batch_execute("ROLLBACK").await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Runs a commit's statements in the transaction open on the current
+    /// connection, sent together (the client pipelines them: one round trip),
+    /// and checks the rows each had to change. Never reconnects: a statement
+    /// on a new connection would run outside the transaction.
+    async fn execute_in_transaction(&mut self, statements: Vec<batch::Stmt>) -> anyhow::Result<()> {
+        let gone = || anyhow!("the PostgreSQL connection was lost during the transaction");
+        let mut prepared = Vec::with_capacity(statements.len());
+        for st in statements {
+            let statement = match self.statements.get(st.sql) {
+                Some(s) => s.clone(),
+                None => {
+                    let s = self
+                        .client
+                        .as_ref()
+                        .ok_or_else(gone)?
+                        .prepare(st.sql)
+                        .await?;
+                    self.statements.insert(st.sql, s.clone());
+                    s
+                }
+            };
+            prepared.push((statement, st));
+        }
+        let client = self.client.as_ref().ok_or_else(gone)?;
         let results = futures_util::future::join_all(prepared.iter().map(|(st, s)| {
-            tx.execute_raw(st, s.params.iter().map(|p| &**p as &(dyn ToSql + Sync)))
+            client.execute_raw(st, s.params.iter().map(|p| &**p as &(dyn ToSql + Sync)))
         }))
         .await;
         for (result, (_, s)) in results.into_iter().zip(&prepared) {
@@ -716,7 +751,6 @@ impl Session {
                 }
             }
         }
-        tx.commit().await.context("commit failed")?;
         Ok(())
     }
 }

@@ -5,10 +5,9 @@
 
 use super::batch::{batched, Stmt};
 use super::{p, to_i64, Session, CHANNEL, COMMIT_LOCK, DUTIES_LOCK};
-use crate::store::{Foreign, Op};
+use crate::store::{FellBehind, Foreign, Op};
 use anyhow::{anyhow, bail, Context};
 use std::time::Duration;
-use tokio_postgres::types::ToSql;
 use tokio_postgres::NoTls;
 
 /// How long a shared database keeps its batch log: an instance that could
@@ -16,29 +15,6 @@ use tokio_postgres::NoTls;
 pub const BATCH_LOG_KEPT_MS: u64 = 5 * 60 * 1000;
 /// Old batches are dropped by every this-many-th commit.
 const PRUNE_EVERY: u64 = 1000;
-
-/// A shared database's batch log no longer holds the batches this control
-/// plane has yet to replay: only a restart (a fresh load) catches it up.
-#[derive(Debug)]
-pub struct FellBehind {
-    pub next: u64,
-    pub oldest: u64,
-}
-
-impl std::fmt::Display for FellBehind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "this control plane fell behind the shared database: it needs batch {} but the log \
-             starts at {} (it keeps {} minutes); restart it",
-            self.next,
-            self.oldest,
-            BATCH_LOG_KEPT_MS / 60_000
-        )
-    }
-}
-
-impl std::error::Error for FellBehind {}
 
 impl Session {
     /// Shared: ends a round's transaction left open (a failed round).
@@ -76,6 +52,7 @@ impl Session {
                     return Err(anyhow::Error::new(FellBehind {
                         next: after as u64 + 1,
                         oldest: first as u64,
+                        kept_ms: BATCH_LOG_KEPT_MS,
                     }));
                 }
             }
@@ -178,23 +155,8 @@ impl Session {
             params: vec![p(CHANNEL), p(self.instance.clone())],
             expect: None,
         });
-        let mut prepared = Vec::with_capacity(statements.len());
-        for st in statements {
-            prepared.push((self.statement(st.sql).await?, st));
-        }
+        self.execute_in_transaction(statements).await?;
         let client = self.client.as_ref().ok_or_else(client_closed)?;
-        let results = futures_util::future::join_all(prepared.iter().map(|(st, s)| {
-            client.execute_raw(st, s.params.iter().map(|p| &**p as &(dyn ToSql + Sync)))
-        }))
-        .await;
-        for (result, (_, s)) in results.into_iter().zip(&prepared) {
-            let n = result?;
-            if let Some((rows, what)) = &s.expect {
-                if n != *rows {
-                    bail!("{} of the batch's {rows} {what}", rows - n.min(*rows));
-                }
-            }
-        }
         client
             .batch_execute("COMMIT")
             .await

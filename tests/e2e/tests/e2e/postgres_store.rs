@@ -20,103 +20,105 @@ struct Outcomes {
     other: Vec<String>,
 }
 
-#[tokio::test]
-async fn on_postgres_the_story_holds_and_a_restart_under_signups_loses_nothing_acknowledged() {
-    let pg = Postgres::start().unwrap_or_else(|e| panic!("{e}"));
-    let mut opts = StackOptions::new(Replication::Reported);
-    opts.postgres_url = Some(pg.url());
-    let mut stack = Stack::start(&opts);
-    run_story(&stack, &StoryOptions::default(), &mut |l| {
-        println!("[postgres] {l}")
-    })
-    .await
-    .unwrap_or_else(|e| panic!("the story on PostgreSQL: {e}"));
-    stack.assert_no_violations();
-
-    // Sign-ups through Envoy, four at a time, while PostgreSQL stops and comes back.
-    let outcomes = Arc::new(Mutex::new(Outcomes::default()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let envoy = stack.envoys[0].addr();
-    let tasks: Vec<_> = (0..4)
-        .map(|_| {
-            let (outcomes, stop) = (outcomes.clone(), stop.clone());
-            tokio::spawn(async move {
-                let mut client = Client::new(envoy);
-                while !stop.load(Ordering::SeqCst) {
-                    let r = match post_signup(&mut client).await {
-                        Ok(r) => r,
-                        Err(e) => {
-                            outcomes.lock().unwrap().other.push(format!("request: {e}"));
-                            continue;
-                        }
-                    };
-                    {
-                        let mut o = outcomes.lock().unwrap();
-                        match r.status {
-                            200..=299 => match consumer_cookie(&r) {
-                                Ok(Some((_, claims))) => o.acknowledged.push(claims.consumer),
-                                other => o.other.push(format!("2xx without a cookie: {other:?}")),
-                            },
-                            503 if r.header("retry-after").is_some() => o.refused += 1,
-                            s => o.other.push(format!("{s}: {}", r.text())),
-                        }
-                    }
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            })
+each_build! {
+    #[tokio::test]
+    async fn on_postgres_the_story_holds_and_a_restart_under_signups_loses_nothing_acknowledged(build) {
+        let pg = Postgres::start().unwrap_or_else(|e| panic!("{e}"));
+        let mut opts = StackOptions::new(Replication::Reported).with_build(build);
+        opts.postgres_url = Some(pg.url());
+        let mut stack = Stack::start(&opts);
+        run_story(&stack, &StoryOptions::default(), &mut |l| {
+            println!("[postgres] {l}")
         })
-        .collect();
-    let acknowledged = || outcomes.lock().unwrap().acknowledged.len();
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    let before_outage = acknowledged();
-    assert!(
-        before_outage > 0,
-        "no sign-up went through before the outage"
-    );
-    pg.stop_immediately().unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let refused_in_outage = outcomes.lock().unwrap().refused;
-    pg.restart().unwrap();
-    let back = acknowledged();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while acknowledged() < back + 10 {
-        assert!(
-            Instant::now() < deadline,
-            "sign-ups did not resume after PostgreSQL came back:\n{}",
-            stack.cp.log_tail(30)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    stop.store(true, Ordering::SeqCst);
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let o = std::mem::take(&mut *outcomes.lock().unwrap());
-    assert!(
-        refused_in_outage > 0,
-        "no sign-up was refused with 503 + Retry-After while PostgreSQL was down"
-    );
-    assert!(o.other.is_empty(), "unexpected answers: {:?}", o.other);
-    println!(
-        "[postgres] {} sign-ups acknowledged ({before_outage} before the outage), {} refused with 503",
-        o.acknowledged.len(),
-        o.refused
-    );
+        .await
+        .unwrap_or_else(|e| panic!("the story on PostgreSQL: {e}"));
+        stack.assert_no_violations();
 
-    // Nothing acknowledged is lost: a control plane killed and started
-    // again reads every one back from PostgreSQL, each on its own resource.
-    stack.cp.restart();
-    for c in &o.acknowledged {
-        let v = stack.cp.consumer(c).await;
-        assert_eq!(v["consumer"], c.as_str(), "{v}");
+        // Sign-ups through Envoy, four at a time, while PostgreSQL stops and comes back.
+        let outcomes = Arc::new(Mutex::new(Outcomes::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let envoy = stack.envoys[0].addr();
+        let tasks: Vec<_> = (0..4)
+            .map(|_| {
+                let (outcomes, stop) = (outcomes.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let mut client = Client::new(envoy);
+                    while !stop.load(Ordering::SeqCst) {
+                        let r = match post_signup(&mut client).await {
+                            Ok(r) => r,
+                            Err(e) => {
+                                outcomes.lock().unwrap().other.push(format!("request: {e}"));
+                                continue;
+                            }
+                        };
+                        {
+                            let mut o = outcomes.lock().unwrap();
+                            match r.status {
+                                200..=299 => match consumer_cookie(&r) {
+                                    Ok(Some((_, claims))) => o.acknowledged.push(claims.consumer),
+                                    other => o.other.push(format!("2xx without a cookie: {other:?}")),
+                                },
+                                503 if r.header("retry-after").is_some() => o.refused += 1,
+                                s => o.other.push(format!("{s}: {}", r.text())),
+                            }
+                        }
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                })
+            })
+            .collect();
+        let acknowledged = || outcomes.lock().unwrap().acknowledged.len();
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let before_outage = acknowledged();
+        assert!(
+            before_outage > 0,
+            "no sign-up went through before the outage"
+        );
+        pg.stop_immediately().unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let refused_in_outage = outcomes.lock().unwrap().refused;
+        pg.restart().unwrap();
+        let back = acknowledged();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while acknowledged() < back + 10 {
+            assert!(
+                Instant::now() < deadline,
+                "sign-ups did not resume after PostgreSQL came back:\n{}",
+                stack.cp.log_tail(30)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        stop.store(true, Ordering::SeqCst);
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let o = std::mem::take(&mut *outcomes.lock().unwrap());
+        assert!(
+            refused_in_outage > 0,
+            "no sign-up was refused with 503 + Retry-After while PostgreSQL was down"
+        );
+        assert!(o.other.is_empty(), "unexpected answers: {:?}", o.other);
+        println!(
+            "[postgres] {} sign-ups acknowledged ({before_outage} before the outage), {} refused with 503",
+            o.acknowledged.len(),
+            o.refused
+        );
+
+        // Nothing acknowledged is lost: a control plane killed and started
+        // again reads every one back from PostgreSQL, each on its own resource.
+        stack.cp.restart();
+        for c in &o.acknowledged {
+            let v = stack.cp.consumer(c).await;
+            assert_eq!(v["consumer"], c.as_str(), "{v}");
+        }
+        let doubled = pg
+            .psql(
+                "SELECT count(*) - count(DISTINCT consumer) FROM resources WHERE consumer IS NOT NULL",
+            )
+            .unwrap();
+        assert_eq!(doubled, "0", "a consumer holds two resources");
+        stack.assert_no_violations();
     }
-    let doubled = pg
-        .psql(
-            "SELECT count(*) - count(DISTINCT consumer) FROM resources WHERE consumer IS NOT NULL",
-        )
-        .unwrap();
-    assert_eq!(doubled, "0", "a consumer holds two resources");
-    stack.assert_no_violations();
 }
 
 /// `store.password_env` and `store.password_file` give the password (SCRAM
@@ -179,168 +181,170 @@ fn the_store_password_comes_from_the_environment_or_a_file_and_is_never_printed(
     );
 }
 
-/// Three control planes on one shared PostgreSQL database behind one Envoy
-/// (its `prealloc_control_plane` cluster lists all three): sign-ups through
-/// Envoy and replica reports to any instance, the one holding the duty lease
-/// killed with -9 mid-load. Nothing acknowledged is lost, no resource is
-/// handed out twice, sign-ups carry on through the others, and no request
-/// reaches a manager without the consumer's data.
-#[tokio::test]
-async fn three_shared_control_planes_one_killed_mid_load_lose_nothing_acknowledged() {
-    let pg = Postgres::start().unwrap_or_else(|e| panic!("{e}"));
-    let mut opts = StackOptions::new(Replication::Reported);
-    opts.postgres_url = Some(pg.url());
-    opts.control_planes = 3;
-    let mut stack = Stack::start(&opts);
-    let envoy = stack.envoys[0].addr();
-    let urls: Vec<String> = std::iter::once(stack.cp.url())
-        .chain(stack.more_cps.iter().map(|c| c.url()))
-        .collect();
-    let holder = stack.more_cps[0].url();
-    let token = stack.cp.config().admin_token.clone();
+// Three control planes on one shared PostgreSQL database behind one Envoy
+// (its `prealloc_control_plane` cluster lists all three): sign-ups through
+// Envoy and replica reports to any instance, the one holding the duty lease
+// killed with -9 mid-load. Nothing acknowledged is lost, no resource is
+// handed out twice, sign-ups carry on through the others, and no request
+// reaches a manager without the consumer's data.
+each_build! {
+    #[tokio::test]
+    async fn three_shared_control_planes_one_killed_mid_load_lose_nothing_acknowledged(build) {
+        let pg = Postgres::start().unwrap_or_else(|e| panic!("{e}"));
+        let mut opts = StackOptions::new(Replication::Reported).with_build(build);
+        opts.postgres_url = Some(pg.url());
+        opts.control_planes = 3;
+        let mut stack = Stack::start(&opts);
+        let envoy = stack.envoys[0].addr();
+        let urls: Vec<String> = std::iter::once(stack.cp.url())
+            .chain(stack.more_cps.iter().map(|c| c.url()))
+            .collect();
+        let holder = stack.more_cps[0].url();
+        let token = stack.cp.config().admin_token.clone();
 
-    #[derive(Default)]
-    struct Acked {
-        consumers: Vec<(prealloc_wire::ConsumerId, String)>,
-        replicas: Vec<(prealloc_wire::ConsumerId, String)>,
-        after_kill: usize,
-        other: Vec<String>,
-    }
-    let acked = Arc::new(Mutex::new(Acked::default()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let killed = Arc::new(AtomicBool::new(false));
-    let m2 = stack.manager("m2").holder();
-    let tasks: Vec<_> = (0..4)
-        .map(|k| {
-            let (acked, stop, killed, m2) =
-                (acked.clone(), stop.clone(), killed.clone(), m2.clone());
-            let (urls, token, holder) = (urls.clone(), token.clone(), holder.clone());
-            tokio::spawn(async move {
-                let mut client = Client::new(envoy);
-                let mut n = k;
-                while !stop.load(Ordering::SeqCst) {
-                    let r = match post_signup(&mut client).await {
-                        Ok(r) => r,
-                        Err(_) => {
-                            client = Client::new(envoy);
+        #[derive(Default)]
+        struct Acked {
+            consumers: Vec<(prealloc_wire::ConsumerId, String)>,
+            replicas: Vec<(prealloc_wire::ConsumerId, String)>,
+            after_kill: usize,
+            other: Vec<String>,
+        }
+        let acked = Arc::new(Mutex::new(Acked::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let killed = Arc::new(AtomicBool::new(false));
+        let m2 = stack.manager("m2").holder();
+        let tasks: Vec<_> = (0..4)
+            .map(|k| {
+                let (acked, stop, killed, m2) =
+                    (acked.clone(), stop.clone(), killed.clone(), m2.clone());
+                let (urls, token, holder) = (urls.clone(), token.clone(), holder.clone());
+                tokio::spawn(async move {
+                    let mut client = Client::new(envoy);
+                    let mut n = k;
+                    while !stop.load(Ordering::SeqCst) {
+                        let r = match post_signup(&mut client).await {
+                            Ok(r) => r,
+                            Err(_) => {
+                                client = Client::new(envoy);
+                                continue;
+                            }
+                        };
+                        if r.status == 503 {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
                             continue;
                         }
-                    };
-                    if r.status == 503 {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        continue;
-                    }
-                    let Ok(Some((value, claims))) = consumer_cookie(&r) else {
-                        acked
-                            .lock()
-                            .unwrap()
-                            .other
-                            .push(format!("{}: {}", r.status, r.text()));
-                        continue;
-                    };
-                    let c = claims.consumer;
-                    {
-                        let mut a = acked.lock().unwrap();
-                        a.consumers.push((c.clone(), format!("prealloc={value}")));
-                        if killed.load(Ordering::SeqCst) {
-                            a.after_kill += 1;
+                        let Ok(Some((value, claims))) = consumer_cookie(&r) else {
+                            acked
+                                .lock()
+                                .unwrap()
+                                .other
+                                .push(format!("{}: {}", r.status, r.text()));
+                            continue;
+                        };
+                        let c = claims.consumer;
+                        {
+                            let mut a = acked.lock().unwrap();
+                            a.consumers.push((c.clone(), format!("prealloc={value}")));
+                            if killed.load(Ordering::SeqCst) {
+                                a.after_kill += 1;
+                            }
+                        }
+                        // m2 gets a copy, reported to any instance but the one to be killed.
+                        m2.hold(c.as_str());
+                        n += 1;
+                        let url = urls.iter().filter(|u| **u != holder).nth(n % 2).unwrap();
+                        let addr: std::net::SocketAddr =
+                            url.trim_start_matches("http://").parse().unwrap();
+                        let auth = format!("Bearer {token}");
+                        let body = r#"{"manager":"m2"}"#;
+                        let rep = Client::new(addr)
+                            .send(
+                                "POST",
+                                &format!("/v1/consumers/{c}/replicas"),
+                                &[
+                                    ("authorization", auth.as_str()),
+                                    ("content-type", "application/json"),
+                                ],
+                                body.as_bytes(),
+                            )
+                            .await;
+                        if let Ok(rep) = rep {
+                            if rep.status == 200 {
+                                acked.lock().unwrap().replicas.push((c, "m2".into()));
+                            }
                         }
                     }
-                    // m2 gets a copy, reported to any instance but the one to be killed.
-                    m2.hold(c.as_str());
-                    n += 1;
-                    let url = urls.iter().filter(|u| **u != holder).nth(n % 2).unwrap();
-                    let addr: std::net::SocketAddr =
-                        url.trim_start_matches("http://").parse().unwrap();
-                    let auth = format!("Bearer {token}");
-                    let body = r#"{"manager":"m2"}"#;
-                    let rep = Client::new(addr)
-                        .send(
-                            "POST",
-                            &format!("/v1/consumers/{c}/replicas"),
-                            &[
-                                ("authorization", auth.as_str()),
-                                ("content-type", "application/json"),
-                            ],
-                            body.as_bytes(),
-                        )
-                        .await;
-                    if let Ok(rep) = rep {
-                        if rep.status == 200 {
-                            acked.lock().unwrap().replicas.push((c, "m2".into()));
-                        }
-                    }
-                }
+                })
             })
-        })
-        .collect();
-    let count = || acked.lock().unwrap().consumers.len();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while count() < 40 {
-        assert!(
-            Instant::now() < deadline,
-            "sign-ups through Envoy did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    stack.more_cps[0].kill9();
-    killed.store(true, Ordering::SeqCst);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while acked.lock().unwrap().after_kill < 40 {
-        assert!(
-            Instant::now() < deadline,
-            "sign-ups did not carry on through the other control planes:\n{}",
-            stack.cp.log_tail(30)
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    stop.store(true, Ordering::SeqCst);
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let a = std::mem::take(&mut *acked.lock().unwrap());
-    assert!(a.other.is_empty(), "unexpected answers: {:?}", a.other);
-    println!(
-        "[shared] {} sign-ups acknowledged ({} after the kill), {} replica reports",
-        a.consumers.len(),
-        a.after_kill,
-        a.replicas.len()
-    );
-    // Every acknowledged sign-up and copy is on the survivors.
-    let survivor = &stack.more_cps[1];
-    for (c, _) in &a.consumers {
-        let v = survivor.consumer(c).await;
-        assert_eq!(v["consumer"], c.as_str(), "{v}");
-    }
-    for (c, m) in &a.replicas {
-        let v = survivor.consumer(c).await;
-        let held: Vec<&str> = v["replicas"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(|r| r["manager"].as_str())
             .collect();
-        assert!(
-            held.contains(&m.as_str()),
-            "{c}: acknowledged copy on {m} lost: {v}"
+        let count = || acked.lock().unwrap().consumers.len();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while count() < 40 {
+            assert!(
+                Instant::now() < deadline,
+                "sign-ups through Envoy did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stack.more_cps[0].kill9();
+        killed.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while acked.lock().unwrap().after_kill < 40 {
+            assert!(
+                Instant::now() < deadline,
+                "sign-ups did not carry on through the other control planes:\n{}",
+                stack.cp.log_tail(30)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stop.store(true, Ordering::SeqCst);
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let a = std::mem::take(&mut *acked.lock().unwrap());
+        assert!(a.other.is_empty(), "unexpected answers: {:?}", a.other);
+        println!(
+            "[shared] {} sign-ups acknowledged ({} after the kill), {} replica reports",
+            a.consumers.len(),
+            a.after_kill,
+            a.replicas.len()
         );
+        // Every acknowledged sign-up and copy is on the survivors.
+        let survivor = &stack.more_cps[1];
+        for (c, _) in &a.consumers {
+            let v = survivor.consumer(c).await;
+            assert_eq!(v["consumer"], c.as_str(), "{v}");
+        }
+        for (c, m) in &a.replicas {
+            let v = survivor.consumer(c).await;
+            let held: Vec<&str> = v["replicas"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|r| r["manager"].as_str())
+                .collect();
+            assert!(
+                held.contains(&m.as_str()),
+                "{c}: acknowledged copy on {m} lost: {v}"
+            );
+        }
+        let doubled = pg
+            .psql(
+                "SELECT count(*) - count(DISTINCT consumer) FROM resources WHERE consumer IS NOT NULL",
+            )
+            .unwrap();
+        assert_eq!(doubled, "0", "a consumer holds two resources");
+        let twice = pg
+            .psql("SELECT count(*) FROM (SELECT consumer FROM resources WHERE consumer IS NOT NULL GROUP BY consumer HAVING count(*) > 1) d")
+            .unwrap();
+        assert_eq!(twice, "0");
+        // Requests with the consumers' cookies reach only managers holding their data.
+        let mut client = Client::new(envoy);
+        for (_, cookie) in a.consumers.iter().step_by(5) {
+            let _ = send_requests(&mut client, cookie, 3).await;
+        }
+        stack.assert_no_violations();
     }
-    let doubled = pg
-        .psql(
-            "SELECT count(*) - count(DISTINCT consumer) FROM resources WHERE consumer IS NOT NULL",
-        )
-        .unwrap();
-    assert_eq!(doubled, "0", "a consumer holds two resources");
-    let twice = pg
-        .psql("SELECT count(*) FROM (SELECT consumer FROM resources WHERE consumer IS NOT NULL GROUP BY consumer HAVING count(*) > 1) d")
-        .unwrap();
-    assert_eq!(twice, "0");
-    // Requests with the consumers' cookies reach only managers holding their data.
-    let mut client = Client::new(envoy);
-    for (_, cookie) in a.consumers.iter().step_by(5) {
-        let _ = send_requests(&mut client, cookie, 3).await;
-    }
-    stack.assert_no_violations();
 }
 
 /// PostgreSQL restarted under two shared control planes: both refuse writes
@@ -427,56 +431,58 @@ async fn shared_control_planes_ride_out_a_postgres_restart() {
     }
 }
 
-/// Active replication on two shared control planes: the one holding the
-/// duties copies; killed with -9 before the copies could land, the other
-/// takes the duties over and finishes them.
-#[tokio::test]
-async fn active_copies_resume_on_another_control_plane_when_the_duty_holder_dies() {
-    let pg = Postgres::start().unwrap_or_else(|e| panic!("{e}"));
-    let mut opts = StackOptions::new(Replication::Active);
-    opts.postgres_url = Some(pg.url());
-    opts.control_planes = 2;
-    let mut stack = Stack::start(&opts);
-    for m in &stack.managers {
-        m.set_accept_copies(false);
+// Active replication on two shared control planes: the one holding the
+// duties copies; killed with -9 before the copies could land, the other
+// takes the duties over and finishes them.
+each_build! {
+    #[tokio::test]
+    async fn active_copies_resume_on_another_control_plane_when_the_duty_holder_dies(build) {
+        let pg = Postgres::start().unwrap_or_else(|e| panic!("{e}"));
+        let mut opts = StackOptions::new(Replication::Active).with_build(build);
+        opts.postgres_url = Some(pg.url());
+        opts.control_planes = 2;
+        let mut stack = Stack::start(&opts);
+        for m in &stack.managers {
+            m.set_accept_copies(false);
+        }
+        let mut client = Client::new(stack.envoys[0].addr());
+        let su = stack
+            .sign_up(&mut client, Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        // The duty holder (the first started) tries, and is refused.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let v = stack.consumer(&su.consumer).await.unwrap();
+        assert_eq!(v.state, "registering", "{v:?}");
+        let duties = |cp: &prealloc_e2e::control_plane::ControlPlane| {
+            let (_, body) =
+                prealloc_e2e::client::blocking_get(cp.addr(), "/healthz", Duration::from_secs(2))
+                    .unwrap();
+            serde_json::from_str::<serde_json::Value>(&body).unwrap()["duties"] == true
+        };
+        assert!(
+            duties(&stack.more_cps[0]) && !duties(&stack.cp),
+            "the first started holds the duties"
+        );
+        stack.more_cps[0].kill9();
+        for m in &stack.managers {
+            m.set_accept_copies(true);
+        }
+        let v = stack
+            .wait_consumer(
+                &su.consumer,
+                "copied by the other control plane",
+                Duration::from_secs(20),
+                |v| v.state == "registered",
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", stack.cp.log_tail(30)));
+        assert_eq!(v.replicas.len(), 3, "{v:?}");
+        for m in &stack.managers {
+            assert!(m.holds(su.consumer.as_str()), "{} holds no copy", m.name());
+        }
+        let mut client = Client::new(stack.envoys[0].addr());
+        send_requests(&mut client, &su.cookie, 6).await.unwrap();
+        stack.assert_no_violations();
     }
-    let mut client = Client::new(stack.envoys[0].addr());
-    let su = stack
-        .sign_up(&mut client, Duration::from_secs(10))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    // The duty holder (the first started) tries, and is refused.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let v = stack.consumer(&su.consumer).await.unwrap();
-    assert_eq!(v.state, "registering", "{v:?}");
-    let duties = |cp: &prealloc_e2e::control_plane::ControlPlane| {
-        let (_, body) =
-            prealloc_e2e::client::blocking_get(cp.addr(), "/healthz", Duration::from_secs(2))
-                .unwrap();
-        serde_json::from_str::<serde_json::Value>(&body).unwrap()["duties"] == true
-    };
-    assert!(
-        duties(&stack.more_cps[0]) && !duties(&stack.cp),
-        "the first started holds the duties"
-    );
-    stack.more_cps[0].kill9();
-    for m in &stack.managers {
-        m.set_accept_copies(true);
-    }
-    let v = stack
-        .wait_consumer(
-            &su.consumer,
-            "copied by the other control plane",
-            Duration::from_secs(20),
-            |v| v.state == "registered",
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", stack.cp.log_tail(30)));
-    assert_eq!(v.replicas.len(), 3, "{v:?}");
-    for m in &stack.managers {
-        assert!(m.holds(su.consumer.as_str()), "{} holds no copy", m.name());
-    }
-    let mut client = Client::new(stack.envoys[0].addr());
-    send_requests(&mut client, &su.cookie, 6).await.unwrap();
-    stack.assert_no_violations();
 }
